@@ -40,3 +40,8 @@ def corpus_hash(records: Sequence[ImageRecord]) -> str:
     for r in records:
         digest.update(json.dumps([r.image_id, r.path.name, r.split, r.tokens]).encode())
     return digest.hexdigest()[:16]
+
+
+def sort_records(records: Iterable[ImageRecord]) -> list[ImageRecord]:
+    """Records in the corpus order every reader returns: by split (train, val, test), then image id."""
+    return sorted(records, key=lambda r: (SPLITS.index(r.split), r.image_id))

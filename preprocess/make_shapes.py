@@ -1,0 +1,33 @@
+"""Generate the built-in shapes dataset (images plus dataset_shapes.json) into a folder.
+
+    python preprocess/make_shapes.py --out data/shapes --seed 0 --train 2000 --val 200 --test 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sca_caption.data.datasets import default_data_root
+from sca_caption.data.shapes import DEFAULT_COUNTS, generate_shapes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=default_data_root("shapes"), help="folder to write into")
+    parser.add_argument("--seed", type=int, default=0)
+    for split, count in DEFAULT_COUNTS.items():
+        parser.add_argument(f"--{split}", type=int, default=count, help=f"{split} images (default {count})")
+    args = parser.parse_args(argv)
+    counts = {split: getattr(args, split) for split in DEFAULT_COUNTS}
+    if any(n < 0 for n in counts.values()):
+        parser.error("image counts must not be negative")
+    json_path = generate_shapes(args.out, args.seed, counts)
+    per_split = ", ".join(f"{split} {n}" for split, n in counts.items())
+    print(f"{json_path}: {sum(counts.values())} images ({per_split}), seed {args.seed}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

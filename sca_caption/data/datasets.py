@@ -1,0 +1,102 @@
+"""One entry point for every caption corpus: ``load_corpus(name, data_root)``.
+
+A Karpathy split file ``dataset_<name>.json`` under the data root is preferred; otherwise the
+dataset's native files are read (Flickr8k token and split files; COCO caption annotations).
+``shapes`` is generated into its data root the first time it is asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sca_caption.data import coco, flickr8k, shapes
+from sca_caption.data.corpus import ImageRecord
+from sca_caption.data.errors import BadInputReport, DataError
+from sca_caption.data.karpathy import read_karpathy
+
+CORPORA = ("shapes", "flickr8k", "flickr30k", "coco")
+FLICKR30K_IMAGE_FOLDERS = ("flickr30k-images", "flickr30k_images", "images")
+COCO_ANNOTATIONS = {  # year -> split -> (annotation file under annotations/, image folder)
+    "2014": {"train": ("captions_train2014.json", "train2014"), "val": ("captions_val2014.json", "val2014")},
+    "2017": {"train": ("captions_train2017.json", "train2017"), "val": ("captions_val2017.json", "val2017")},
+}
+
+
+def default_data_root(name: str) -> Path:
+    """``data/<name>`` under the current directory."""
+    return Path("data") / name
+
+
+def karpathy_file(name: str, data_root: Path) -> Path:
+    """Where the Karpathy split file of the corpus ``name`` is looked for."""
+    return data_root / f"dataset_{name}.json"
+
+
+def load_corpus(
+    name: str,
+    data_root: Path | None = None,
+    *,
+    on_bad: str = "error",
+    report: BadInputReport | None = None,
+) -> list[ImageRecord]:
+    """The records of corpus ``name`` (one of ``CORPORA``), sorted by split then image id.
+
+    data_root: the dataset's folder (default ``data/<name>``). on_bad / report: see ``errors``.
+    A missing dataset is a ``DataError`` saying which files were looked for, and where.
+    """
+    if name not in CORPORA:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(CORPORA)}")
+    root = Path(data_root) if data_root is not None else default_data_root(name)
+    karpathy = karpathy_file(name, root)
+    if name == "shapes" and not karpathy.exists():
+        shapes.generate_shapes(root)
+    if karpathy.exists():
+        return read_karpathy(karpathy, _karpathy_image_root(name, root), on_bad=on_bad, report=report)
+    if name == "flickr8k":
+        return _load_native_flickr8k(root, on_bad, report)
+    if name == "coco":
+        return _load_native_coco(root, on_bad, report)
+    raise DataError(f"no {name} dataset in {root}: looked for {karpathy.name}")
+
+
+def _karpathy_image_root(name: str, root: Path) -> Path:
+    """The folder a Karpathy file's image paths are relative to (COCO and shapes name a subfolder)."""
+    if name == "flickr8k":
+        return _first_folder(root, flickr8k.IMAGE_FOLDERS)
+    if name == "flickr30k":
+        return _first_folder(root, FLICKR30K_IMAGE_FOLDERS)
+    return root
+
+
+def _first_folder(root: Path, candidates: tuple[str, ...]) -> Path:
+    for folder in candidates:
+        if (root / folder).is_dir():
+            return root / folder
+    raise DataError(f"{root}: no image folder (looked for {', '.join(candidates)})")
+
+
+def _load_native_flickr8k(root: Path, on_bad: str, report: BadInputReport | None) -> list[ImageRecord]:
+    needed = (flickr8k.TOKEN_FILE, *flickr8k.SPLIT_FILES.values())
+    if not all((root / f).is_file() for f in needed):
+        raise DataError(
+            f"no flickr8k dataset in {root}: looked for {karpathy_file('flickr8k', root).name}, "
+            f"or {', '.join(needed)}"
+        )
+    split_files = {split: root / f for split, f in flickr8k.SPLIT_FILES.items()}
+    image_dir = _first_folder(root, flickr8k.IMAGE_FOLDERS)
+    return flickr8k.read_flickr8k(root / flickr8k.TOKEN_FILE, split_files, image_dir, on_bad=on_bad, report=report)
+
+
+def _load_native_coco(root: Path, on_bad: str, report: BadInputReport | None) -> list[ImageRecord]:
+    """The train and val annotation files of the first year (2014, then 2017) that has any."""
+    for splits in COCO_ANNOTATIONS.values():
+        present = {s: (a, d) for s, (a, d) in splits.items() if (root / "annotations" / a).is_file()}
+        if present:
+            records: list[ImageRecord] = []
+            for split, (annotation_file, image_folder) in present.items():
+                records += coco.read_coco_captions(
+                    root / "annotations" / annotation_file, root / image_folder, split, on_bad=on_bad, report=report
+                )
+            return records
+    looked_for = [f"annotations/{a}" for splits in COCO_ANNOTATIONS.values() for a, _ in splits.values()]
+    raise DataError(f"no coco dataset in {root}: looked for {karpathy_file('coco', root).name}, or {', '.join(looked_for)}")
