@@ -1,0 +1,225 @@
+"""Training checkpoints: one torch file, written atomically, loadable with ``weights_only=True``.
+
+The file holds a dict of tensors and plain values only (dict, list, tuple, str, int, float, bool,
+None), so ``torch.load(path, weights_only=True)`` reads it without running pickled code:
+
+    format         "sca-caption-checkpoint/1"
+    model          the model's state dict
+    optimizer      the optimizer's state dict
+    scheduler      the LR scheduler's state dict, or None
+    epoch, step    the epoch in progress (0-based) and the optimizer steps taken so far
+    data_order     (N,) int64: the order in which this epoch visits the training samples
+    data_position  how many entries of ``data_order`` have been trained on
+    rng            ``capture_rng_state()``: Python, NumPy, torch CPU and CUDA generator states
+    config         the experiment config as a plain nested dict
+    vocab          the vocabulary's words in id order
+    backbone       the backbone's registry name; ``layers`` its attended taps
+    extra          trainer bookkeeping in plain values (best score, epochs without improvement, ...)
+
+``load_checkpoint`` refuses a file made for another vocabulary, backbone, layers or config with a
+one-line ``CheckpointError`` that names the file and every differing key.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sca_caption.data.errors import DataError
+from sca_caption.io_utils import atomic_write
+
+FORMAT = "sca-caption-checkpoint/1"
+PLAIN_SCALARS = (str, int, float, bool, type(None), torch.dtype, torch.device)
+
+
+class CheckpointError(DataError):
+    """A checkpoint that cannot be written, read, or used for this run; the message is one line."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to resume training, or to rebuild the model for captioning."""
+
+    model: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None
+    epoch: int
+    step: int
+    data_order: Tensor
+    data_position: int
+    rng: dict[str, Any]
+    config: dict[str, Any]
+    vocab: list[str]
+    backbone: str
+    layers: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
+    """Write ``checkpoint`` to ``path`` atomically: after a crash, ``path`` holds the previous file."""
+    payload: dict[str, Any] = {"format": FORMAT}
+    payload.update({f.name: getattr(checkpoint, f.name) for f in fields(checkpoint)})
+    payload["vocab"], payload["layers"] = list(checkpoint.vocab), list(checkpoint.layers)
+    _require_plain(payload, path, "checkpoint")
+    try:
+        with atomic_write(path, "wb") as handle:
+            torch.save(payload, handle)
+    except OSError as error:
+        raise CheckpointError(f"{path}: could not write the checkpoint: {error}") from None
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    expect_config: Mapping[str, Any] | None = None,
+    expect_vocab: Sequence[str] | None = None,
+    expect_backbone: str | None = None,
+    expect_layers: Sequence[str] | None = None,
+    map_location: str | torch.device = "cpu",
+) -> Checkpoint:
+    """Read a checkpoint and check it is the one this run expects.
+
+    ``expect_config`` may be partial (e.g. ``{"model": {...}}``): every value in it must equal the
+    checkpoint's config at the same key. Each mismatch, corrupt or foreign file is a one-line
+    ``CheckpointError`` naming the file.
+    """
+    payload = _read(Path(path), map_location)
+    differences = []
+    if expect_vocab is not None and list(expect_vocab) != payload["vocab"]:
+        differences.append(_vocab_difference(payload["vocab"], list(expect_vocab)))
+    if expect_backbone is not None and expect_backbone != payload["backbone"]:
+        differences.append(f"backbone is {payload['backbone']!r} there, {expect_backbone!r} here")
+    if expect_layers is not None and list(expect_layers) != payload["layers"]:
+        differences.append(f"layers are {payload['layers']} there, {list(expect_layers)} here")
+    if expect_config is not None:
+        differences += _config_differences(payload["config"], expect_config)
+    if differences:
+        raise CheckpointError(f"{path}: checkpoint does not match this run: " + "; ".join(differences))
+    return Checkpoint(**{f.name: payload[f.name] for f in fields(Checkpoint)})
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The states of Python's ``random``, NumPy's global generator and torch's CPU and CUDA
+    generators, as tensors and plain values."""
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Undo ``capture_rng_state``. CUDA states are restored when as many CUDA devices are visible
+    as were captured; otherwise they are left alone (a run moved to other hardware cannot repeat
+    its random draws anyway)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state(
+        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    cuda = state["cuda"]
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _read(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """The checkpoint's dict, checked for format and keys."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... here
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {_first_line(error)}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path}: not an sca-caption checkpoint (expected format {FORMAT!r}, found {found!r})")
+    missing = [f.name for f in fields(Checkpoint) if f.name not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return payload
+
+
+def _require_plain(value: Any, path: str | Path, where: str) -> None:
+    """Refuse anything ``torch.load(weights_only=True)`` would not read back, and dict keys other
+    than str and int (which keep the file's contents easy to inspect and compare)."""
+    if isinstance(value, (Tensor, *PLAIN_SCALARS)):
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise CheckpointError(f"{path}: cannot save {where}: key {key!r} is {type(key).__name__}, not str or int")
+            _require_plain(item, path, f"{where}.{key}")
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _require_plain(item, path, f"{where}[{index}]")
+        return
+    raise CheckpointError(
+        f"{path}: cannot save {where}: a {type(value).__name__} is not a tensor or plain value "
+        "(weights_only loading would refuse it); convert it to a dict or list first"
+    )
+
+
+def _vocab_difference(there: list[str], here: list[str]) -> str:
+    first = next((i for i, (a, b) in enumerate(zip(there, here)) if a != b), min(len(there), len(here)))
+
+    def word(words: list[str]) -> str:
+        return repr(words[first]) if first < len(words) else "nothing"
+
+    return (
+        f"vocabulary differs ({len(there)} words there, {len(here)} here; "
+        f"first difference at id {first}: {word(there)} there, {word(here)} here)"
+    )
+
+
+def _config_differences(there: Any, here: Any, prefix: str = "") -> list[str]:
+    """'<key> is X there, Y here' for each leaf of ``here`` that differs in ``there``."""
+    if isinstance(here, Mapping):
+        if not isinstance(there, Mapping):
+            return [f"{prefix} is {_short(there)} there, a mapping here"]
+        differences = []
+        for key, value in here.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in there:
+                differences.append(f"{name} is absent there, {_short(value)} here")
+            else:
+                differences += _config_differences(there[key], value, name)
+        return differences
+    if _as_lists(there) != _as_lists(here):
+        return [f"{prefix} is {_short(there)} there, {_short(here)} here"]
+    return []
+
+
+def _as_lists(value: Any) -> Any:
+    """Tuples as lists, recursively, so (a, b) from a dataclass equals [a, b] from a file."""
+    if isinstance(value, (list, tuple)):
+        return [_as_lists(v) for v in value]
+    return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(_as_lists(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= 200 else text[:197] + "..."
