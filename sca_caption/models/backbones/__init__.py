@@ -16,3 +16,7 @@ from sca_caption.models.backbones.base import (  # noqa: F401
 )
 
 # Each backbone module registers itself on import; keep one import line per module here.
+from sca_caption.models.backbones import efficientnet_lite  # noqa: E402,F401
+from sca_caption.models.backbones import vgg  # noqa: E402,F401
+from sca_caption.models.backbones import resnet  # noqa: E402,F401
+from sca_caption.models.backbones import attention_net  # noqa: E402,F401

@@ -1,0 +1,377 @@
+"""Extracting backbone-prefix features of a corpus into an HDF5 cache, safe to kill at any moment.
+
+How it survives SIGKILL (an HDF5 file killed mid-write can be unreadable, so none is ever written
+in place):
+
+1. Images are cut into batches of ``batch_size`` in corpus order; batch k always holds the same
+   images, so a resumed run computes exactly what an uninterrupted one would.
+2. Each finished batch goes to ``OUT.parts/part-<k>.npz`` through a temporary file that is fsynced
+   and renamed into place, so a part file is either whole or absent. ``OUT.parts/manifest.json``
+   pins the settings; parts from other settings are discarded, not mixed in.
+3. A rerun skips the batches whose part exists. When all exist, they are merged into a temporary
+   HDF5 file beside OUT, marked ``complete``, fsynced and renamed to OUT; then the parts go.
+
+Decoding runs in DataLoader worker processes and part files are written by a background thread,
+so both overlap the backbone's forward pass. One extraction per OUT at a time (a lock file says so).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from sca_caption.data.corpus import ImageRecord, corpus_hash
+from sca_caption.data.errors import BadInputReport, DataError, SkippedEntry
+from sca_caption.data.features import TAPS_GROUP, CacheSpec, is_complete
+from sca_caption.data.images import load_image
+from sca_caption.io_utils import atomic_write, atomic_write_json
+from sca_caption.models.backbones import BackbonePrefix, TappedBackbone, build_backbone
+from sca_caption.models.backbones.base import freeze
+
+# Test hook: "part:K" sleeps after the K-th part file of a run, "merge:K" after K rows of the merge,
+# so a test can SIGKILL the process at a known point.
+PAUSE_ENV = "SCA_CAPTION_EXTRACT_PAUSE"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ExtractionResult:
+    """What a finished extraction wrote: image count, skipped images, whether it was already there."""
+
+    out: Path
+    images: int
+    skipped: tuple[SkippedEntry, ...]
+    already_complete: bool
+
+
+class ImageFiles(Dataset):
+    """Records -> (index, image (3, S, S) in [0, 1] or None, problem): decoding errors are returned,
+    not raised, so the main process decides between stopping and skipping."""
+
+    def __init__(self, records: Sequence[ImageRecord], size: int) -> None:
+        self.records = records
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor | None, str]:
+        try:
+            return index, load_image(self.records[index].path, self.size), ""
+        except DataError as err:
+            return index, None, str(err)
+
+
+@dataclass
+class DecodedBatch:
+    """One batch after decoding: the images that decoded (B_ok, 3, S, S) and the ones that did not."""
+
+    indices: list[int]
+    images: Tensor | None
+    failed: list[tuple[int, str]]
+
+
+def collate_decoded(items: list[tuple[int, Tensor | None, str]]) -> DecodedBatch:
+    """DataLoader collate: stack the decoded images, keep the failures aside."""
+    ok = [(i, image) for i, image, _ in items if image is not None]
+    return DecodedBatch(
+        indices=[i for i, _ in ok],
+        images=torch.stack([image for _, image in ok]) if ok else None,
+        failed=[(i, problem) for i, image, problem in items if image is None],
+    )
+
+
+def extract_features(
+    records: Sequence[ImageRecord],
+    spec: CacheSpec,
+    out: str | Path,
+    *,
+    batch_size: int = 32,
+    workers: int = 2,
+    on_bad: str = "error",
+    report: BadInputReport | None = None,
+    progress: bool = True,
+) -> ExtractionResult:
+    """Write (or finish writing) the feature cache of ``records`` for ``spec`` at ``out``.
+
+    records: the corpus in order, already cut to ``spec.limit``; ``spec.corpus_hash`` must be theirs.
+    on_bad: "error" stops at the first image that cannot be decoded (``DataError``); "skip" leaves it
+    out, lists it in the file and in ``report``. Rerunning after a kill resumes where it stopped.
+    """
+    out = Path(out)
+    if on_bad not in ("error", "skip"):
+        raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
+    if spec.corpus_hash != corpus_hash(records):
+        raise ValueError("spec.corpus_hash is not the hash of the records given")
+    if not records:
+        raise DataError(f"{out}: no images to extract features from")
+    parts = out.with_name(out.name + ".parts")
+    with _exclusive(out):
+        if is_complete(out, spec):
+            skipped = _file_skipped(out, records)
+            _settle_skipped(skipped, on_bad, report)
+            shutil.rmtree(parts, ignore_errors=True)
+            return ExtractionResult(out, _file_images(out), skipped, already_complete=True)
+        backbone = freeze(_build(spec))
+        try:
+            prefix, _ = backbone.split(spec.layers)
+        except ValueError as err:  # layers that are no taps of the backbone, or out of order
+            raise DataError(f"{out}: {err}") from None
+        manifest = {**asdict(spec), "layers": list(spec.layers), "batch_size": batch_size, "images": len(records)}
+        _prepare_parts(parts, manifest)
+        _write_parts(records, prefix, parts, batch_size, workers, on_bad, progress)
+        skipped = _merge(records, spec, prefix, parts, batch_size, out)
+        if report is not None:
+            report.skipped.extend(skipped)
+        shutil.rmtree(parts)
+        return ExtractionResult(out, _file_images(out), skipped, already_complete=False)
+
+
+def _build(spec: CacheSpec) -> TappedBackbone:
+    """The backbone of ``spec``; weights "none" is a random init seeded with 0, so that a resumed
+    run computes with the same weights as the killed one."""
+    if spec.weights != "none":
+        return build_backbone(spec.backbone, weights=spec.weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_backbone(spec.backbone, weights=None)
+
+
+def _write_parts(
+    records: Sequence[ImageRecord],
+    prefix: BackbonePrefix,
+    parts: Path,
+    batch_size: int,
+    workers: int,
+    on_bad: str,
+    progress: bool,
+) -> None:
+    """Compute and store every batch that has no part file yet, or one with images that failed to
+    decode (so a fixed file is picked up, and "error" raises at it)."""
+    batches = [list(range(s, min(s + batch_size, len(records)))) for s in range(0, len(records), batch_size)]
+    todo = [k for k in range(len(batches)) if not _part_done(_part_path(parts, k))]
+    done_images = len(records) - sum(len(batches[k]) for k in todo)
+    loader = DataLoader(
+        ImageFiles(records, prefix.backbone.input_size),
+        batch_sampler=[batches[k] for k in todo],
+        num_workers=workers,
+        collate_fn=collate_decoded,
+    )
+    pause = _pause_point("part")
+    bar = tqdm(total=len(records), initial=done_images, unit="img", desc="features", disable=not progress)
+    pending: Future[None] | None = None
+    with ThreadPoolExecutor(max_workers=1) as writer, bar, torch.inference_mode():
+        for written, (k, batch) in enumerate(zip(todo, loader), start=1):
+            if batch.failed and on_bad == "error":
+                raise DataError(batch.failed[0][1])
+            features = prefix(batch.images) if batch.images is not None else None
+            arrays = _part_arrays(batch, features, prefix.outputs)
+            if pending is not None:
+                pending.result()  # at most one part in flight; surfaces write errors
+            pending = writer.submit(_save_part, _part_path(parts, k), arrays)
+            bar.update(len(batches[k]))
+            if written == pause:
+                pending.result()
+                time.sleep(3600)
+        if pending is not None:
+            pending.result()
+
+
+def _part_arrays(batch: DecodedBatch, features: dict[str, Tensor] | None, taps: Sequence[str]) -> dict[str, np.ndarray]:
+    arrays = {
+        "indices": np.asarray(batch.indices, dtype=np.int64),
+        "failed": np.asarray([i for i, _ in batch.failed], dtype=np.int64),
+        "problems": np.asarray([p for _, p in batch.failed], dtype=np.str_),
+    }
+    for tap in taps:
+        arrays[f"tap_{tap}"] = (
+            features[tap].contiguous().to(torch.float16).numpy() if features is not None else np.empty((0,), np.float16)
+        )
+    return arrays
+
+
+def _save_part(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_write(path) as handle:
+        np.savez(handle, **arrays)
+
+
+def _merge(
+    records: Sequence[ImageRecord],
+    spec: CacheSpec,
+    prefix: BackbonePrefix,
+    parts: Path,
+    batch_size: int,
+    out: Path,
+) -> tuple[SkippedEntry, ...]:
+    """All part files -> OUT, through a temporary HDF5 file renamed into place once complete."""
+    part_files = [_part_path(parts, k) for k in range(math.ceil(len(records) / batch_size))]
+    present: list[int] = []
+    failed: list[int] = []
+    problems: list[str] = []
+    for path in part_files:
+        with np.load(path, allow_pickle=False) as part:
+            present += part["indices"].tolist()
+            failed += part["failed"].tolist()
+            problems += part["problems"].tolist()
+    backbone = prefix.backbone
+    size = backbone.input_size
+    with torch.inference_mode():
+        shapes = {tap: tuple(x.shape[1:]) for tap, x in prefix(torch.zeros(1, 3, size, size)).items()}
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    pause = _pause_point("merge")
+    row = 0
+    try:
+        with h5py.File(tmp, "w") as f:
+            for tap, shape in shapes.items():
+                f.create_dataset(
+                    f"{TAPS_GROUP}/{tap}", shape=(len(present), *shape), dtype=np.float16, chunks=(1, *shape)
+                )
+            _write_strings(f, "image_ids", [records[i].image_id for i in present])
+            _write_strings(f, "skipped_ids", [records[i].image_id for i in failed])
+            _write_strings(f, "skipped_problems", problems)
+            for path in part_files:
+                with np.load(path, allow_pickle=False) as part:
+                    count = len(part["indices"])
+                    for tap in prefix.outputs:
+                        if count:
+                            f[f"{TAPS_GROUP}/{tap}"][row : row + count] = part[f"tap_{tap}"]
+                row += count
+                if pause and row >= pause:
+                    f.flush()
+                    time.sleep(3600)
+            norm = backbone.normalization
+            f.attrs.update(spec.attrs())
+            f.attrs.update(
+                taps=json.dumps(list(prefix.outputs)),
+                input_size=size,
+                normalization=norm.name,
+                normalization_mean=np.asarray(norm.mean),
+                normalization_std=np.asarray(norm.std),
+                batch_size=batch_size,
+            )
+            f.attrs["complete"] = True
+        _fsync_file(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_file(out.parent)
+    return _skipped_entries(records, failed, problems)
+
+
+def _write_strings(f: h5py.File, name: str, values: Sequence[str]) -> None:
+    f.create_dataset(name, data=np.array(values, dtype=object), dtype=h5py.string_dtype())
+
+
+def _skipped_entries(
+    records: Sequence[ImageRecord], failed: Sequence[int], problems: Sequence[str]
+) -> tuple[SkippedEntry, ...]:
+    """Skipped images as report entries (the stored problem starts with the file name; dropped here)."""
+    return tuple(
+        SkippedEntry(records[i].path, None, problem.removeprefix(f"{records[i].path}: "))
+        for i, problem in zip(failed, problems)
+    )
+
+
+def _settle_skipped(skipped: Sequence[SkippedEntry], on_bad: str, report: BadInputReport | None) -> None:
+    """Skipped images of a finished file (from a ``skip`` run): an error under "error", else reported."""
+    if skipped and on_bad == "error":
+        raise DataError(str(skipped[0]))
+    if report is not None:
+        report.skipped.extend(skipped)
+
+
+def _prepare_parts(parts: Path, manifest: dict[str, object]) -> None:
+    """Make the parts folder for ``manifest``: keep parts of the same settings, drop others and
+    any temporary file a killed run left."""
+    manifest_path = parts / MANIFEST
+    if parts.exists():
+        try:
+            same = json.loads(manifest_path.read_text()) == manifest
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    for stale in parts.glob(".*.tmp"):
+        stale.unlink()
+    if not manifest_path.exists():
+        atomic_write_json(manifest_path, manifest)
+
+
+def _part_path(parts: Path, k: int) -> Path:
+    return parts / f"part-{k:06d}.npz"
+
+
+def _part_done(path: Path) -> bool:
+    """A part file exists and every image of its batch decoded."""
+    if not path.exists():
+        return False
+    with np.load(path, allow_pickle=False) as part:
+        return part["failed"].size == 0
+
+
+def _file_images(out: Path) -> int:
+    with h5py.File(out, "r") as f:
+        return len(f["image_ids"])
+
+
+def _file_skipped(out: Path, records: Sequence[ImageRecord]) -> tuple[SkippedEntry, ...]:
+    with h5py.File(out, "r") as f:
+        ids = [s.decode() for s in f["skipped_ids"][()]]
+        problems = [s.decode() for s in f["skipped_problems"][()]]
+    row = {r.image_id: i for i, r in enumerate(records)}
+    return _skipped_entries(records, [row[i] for i in ids], problems)
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold ``OUT.lock`` for the extraction; a second concurrent run for OUT is refused.
+
+    A POSIX record lock (``lockf``), not ``flock``: forked DataLoader workers do not inherit it, so
+    a SIGKILLed run frees it at once instead of when its orphaned workers notice and exit.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_name(out.name + ".lock")
+    with open(lock, "w") as handle:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DataError(f"{out}: another extraction is writing this file") from None
+        for stale in out.parent.glob(f".{out.name}.*.tmp"):  # temporary HDF5 files of killed runs
+            stale.unlink()
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def _pause_point(stage: str) -> int:
+    """The count after which the test hook ``PAUSE_ENV`` pauses ``stage``, or 0 (no pause)."""
+    value = os.environ.get(PAUSE_ENV, "")
+    name, _, count = value.partition(":")
+    return int(count) if name == stage and count.isdigit() else 0
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,92 @@
+"""Decoding one image file into the square RGB tensor the backbones take.
+
+Choices (the same for the feature cache and the caption CLI):
+
+- Pillow decodes; the EXIF orientation is applied, so a phone photo comes out upright.
+- Animated or multi-page files: the first frame.
+- Colour: grayscale, palette, CMYK, YCbCr ... go through Pillow's conversion to RGB. 16-bit
+  grayscale ("I;16*", and "I", read as 0..65535) is scaled to 8 bits (v / 257, rounded), not
+  clipped as Pillow's own conversion would. Transparency (RGBA, LA, PA, palette with a
+  transparent index) is composited on white: the pixels under a transparent area are undefined
+  (often black) and the captioned object usually sits on the visible part.
+- Size: squashed to ``size`` x ``size`` (aspect ratio not kept, so nothing is cropped away) with
+  Pillow's bicubic filter, which antialiases when shrinking.
+- Guard: an image of more than ``MAX_PIXELS`` pixels is refused before decoding (decompression bomb).
+- Truncated or corrupt data raises: ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False, so Pillow
+  never pads a cut file with grey.
+
+Every failure is a ``DataError`` naming the file and the problem, in one line.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from sca_caption.data.errors import DataError
+
+MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS: a 3-channel image of 0.25 GiB
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+WHITE = (255, 255, 255)
+
+
+def load_image(path: str | Path, size: int) -> Tensor:
+    """The image at ``path`` as a float tensor (3, size, size) in [0, 1]; ``DataError`` if it cannot be."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with our limit
+            image = Image.open(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not an image file") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image file Pillow can read") from None
+    except Image.DecompressionBombError:
+        raise DataError(
+            f"{path}: declared size is over the limit of {MAX_PIXELS:,} pixels (decompression-bomb guard)"
+        ) from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot open ({_one_line(err)})") from None
+    with image:
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise DataError(
+                f"{path}: {width}x{height} = {width * height:,} pixels is over the limit of "
+                f"{MAX_PIXELS:,} pixels (decompression-bomb guard)"
+            )
+        try:
+            rgb = to_rgb(ImageOps.exif_transpose(image))  # the first frame: Image.open stays on frame 0
+            resized = rgb.resize((size, size), Image.Resampling.BICUBIC)
+        except DataError as err:
+            raise DataError(f"{path}: {err}") from None
+        except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError ...
+            raise DataError(f"{path}: corrupt or truncated image data ({_one_line(err)})") from None
+    pixels = np.asarray(resized, dtype=np.uint8)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow image -> 8-bit RGB (decodes it): 16-bit scaled, transparency composited on white."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        raise DataError("32-bit float images are not supported (no agreed value range)")
+    if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -1,0 +1,277 @@
+"""Feature cache: values, kill-and-resume, refusal of unfinished/mismatched files, DataLoader reads,
+bad images under "error" and "skip"."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from sca_caption.data.corpus import ImageRecord, corpus_hash
+from sca_caption.data.datasets import load_corpus
+from sca_caption.data.errors import BadInputReport, DataError
+from sca_caption.data.feature_extraction import PAUSE_ENV, extract_features
+from sca_caption.data.features import CacheSpec, FeatureCache
+from sca_caption.data.images import load_image
+from sca_caption.data.shapes import generate_shapes
+from sca_caption.models.backbones import build_backbone
+from sca_caption.models.backbones.base import freeze
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = ("stage6", "stage7")  # cached tap: stage6, 192 x 7 x 7
+
+
+def _records(folder: Path, count: int, bad: dict[int, bytes] | None = None) -> list[ImageRecord]:
+    """``count`` small noisy JPEGs; ``bad`` maps an index to the raw bytes written instead."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(count):
+        path = folder / f"img{i:02d}.jpg"
+        if bad and i in bad:
+            path.write_bytes(bad[i])
+        else:
+            Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(path)
+        records.append(ImageRecord(f"img{i:02d}", path, "train", ("a caption",), (("a", "caption"),)))
+    return records
+
+
+def _spec(records: list[ImageRecord], **changes: object) -> CacheSpec:
+    spec = CacheSpec("shapes", "data/shapes", "efficientnet_lite0", LAYERS, corpus_hash(records), weights="none")
+    return replace(spec, **changes)
+
+
+def _extract(records: list[ImageRecord], out: Path, **kwargs: object) -> None:
+    extract_features(records, _spec(records), out, workers=0, progress=False, **{"batch_size": 3, **kwargs})
+
+
+def _datasets(path: Path) -> dict[str, np.ndarray]:
+    """Every dataset of an HDF5 file, raw, and its attrs (as "attr:<name>")."""
+    with h5py.File(path, "r") as f:
+        found: dict[str, np.ndarray] = {f"attr:{k}": np.asarray(v) for k, v in f.attrs.items()}
+        f.visititems(lambda name, obj: found.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        return found
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[ImageRecord], Path]:
+    folder = tmp_path_factory.mktemp("cache")
+    records = _records(folder / "images", 7)
+    _extract(records, folder / "f.h5")
+    return records, folder / "f.h5"
+
+
+def test_cache_holds_prefix_outputs_of_the_same_batches(built: tuple[list[ImageRecord], Path]) -> None:
+    records, out = built
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        backbone = freeze(build_backbone("efficientnet_lite0", weights=None))
+    prefix, _ = backbone.split(LAYERS)
+    images = torch.stack([load_image(r.path, 224) for r in records])
+    with torch.inference_mode():
+        expected = torch.cat([prefix(images[s : s + 3])["stage6"] for s in range(0, 7, 3)]).half()
+    cache = FeatureCache(out, expect=_spec(records))
+    assert len(cache) == 7 and cache.taps == ("stage6",) and cache.shapes == {"stage6": (192, 7, 7)}
+    assert cache.image_ids == tuple(r.image_id for r in records)
+    for i in range(7):
+        row = cache[i]["stage6"]
+        assert row.dtype == torch.float32 and row.shape == (192, 7, 7)
+        assert torch.equal(row, expected[i].float()), i
+    assert torch.equal(cache.by_id("img04")["stage6"], expected[4].float())
+    batch = cache.read_batch([5, 0, 5, 2])["stage6"]
+    assert torch.equal(batch, expected[[5, 0, 5, 2]].float())
+    with h5py.File(out, "r") as f:
+        assert f["taps/stage6"].chunks == (1, 192, 7, 7) and f["taps/stage6"].dtype == np.float16
+        attrs = dict(f.attrs)
+    assert attrs["complete"] and attrs["backbone"] == "efficientnet_lite0" and attrs["input_size"] == 224
+    assert attrs["normalization"] == "tf" and attrs["corpus_hash"] == corpus_hash(records)
+    assert attrs["version"] == "0.1.0" and attrs["layers"] == '["stage6", "stage7"]'
+
+
+def test_rerun_of_a_finished_cache_does_nothing(built: tuple[list[ImageRecord], Path]) -> None:
+    records, out = built
+    before = out.stat().st_mtime_ns
+    result = extract_features(records, _spec(records), out, batch_size=3, workers=0, progress=False)
+    assert result.already_complete and result.images == 7 and out.stat().st_mtime_ns == before
+
+
+def test_dataloader_with_two_workers_reads_every_row(built: tuple[list[ImageRecord], Path]) -> None:
+    records, out = built
+    cache = FeatureCache(out)
+    direct = torch.stack([cache[i]["stage6"] for i in range(len(cache))])  # opens a handle in this process
+    state = pickle.dumps(cache)
+    assert b"h5py" not in state
+    loader = DataLoader(cache, batch_size=2, num_workers=2)
+    read = torch.cat([batch["stage6"] for batch in loader])
+    assert torch.equal(read, direct)
+
+
+def _refusal(path: Path, expect: CacheSpec | None) -> str:
+    with pytest.raises(DataError) as caught:
+        FeatureCache(path, expect=expect)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{path}: ")
+    return message
+
+
+def test_unfinished_unreadable_and_absent_caches_are_refused(
+    built: tuple[list[ImageRecord], Path], tmp_path: Path
+) -> None:
+    records, out = built
+    spec = _spec(records)
+    unfinished = tmp_path / "unfinished.h5"
+    unfinished.write_bytes(out.read_bytes())
+    with h5py.File(unfinished, "a") as f:
+        f.attrs["complete"] = False
+    message = _refusal(unfinished, spec)
+    assert "unfinished" in message and message.endswith(f"rebuild it with: {spec.command(unfinished)}")
+    assert "rebuild it with: python preprocess/extract_features.py --dataset shapes" in _refusal(unfinished, None)
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(out.read_bytes()[:4096])  # a file cut mid-write
+    assert "not a readable HDF5 file" in _refusal(garbage, spec)
+    assert "no feature cache here" in _refusal(tmp_path / "absent.h5", spec)
+    compressed = tmp_path / "compressed.h5"
+    compressed.write_bytes(out.read_bytes())
+    with h5py.File(compressed, "a") as f:
+        data = f["taps/stage6"][()]
+        del f["taps/stage6"]
+        f.create_dataset("taps/stage6", data=data, chunks=data.shape, compression="gzip")
+    assert "not a feature cache (ValueError: /taps/stage6 is not float16" in _refusal(compressed, spec)
+
+
+@pytest.mark.parametrize(
+    ("change", "shown"),
+    [
+        ({"backbone": "efficientnet_lite2"}, "backbone efficientnet_lite0, expected efficientnet_lite2"),
+        ({"layers": ("stage5", "stage7")}, "layers stage6 stage7, expected stage5 stage7"),
+        ({"corpus_hash": "0123456789abcdef"}, "expected 0123456789abcdef"),
+        ({"version": "9.9.9"}, "version 0.1.0, expected 9.9.9"),
+        ({"weights": "imagenet"}, "weights none, expected imagenet"),
+    ],
+)
+def test_mismatched_cache_refused_with_rebuild_command(
+    built: tuple[list[ImageRecord], Path], change: dict[str, object], shown: str
+) -> None:
+    records, out = built
+    expect = _spec(records, **change)
+    message = _refusal(out, expect)
+    assert shown in message and message.endswith(f"rebuild it with: {expect.command(out)}")
+
+
+def test_rebuild_command_is_quoted_for_the_shell() -> None:
+    spec = CacheSpec("flickr8k", "/data/my flickr", "efficientnet_lite0", ("stage5", "stage7"), "abc", limit=100)
+    command = spec.command("out dir/f.h5")
+    assert command == (
+        "python preprocess/extract_features.py --dataset flickr8k --data-root '/data/my flickr' "
+        "--backbone efficientnet_lite0 --weights imagenet --layers stage5 stage7 --out 'out dir/f.h5' --limit 100"
+    )
+    assert shlex.split(command)[5] == "/data/my flickr"
+
+
+def test_bad_image_error_then_skip(tmp_path: Path) -> None:
+    records = _records(tmp_path / "images", 5, bad={3: b"this is text, not a JPEG"})
+    out = tmp_path / "f.h5"
+    with pytest.raises(DataError) as caught:
+        _extract(records, out, batch_size=2)
+    assert str(caught.value) == f"{records[3].path}: not an image file Pillow can read"
+    assert not out.exists() and (tmp_path / "f.h5.parts" / "part-000000.npz").exists()  # batch 0 kept
+
+    report = BadInputReport()
+    result = extract_features(
+        records, _spec(records), out, batch_size=2, workers=0, on_bad="skip", report=report, progress=False
+    )
+    assert result.images == 4 and len(report) == 1 and report.skipped[0].file == records[3].path
+    assert "not an image file" in report.summary()
+    cache = FeatureCache(out)
+    assert cache.image_ids == ("img00", "img01", "img02", "img04")
+    assert list(cache.skipped) == ["img03"] and "not an image file" in cache.skipped["img03"]
+    with pytest.raises(KeyError, match="skipped at extraction"):
+        cache.index_of("img03")
+    with pytest.raises(DataError, match="img03.jpg: not an image file"):  # "error" never accepts a skip
+        _extract(records, out, batch_size=2)
+
+
+def test_parts_of_other_settings_are_discarded(tmp_path: Path) -> None:
+    records = _records(tmp_path / "images", 4)
+    _extract(records, tmp_path / "fresh.h5")
+    parts = tmp_path / "f.h5.parts"
+    parts.mkdir()
+    (parts / "manifest.json").write_text('{"batch_size": 2}')
+    np.savez(parts / "part-000000.npz", indices=np.arange(3), failed=np.zeros(0, np.int64), problems=np.zeros(0, str),
+             tap_stage6=np.zeros((3, 192, 7, 7), np.float16))
+    _extract(records, tmp_path / "f.h5")
+    fresh, resumed = _datasets(tmp_path / "fresh.h5"), _datasets(tmp_path / "f.h5")
+    assert fresh.keys() == resumed.keys() and all(np.array_equal(fresh[k], resumed[k]) for k in fresh)
+    assert not parts.exists()
+
+
+def _cli(data_root: Path, out: Path) -> list[str]:
+    script = REPO / "preprocess" / "extract_features.py"
+    options = ["--dataset", "shapes", "--data-root", str(data_root), "--backbone", "efficientnet_lite0"]
+    options += ["--weights", "none", "--layers", *LAYERS, "--out", str(out), "--batch-size", "2", "--workers", "1"]
+    return [sys.executable, str(script), *options]
+
+
+def _run(command: list[str], pause: str | None = None) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    if pause is not None:
+        env[PAUSE_ENV] = pause
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for(reached: Callable[[], bool], process: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not reached():
+        assert process.poll() is None, process.communicate()[1].decode()[-2000:]
+        assert time.monotonic() < deadline, "extractor did not reach the pause point"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    data_root = tmp_path / "shapes"
+    generate_shapes(data_root, counts={"train": 8, "val": 2, "test": 2})  # 12 images -> 6 batches of 2
+    whole, killed = tmp_path / "whole.h5", tmp_path / "killed.h5"
+    assert _run(_cli(data_root, whole)).wait() == 0
+    expected = _datasets(whole)
+    assert len(expected["image_ids"]) == 12
+
+    # Killed after two of six part files; the rerun resumes from those and is killed in the merge.
+    for pause, reached, parts_left in (
+        ("part:2", lambda: (tmp_path / "killed.h5.parts" / "part-000001.npz").exists(), 2),
+        ("merge:6", lambda: any(tmp_path.glob(".killed.h5.*.tmp")), 6),
+    ):
+        process = _run(_cli(data_root, killed), pause)
+        _wait_for(reached, process)
+        time.sleep(0.3)
+        with pytest.raises(DataError, match="another extraction is writing this file"):
+            records = load_corpus("shapes", data_root)
+            extract_features(records, _spec(records), killed, batch_size=2, workers=0, progress=False)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert not killed.exists()
+        parts = sorted(p.name for p in (tmp_path / "killed.h5.parts").glob("part-*.npz"))
+        assert parts == [f"part-{k:06d}.npz" for k in range(parts_left)]
+    rerun = _run(_cli(data_root, killed))
+    stdout, stderr = rerun.communicate()
+    assert rerun.returncode == 0, stderr.decode()[-2000:]
+    assert "written, 12 images, 0 skipped" in stdout.decode()
+    resumed = _datasets(killed)
+    assert resumed.keys() == expected.keys()
+    for name in expected:
+        assert np.array_equal(resumed[name], expected[name]), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.h5", "shapes", "whole.h5"]  # no parts, tmp, lock
