@@ -1,0 +1,275 @@
+"""Beam-search decoding speed of the SCA-CNN captioner, its FLOPs and the fraction of matmul roofline.
+
+Prints JSON lines: first this machine's measured float32 matmul throughput (best of several
+size×size matmuls), then per run (setting and attention order) the decoding throughput of
+``sca_caption.decoding.beam_search`` on batches of random cached features, with random weights
+(only the shapes matter for speed).
+
+FLOPs are analytic, 2 per multiply-add, matmul-like work only (the convention of the matmul
+roofline); element-wise work (sigmoids, tanhs, softmaxes, the k·C channel map, log-softmax and
+top-k over the vocabulary) is counted apart as ``elementwise_per_row_step`` and left out of the
+roofline. One decoding step of one row (an image's beam) costs, per attended layer l with C_l
+channels at m_l locations and attention width k, hidden H, embedding E, vocabulary V:
+
+    hidden_projection   H·(4H + Q)     U h and every attention query W_h h in one matmul (Q = query width)
+    spatial_keys        m·C·k          W_s over the channel-weighted map ("cs"), or over layers above
+                                       the first ("s", "sc": the first layer's keys are per image)
+    spatial_scores      m·k            wᵀ tanh(keys ⊕ q)
+    channel_scores      C·k            w'ᵀ tanh(W_c ⊗ v ⊕ q)
+    context_pooling     m·C            Σ_i α_i V_i (top layer, or every layer in "sc"; the rest is
+                                       element-wise)
+    upper_stages        the backbone stages between attended layers (counted with forward hooks)
+    word_gates          E·4H,   context_gates  C_top·4H
+    deep_output         H·E + C_top·E,   word_logits  E·V
+
+FLOPs per image = per-row-step FLOPs × rows stepped per image (the first step runs one row per
+image, each later one ``beam`` rows, for as many steps as the search ran: at most
+1 + beam·(max_length − 1)) + the per-image start (upper stages once, h_0/c_0, first-layer keys).
+``counted_flops_per_row_step`` re-counts one step with torch's FlopCounterMode as a check (it
+skips matrix-vector products, so it sits slightly under the analytic figure).
+
+Runs (``--runs setting:order,...``), settings as in ``captioner_speed.py``:
+- ``lite0``: one layer on EfficientNet-Lite0's stage7 tap (320×7×7), attention 256, hidden 512,
+  embedding 256 (the issue's CPU configuration). Bars: "cs" reaches >= 60% of the matmul roofline;
+  "s" decodes >= 100 images/s (3× the Show-Attend-Tell tutorial's 33 images/s at beam 5).
+- ``paper``: the paper's two layers on ResNet-152, res5c_branch2b (512×7×7) then res5c (2048×7×7,
+  whose upper stage runs at every step for every beam), attention 512, hidden 1000, embedding 100.
+
+Usage: python benchmarks/beam_speed.py [--runs lite0:cs,lite0:s,paper:cs] [--batch 64] [--beam 5]
+       [--max-length 16] [--vocab 3000] [--batches 5] [--warmup 1] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+from sca_caption.data.vocab import Vocab
+from sca_caption.decoding import beam_search
+from sca_caption.models.backbones import build_backbone
+from sca_caption.models.captioner import CaptionState, ModelConfig, SCACaptioner, StepOutput
+from sca_caption.models.complexity import count_macs
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A benchmarked model size: backbone, attended layers and widths."""
+
+    backbone: str
+    layers: tuple[str, ...]
+    attention_dim: int
+    hidden_dim: int
+    embed_dim: int
+
+
+SETTINGS = {
+    "lite0": Setting("efficientnet_lite0", ("stage7",), 256, 512, 256),
+    "paper": Setting("resnet152", ("res5c_branch2b", "res5c"), 512, 1000, 100),
+}
+BARS = {("lite0", "cs"): ("roofline_fraction", 0.6), ("lite0", "s"): ("images_per_s", 100.0)}
+
+
+class RowCounter:
+    """Forwards ``init_state`` / ``step`` to a captioner, counting steps and rows stepped."""
+
+    def __init__(self, model: SCACaptioner) -> None:
+        self.model = model
+        self.steps = 0
+        self.rows = 0
+
+    def init_state(self, features: Mapping[str, Tensor]) -> CaptionState:
+        return self.model.init_state(features)
+
+    def step(self, words: Tensor, state: CaptionState) -> StepOutput:
+        self.steps += 1
+        self.rows += words.shape[0]
+        return self.model.step(words, state)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Best float32 GFLOP/s of a size×size matmul over ``repeats`` runs (after a warm-up)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def random_features(model: SCACaptioner, backbone_name: str, batch: int) -> dict[str, Tensor]:
+    """Non-negative random cached features {tap: (batch, C, H, W)} of the taps the model reads."""
+    backbone = build_backbone(backbone_name, weights=None)
+    features = {}
+    for name in model.feature_names:
+        info = backbone.tap_info[name]
+        size = math.ceil(backbone.input_size / info.stride)
+        features[name] = torch.rand(batch, info.channels, size, size)
+    return features
+
+
+def upper_stages(model: SCACaptioner, features: Mapping[str, Tensor]) -> tuple[list[int], int]:
+    """Locations m_l of every attended layer, and the multiply-adds of one image's pass through
+    the backbone stages between them."""
+    encoder = model.encoder
+    one = {name: x[:1] for name, x in features.items()}
+    x, taps, macs = one[encoder.layer_names[0]], dict(one), 0
+    sizes = [x.shape[2] * x.shape[3]]
+    for i in range(len(encoder.layer_names) - 1):
+        macs += count_macs(encoder.upper, i, x, taps)
+        with torch.no_grad():
+            x = encoder.upper(i, x, taps)
+        taps[encoder.layer_names[i + 1]] = x
+        sizes.append(x.shape[2] * x.shape[3])
+    return sizes, macs
+
+
+def analytic_flops(model: SCACaptioner, features: Mapping[str, Tensor], vocab: int) -> tuple[dict[str, int], int, int]:
+    """FLOPs of one row-step by part, the per-image start FLOPs, and the (approximate) element-wise
+    operation count of one row-step."""
+    config, encoder = model.config, model.encoder
+    k, hidden, embed, order = config.attention_dim, config.hidden_dim, config.embed_dim, config.order
+    top = encoder.context_dim
+    sizes, upper = upper_stages(model, features)
+    macs = dict.fromkeys(("spatial_keys", "spatial_scores", "channel_scores", "context_pooling"), 0)
+    start_macs = upper + top * 2 * hidden
+    elementwise = 10 * hidden + 3 * vocab
+    last = len(sizes) - 1
+    for layer, (m, c) in enumerate(zip(sizes, encoder.channels)):
+        if order in ("cs", "sc", "s"):
+            if order in ("s", "sc") and layer == 0:
+                start_macs += m * c * k
+            else:
+                macs["spatial_keys"] += m * c * k
+            macs["spatial_scores"] += m * k
+            if order == "sc" or layer == last:
+                macs["context_pooling"] += m * c
+            elementwise += m * k + m * c
+        if order in ("cs", "sc", "c"):
+            macs["channel_scores"] += c * k
+            elementwise += 2 * c * k
+    macs.update(
+        upper_stages=upper,
+        hidden_projection=hidden * (4 * hidden + encoder.query_dim),
+        word_gates=embed * 4 * hidden,
+        context_gates=top * 4 * hidden,
+        deep_output=(hidden + top) * embed,
+        word_logits=embed * vocab,
+    )
+    return {name: 2 * value for name, value in macs.items()}, 2 * start_macs, elementwise
+
+
+def counted_flops(model: SCACaptioner, features: Mapping[str, Tensor], rows: int) -> float:
+    """FlopCounterMode's FLOPs of one step over ``rows`` rows, per row."""
+    index = torch.arange(rows) % next(iter(features.values())).shape[0]
+    with torch.inference_mode():
+        state = model.init_state(features).select(index)
+        words = torch.full((rows,), Vocab.start, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            model.step(words, state)
+    return counter.get_total_flops() / rows
+
+
+def decode_speed(
+    model: SCACaptioner, features: Mapping[str, Tensor], args: argparse.Namespace
+) -> tuple[float, RowCounter]:
+    """Seconds per batch (mean over ``args.batches`` after warm-up) and the rows stepped then."""
+    settings = dict(
+        start=Vocab.start, end=Vocab.end, beam_size=args.beam, max_length=args.max_length, suppress=(Vocab.unk,)
+    )
+    for _ in range(args.warmup):
+        beam_search(model, features, **settings)
+    counter = RowCounter(model)
+    start = time.perf_counter()
+    for _ in range(args.batches):
+        beam_search(counter, features, **settings)
+    return (time.perf_counter() - start) / args.batches, counter
+
+
+def run(name: str, order: str, args: argparse.Namespace, gflops: float) -> dict[str, object]:
+    """One benchmark line for ``SETTINGS[name]`` in attention ``order``."""
+    setting = SETTINGS[name]
+    torch.manual_seed(0)
+    config = ModelConfig(
+        backbone=setting.backbone,
+        layers=setting.layers,
+        order=order,
+        attention_dim=setting.attention_dim,
+        hidden_dim=setting.hidden_dim,
+        embed_dim=setting.embed_dim,
+    )
+    model = SCACaptioner(config, args.vocab, build_backbone(setting.backbone, weights=None)).eval()
+    features = random_features(model, setting.backbone, args.batch)
+    seconds, counter = decode_speed(model, features, args)
+    breakdown, start_flops, elementwise = analytic_flops(model, features, args.vocab)
+    per_row_step = sum(breakdown.values())
+    rows_per_image = counter.rows / (args.batch * args.batches)
+    flops_per_image = per_row_step * rows_per_image + start_flops
+    images_per_s = args.batch / seconds
+    result: dict[str, object] = {
+        "benchmark": "beam_search",
+        "setting": name,
+        "order": order,
+        "layers": list(setting.layers),
+        "feature_shapes": {tap: list(x.shape[1:]) for tap, x in features.items()},
+        "batch": args.batch,
+        "beam": args.beam,
+        "max_length": args.max_length,
+        "vocab": args.vocab,
+        "batches": args.batches,
+        "threads": torch.get_num_threads(),
+        "seconds_per_batch": round(seconds, 4),
+        "images_per_s": round(images_per_s, 1),
+        "steps_per_batch": counter.steps / args.batches,
+        "rows_per_image": rows_per_image,
+        "flops_per_row_step": per_row_step,
+        "flops_breakdown_per_row_step": breakdown,
+        "start_flops_per_image": start_flops,
+        "counted_flops_per_row_step": round(counted_flops(model, features, args.batch * args.beam)),
+        "elementwise_per_row_step": elementwise,
+        "flops_per_image": round(flops_per_image),
+        "matmul_gflops": round(gflops, 1),
+        "roofline_fraction": round(flops_per_image * images_per_s / (gflops * 1e9), 3),
+    }
+    if (name, order) in BARS:
+        key, bar = BARS[(name, order)]
+        result["bar"] = f"{key} >= {bar}"
+        result["meets_bar"] = float(result[key]) >= bar  # type: ignore[arg-type]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="lite0:cs,lite0:s,paper:cs", help="comma-separated setting:order")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--max-length", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=3000)
+    parser.add_argument("--batches", type=int, default=5, help="timed batches")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed batches first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    gflops = matmul_gflops()
+    matmul = {"benchmark": "matmul_fp32", "size": 2048, "gflops": round(gflops, 1), "threads": torch.get_num_threads()}
+    print(json.dumps(matmul), flush=True)
+    for spec in args.runs.split(","):
+        name, _, order = spec.partition(":")
+        if name not in SETTINGS or not order:
+            parser.error(f"--runs: {spec!r} is not setting:order with setting one of {', '.join(SETTINGS)}")
+        print(json.dumps(run(name, order, args, gflops)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
