@@ -1,0 +1,212 @@
+"""Training speed of the SCA-CNN captioner, with its FLOPs and the fraction of matmul roofline.
+
+Prints JSON lines: first this machine's measured float32 matmul throughput, then per setting and
+attention order the training throughput (forward, loss, backward and an Adam step on random
+cached features and captions, no padding) with the analytic FLOPs per caption and their breakdown.
+
+FLOPs count matmul-like work only (2 per multiply-add; see ``flops_per_caption`` for the
+gradient factors); the element-wise work is left out of the roofline fraction, and the number of
+tanh-map elements evaluated (k·C channel, k·m spatial, per layer and step, forward) is printed as
+``attention_map_elements_per_caption``.
+
+Settings (random weights; only the shapes matter):
+- ``lite0``: one layer on EfficientNet-Lite0's stage7 tap (320×7×7), attention 256, hidden 512,
+  embedding 256 (the issue's CPU configuration);
+- ``paper``: the paper's two layers on ResNet-152, res5c_branch2b (512×7×7) then res5c
+  (2048×7×7, whose upper stage, conv 1×1 + BN + res5b shortcut + ReLU, runs at every step),
+  attention 512, hidden 1000, embedding 100 (the authors' code's sizes).
+
+Usage: python benchmarks/captioner_speed.py [--settings lite0,paper] [--orders cs,s]
+       [--batch 64] [--steps 16] [--vocab 3000] [--iterations 10] [--warmup 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sca_caption.models.backbones import build_backbone
+from sca_caption.models.captioner import ModelConfig, SCACaptioner
+from sca_caption.models.complexity import count_macs
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A benchmarked model size: backbone, attended layers and widths."""
+
+    backbone: str
+    layers: tuple[str, ...]
+    attention_dim: int
+    hidden_dim: int
+    embed_dim: int
+
+
+SETTINGS = {
+    "lite0": Setting("efficientnet_lite0", ("stage7",), 256, 512, 256),
+    "paper": Setting("resnet152", ("res5c_branch2b", "res5c"), 512, 1000, 100),
+}
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
+    """Best float32 GFLOP/s of a size×size matmul over ``repeats`` runs (after a warm-up)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def random_features(shapes: Shapes, batch: int) -> dict[str, torch.Tensor]:
+    """Non-negative random cached features, (batch, C, H, W) per tap."""
+    return {name: torch.rand(batch, *shape) for name, shape in shapes.items()}
+
+
+def feature_shapes(backbone_name: str, layers: tuple[str, ...]) -> Shapes:
+    """(C, H, W) of each cached prefix output, from one 224 px image through the real prefix."""
+    backbone = build_backbone(backbone_name, weights=None)
+    prefix, _ = backbone.split(layers)
+    with torch.no_grad():
+        outputs = prefix(torch.rand(1, 3, backbone.input_size, backbone.input_size))
+    return {name: tuple(x.shape[1:]) for name, x in outputs.items()}
+
+
+def flops_per_caption(
+    model: SCACaptioner, features: dict[str, torch.Tensor], steps: int, vocab: int
+) -> tuple[dict[str, int], int]:
+    """Analytic training FLOPs per caption by part, and the attention-map elements evaluated.
+
+    Each part's forward multiply-adds count ×3 in training (forward, input and weight
+    gradients), ×2 where the input is a constant cached feature or the weights are frozen, ×1
+    where both are; 2 FLOPs per multiply-add.
+    """
+    config, encoder = model.config, model.encoder
+    k, hidden, embed, context = config.attention_dim, config.hidden_dim, config.embed_dim, encoder.context_dim
+    order, frozen = config.order, not config.finetune_upper
+    one = {name: x[:1] for name, x in features.items()}
+    x, taps = one[encoder.layer_names[0]], dict(one)
+    sizes, upper_macs = [x.shape[2] * x.shape[3]], 0
+    for i in range(len(encoder.layer_names) - 1):
+        upper_macs += count_macs(encoder.upper, i, x, taps)
+        with torch.no_grad():
+            x = encoder.upper(i, x, taps)
+        sizes.append(x.shape[2] * x.shape[3])
+    parts: dict[str, int] = {  # name: forward multiply-adds × gradient factor
+        "init_state": upper_macs * (1 if frozen else 2) + context * 2 * hidden * 2,
+        "upper_stages": 0 if order == "none" else upper_macs * steps * (2 if frozen else 3),
+        "hidden_projection": hidden * (4 * hidden + encoder.query_dim) * steps * 3,
+        "word_gates": embed * 4 * hidden * steps * 3,
+        "context_gates": context * 4 * hidden * steps * 3,
+        "deep_output": (hidden + context) * embed * steps * 3,
+        "word_logits": embed * vocab * steps * 3,
+        "spatial_keys": 0,
+        "spatial_scores": 0,
+        "channel_scores": 0,
+        "context_pooling": 0,
+    }
+    map_elements = 0
+    for layer, (m, c) in enumerate(zip(sizes, encoder.channels)):
+        if order in ("cs", "sc", "s"):
+            once_per_image = order in ("s", "sc") and layer == 0  # W_s V of cached features
+            parts["spatial_keys"] += m * c * k * (2 if once_per_image else 3 * steps)
+            parts["spatial_scores"] += m * k * steps * 3
+            parts["context_pooling"] += m * c * steps * 3
+            map_elements += m * k * steps
+        if order in ("cs", "sc", "c"):
+            parts["channel_scores"] += c * k * steps * 3
+            map_elements += c * k * steps
+    return {name: 2 * value for name, value in parts.items()}, map_elements
+
+
+def train_speed(
+    model: SCACaptioner, features: dict[str, torch.Tensor], captions: torch.Tensor, iterations: int, warmup: int
+) -> float:
+    """Median seconds of one training iteration (forward, loss, backward, fused Adam step)."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    model.train()
+    times = []
+    for i in range(warmup + iterations):
+        start = time.perf_counter()
+        output = model(features, captions)
+        loss = model.loss(output, captions, pad_id=0).total
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", default="lite0,paper", help="comma-separated: " + ", ".join(SETTINGS))
+    parser.add_argument("--orders", default="cs,s", help="comma-separated attention orders")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=16, help="decoding steps (caption length - 1)")
+    parser.add_argument("--vocab", type=int, default=3000)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+
+    gflops = matmul_gflops()
+    threads = torch.get_num_threads()
+    matmul = {"benchmark": "matmul_fp32", "size": 1024, "gflops": round(gflops, 1), "threads": threads}
+    print(json.dumps(matmul), flush=True)
+    for name in args.settings.split(","):
+        setting = SETTINGS[name]
+        shapes = feature_shapes(setting.backbone, setting.layers)
+        for order in args.orders.split(","):
+            torch.manual_seed(0)
+            config = ModelConfig(
+                backbone=setting.backbone,
+                layers=setting.layers,
+                order=order,
+                attention_dim=setting.attention_dim,
+                hidden_dim=setting.hidden_dim,
+                embed_dim=setting.embed_dim,
+            )
+            model = SCACaptioner(config, args.vocab, build_backbone(setting.backbone, weights=None))
+            features = random_features(shapes, args.batch)
+            captions = torch.randint(4, args.vocab, (args.batch, args.steps + 1))
+            captions[:, 0] = 1
+            seconds = train_speed(model, features, captions, args.iterations, args.warmup)
+            breakdown, map_elements = flops_per_caption(model, features, args.steps, args.vocab)
+            flops = sum(breakdown.values())
+            rate = args.batch / seconds
+            print(
+                json.dumps(
+                    {
+                        "benchmark": "captioner_train",
+                        "setting": name,
+                        "order": order,
+                        "layers": list(setting.layers),
+                        "feature_shapes": {tap: list(shape) for tap, shape in shapes.items()},
+                        "batch": args.batch,
+                        "steps": args.steps,
+                        "vocab": args.vocab,
+                        "iterations": args.iterations,
+                        "threads": threads,
+                        "seconds_per_batch": round(seconds, 4),
+                        "captions_per_s": round(rate, 1),
+                        "flops_per_caption": flops,
+                        "flops_breakdown": breakdown,
+                        "attention_map_elements_per_caption": map_elements,
+                        "matmul_gflops": round(gflops, 1),
+                        "roofline_fraction": round(flops * rate / (gflops * 1e9), 3),
+                    }
+                ),
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

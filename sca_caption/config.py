@@ -1,0 +1,350 @@
+"""Typed experiment configuration, merged from defaults, YAML files and ``key=value`` overrides.
+
+An experiment is three sections, each a dataclass: ``data`` (``DataConfig``), ``train``
+(``TrainConfig``) and ``model`` (``ModelConfig``, defined with the captioner). ``load_config``
+merges, later winning over earlier:
+
+1. the dataclass defaults,
+2. ``configs/<preset>.yaml`` (``preset`` is a file name such as ``shapes`` or ``flickr8k_gpu``),
+3. an explicit YAML file,
+4. overrides such as ``train.lr=1e-3`` or ``model.layers=[stage6,stage7]`` (values are YAML).
+
+Every key and value is checked against the dataclass field it sets: an unknown key, a wrong type,
+a value out of range or malformed YAML is a one-line ``ConfigError`` naming the file and line (or
+the override) and the key. Float fields also take numeric text, because YAML 1.1 (PyYAML) reads
+``1e-3`` as a string. These checks run when loading (``load_config``, ``from_dict``), not when a
+dataclass is built directly. ``to_dict``/``from_dict`` convert to and from plain nested dicts
+(lists, not tuples) for checkpoints.
+
+The feature cache a run reads is built for ``model.backbone`` and ``model.layers``; ``data``
+names only its path (``ExperimentConfig.feature_cache_path``).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import difflib
+import types
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from sca_caption.data.corpus import SPLITS
+from sca_caption.data.datasets import CORPORA
+from sca_caption.data.errors import DataError
+from sca_caption.io_utils import atomic_write_text
+from sca_caption.models.captioner import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+EARLY_STOP_METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "SPICE", "loss")
+SCHEDULES = ("constant", "cosine", "step")
+SEQUENCES = (list, tuple, collections.abc.Sequence)
+
+
+class ConfigError(DataError):
+    """A configuration that cannot be used; the message is one line naming its source and key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which corpus, how captions become token ids, and how batches are loaded."""
+
+    dataset: str = field(default="shapes", metadata={"choices": CORPORA})
+    data_root: str | None = None  # None: data/<dataset>
+    train_split: str = field(default="train", metadata={"choices": SPLITS})
+    val_split: str = field(default="val", metadata={"choices": SPLITS})
+    test_split: str = field(default="test", metadata={"choices": SPLITS})
+    min_count: int = field(default=5, metadata={"min": 1})  # a word's train-split count to get an id
+    max_length: int = field(default=20, metadata={"min": 1})  # words kept per caption
+    feature_cache: str | None = None  # HDF5 feature cache; None: see ExperimentConfig.feature_cache_path
+    backbone_weights: str = "imagenet"  # the feature cache's backbone weights: imagenet, none (seed-0 random) or a file
+    batch_size: int = field(default=32, metadata={"min": 1})
+    num_workers: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, early stopping, logging and validation decoding."""
+
+    epochs: int = field(default=20, metadata={"min": 1})
+    lr: float = field(default=4e-4, metadata={"min": 0.0})
+    weight_decay: float = field(default=0.0, metadata={"min": 0.0})
+    schedule: str = field(default="cosine", metadata={"choices": SCHEDULES})
+    warmup_steps: int = field(default=0, metadata={"min": 0})  # linear warm-up, any schedule
+    decay_every: int = field(default=3, metadata={"min": 1})  # epochs between "step" decays
+    decay_factor: float = field(default=0.8, metadata={"min": 0.0})  # lr multiplier of a "step" decay
+    grad_clip: float | None = field(default=5.0, metadata={"min": 0.0})  # max gradient norm; None: off
+    patience: int | None = field(default=5, metadata={"min": 1})  # evaluations without gain; None: off
+    early_stop_metric: str = field(default="CIDEr", metadata={"choices": EARLY_STOP_METRICS})
+    bf16: bool = False  # bfloat16 autocast for the forward pass
+    seed: int = 0
+    log_every: int = field(default=50, metadata={"min": 1})  # optimizer steps between log lines
+    eval_every: int = field(default=1, metadata={"min": 1})  # epochs between validations
+    beam_size: int = field(default=3, metadata={"min": 1})  # validation decoding
+    meteor: bool = True  # METEOR in validation and test scores (each costs a ~6 s Java start)
+    checkpoint_every: int | None = field(default=200, metadata={"min": 1})  # steps between mid-epoch last.pt saves; None: epoch ends only
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "model": ModelConfig}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: ``data``, ``train`` and ``model`` sections."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def feature_cache_path(self) -> Path:
+        """``data.feature_cache``, else ``data/features/<dataset>_<backbone>_<layer>-<layer>.h5``
+        under the working folder (not under the data root, which may be read-only)."""
+        if self.data.feature_cache is not None:
+            return Path(self.data.feature_cache)
+        layers = "-".join(self.model.layers)
+        return Path("data") / "features" / f"{self.data.dataset}_{self.model.backbone}_{layers}.h5"
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict (tuples as lists): safe for JSON, YAML and weights-only checkpoints."""
+        return {name: {f.name: _plain(getattr(getattr(self, name), f.name)) for f in fields(cls)} for name, cls in SECTIONS.items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config dict") -> ExperimentConfig:
+        """Inverse of ``to_dict``, checked like a YAML file; missing keys take their defaults."""
+        merged = _Merged()
+        merged.add(values, source)
+        return merged.build()
+
+
+def load_config(
+    dataset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    config_dir: Path = CONFIG_DIR,
+) -> ExperimentConfig:
+    """Defaults < ``config_dir/<dataset>.yaml`` < ``config_file`` < ``overrides`` ("section.key=value")."""
+    merged = _Merged()
+    if dataset is not None:
+        preset = Path(config_dir) / f"{dataset}.yaml"
+        if not preset.is_file():
+            available = ", ".join(sorted(p.stem for p in Path(config_dir).glob("*.yaml"))) or "none"
+            raise ConfigError(f"no config preset {dataset!r} in {config_dir} (presets: {available})")
+        _add_yaml(merged, preset)
+    if config_file is not None:
+        _add_yaml(merged, Path(config_file))
+    for item in overrides:
+        merged.add(*_parse_override(item))
+    return merged.build()
+
+
+def write_config(path: str | Path, config: ExperimentConfig) -> None:
+    """Write ``config`` as a YAML file ``load_config(config_file=path)`` reads back, atomically."""
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+class _Merged:
+    """Checked values set so far, per section, and where each one came from."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        self.origins: dict[str, str] = {}  # "train.lr" -> "configs/x.yaml:7"
+
+    def add(self, layer: Any, source: str, lines: Mapping[str, int] | None = None) -> None:
+        """Check ``layer`` ({section: {key: value}}) and let it win over what is there."""
+        lines = lines or {}
+
+        def at(key: str) -> str:
+            return f"{source}:{lines[key]}" if key in lines else source
+
+        if not isinstance(layer, Mapping):
+            raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}, got {_kind(layer)}")
+        for section, entries in layer.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"{at(str(section))}: unknown section {section!r}{_suggest(section, SECTIONS)} (sections: {', '.join(SECTIONS)})")
+            if entries is None:
+                continue
+            if not isinstance(entries, Mapping):
+                raise ConfigError(f"{at(section)}: section {section} must be a mapping of keys, got {_kind(entries)}")
+            for key, value in entries.items():
+                name = f"{section}.{key}"
+                self.values[section][key] = _checked(section, key, value, at(name))
+                self.origins[name] = at(name)
+
+    def build(self) -> ExperimentConfig:
+        sections = {}
+        for name, cls in SECTIONS.items():
+            try:
+                sections[name] = cls(**self.values[name])
+            except ValueError as error:  # the section's own checks (ModelConfig's __post_init__)
+                raise ConfigError(self._blame(name, error)) from None
+        return ExperimentConfig(**sections)
+
+    def _blame(self, section: str, error: ValueError) -> str:
+        """'<origin>: <problem>' for the first key that fails its section's checks on its own;
+        for a problem only a combination of keys has, every origin of the section's keys."""
+        cls = SECTIONS[section]
+        for key, value in self.values[section].items():
+            try:
+                cls(**{key: value})
+            except ValueError as alone:
+                return f"{self.origins[f'{section}.{key}']}: {alone}"
+        sources = [o for k, o in self.origins.items() if k.startswith(section + ".")] or ["defaults"]
+        return f"{', '.join(dict.fromkeys(sources))}: {error}"
+
+
+def _checked(section: str, key: Any, value: Any, where: str) -> Any:
+    """``value`` fitted to the field ``section.key`` (see ``_coerce``) and checked against its range."""
+    specs = {f.name: f for f in fields(SECTIONS[section])}
+    name = f"{section}.{key}"
+    if key not in specs:
+        raise ConfigError(f"{where}: unknown key {name}{_suggest(key, specs, section + '.')} ({section} keys: {', '.join(specs)})")
+    try:
+        checked = _coerce(value, get_type_hints(SECTIONS[section])[key])
+    except _Mismatch as mismatch:
+        raise ConfigError(f"{where}: {name} must be {mismatch}, got {value!r}") from None
+    problem = _out_of_range(checked, specs[key].metadata)
+    if problem:
+        raise ConfigError(f"{where}: {name} {problem}, got {checked!r}")
+    return checked
+
+
+def _add_yaml(merged: _Merged, path: Path) -> None:
+    """Read one YAML file into ``merged``, with line numbers for its keys."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the config file: {error}") from None
+    try:
+        layer = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+    merged.add({} if layer is None else layer, str(path), lines)
+
+
+def _key_lines(root: yaml.Node | None) -> dict[str, int]:
+    """1-based line of each section ("train") and key ("train.lr") in a composed YAML document."""
+    lines: dict[str, int] = {}
+    if not isinstance(root, yaml.MappingNode):
+        return lines
+    for section_key, section_value in root.value:
+        section = str(section_key.value)
+        lines[section] = section_key.start_mark.line + 1
+        if isinstance(section_value, yaml.MappingNode):
+            for key, _ in section_value.value:
+                lines[f"{section}.{key.value}"] = key.start_mark.line + 1
+    return lines
+
+
+def _parse_override(item: str) -> tuple[dict[str, dict[str, Any]], str]:
+    """"train.lr=1e-3" -> ({"train": {"lr": "1e-3"}}, "override 'train.lr=1e-3'")."""
+    source = f"override {item!r}"
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{source}: expected section.key=value (sections: {', '.join(SECTIONS)})")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: malformed value: {getattr(error, 'problem', None) or error}") from None
+    return {parts[0]: {parts[1]: value}}, source
+
+
+class _Mismatch(Exception):
+    """A value that does not fit a type hint; the message describes what would."""
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """``value`` checked against ``hint`` (int, float, bool, str, None, unions, Literal, list[X],
+    tuple[X, ...]); ints pass as floats, numeric text as float, lists as tuples where asked."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                continue
+        raise _Mismatch(" or ".join(_describe(a) for a in args))
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise _Mismatch(_describe(hint))
+    if origin in SEQUENCES or hint in SEQUENCES:
+        fixed = origin is tuple and args and args[-1] is not Ellipsis
+        if not isinstance(value, (list, tuple)) or (fixed and len(value) != len(args)):
+            raise _Mismatch(_describe(hint))
+        item_hints = args if fixed else [args[0] if args else Any] * len(value)
+        try:
+            items = [_coerce(v, h) for v, h in zip(value, item_hints)]
+        except _Mismatch:
+            raise _Mismatch(_describe(hint)) from None
+        return tuple(items) if (origin or hint) is tuple else items
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"config fields of type {hint!r} are not supported")
+    raise _Mismatch(_describe(hint))
+
+
+def _describe(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in SEQUENCES:
+        plurals = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plurals.get(args[0], _describe(args[0]))}" if args else "a list"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(hint, repr(hint))
+
+
+def _out_of_range(value: Any, metadata: Mapping[str, Any]) -> str | None:
+    if value is None:
+        return None
+    if "choices" in metadata and value not in metadata["choices"]:
+        return "must be one of " + ", ".join(metadata["choices"])
+    if "min" in metadata and value < metadata["min"]:
+        return f"must be at least {metadata['min']}"
+    return None
+
+
+def _suggest(word: Any, choices: Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _kind(value: Any) -> str:
+    return "a list" if isinstance(value, list) else repr(value)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

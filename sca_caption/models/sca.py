@@ -1,0 +1,422 @@
+"""SCA-CNN attention (Chen et al., CVPR 2017): channel-wise and spatial attention inside the CNN,
+driven by the LSTM's previous hidden state h, over one to three layers of a backbone.
+
+Notation, per image and attended layer: V is the feature map, C channels at m = H·W locations,
+laid out (m, C) ("channels last") so every projection is one large matmul; k is the attention
+width. A *query* q = W_h h is the projection of h that an attention reads; the captioner computes
+every query of every layer in one matmul together with the LSTM's recurrent weights, so the
+modules here take queries, not h.
+
+    channel:  b = tanh((W_c ⊗ v + b_c) ⊕ q_c)     k×C     β = softmax_C(w'ᵀ b)
+    spatial:  a = tanh((W_s V + b_s) ⊕ q_s)       k×m     α = softmax_m(wᵀ a)
+
+v is V pooled over locations, ⊗ the outer product of the k-vector W_c with v, ⊕ adds a k-vector
+to every column. The paper's scalar score biases (b'_i, b_i) are left out: a softmax ignores a
+constant shift, so they would never receive a gradient.
+
+Orders (``ORDERS``): "cs" β from V, then α from the channel-weighted map, X = V ⊙ β ⊙ α (the
+paper's best); "sc" α from V, then β from the spatially weighted map pooled; "c" and "s" one
+attention only; "none" no attention at all (the mean-pooled baseline of the ablation).
+
+Magnitude rescaling (``rescale=True``, as the authors' Theano code does): each weight vector is
+multiplied by its length, β̃ = C·β and α̃ = m·α, so both average 1 and uniform weights leave the
+map unchanged; X = V ⊙ β̃ ⊙ α̃ then keeps V's mean scale, which matters because X is fed through
+the backbone's next (pretrained, frozen) layers. Without rescaling β̃ = β and α̃ = α (the
+equations as printed). The same β̃, α̃ are used for the intermediate maps: "cs" computes α from
+V ⊙ β̃, "sc" pools V ⊙ α̃ over locations (its mean) for β.
+
+Context (what the decoder reads from the top layer): z = β̃ ⊙ Σ_i α_i V_i, the α-weighted sum of
+the channel-weighted map, i.e. Σ_i X_i / (m or 1) = the spatial mean of the rescaled X, or the
+spatial sum of the unrescaled one; a mode without spatial attention uses α_i = 1/m (the mean).
+
+Cost per step and image: channel attention k·C tanh's; spatial attention over a channel-weighted
+map m·C·k multiply-adds (its W_s projection cannot be cached: β changes every step), over the
+cached first layer's V only m·k (W_s V + b_s is computed once per image in ``prepare``; a higher
+layer's V changes every step).
+
+tanh is evaluated as 2σ(2x) − 1 in the scores: the sum wᵀ tanh(x) then equals 2wᵀσ(2x) − Σ w, and
+the constant Σ w cancels in the softmax. A sigmoid is several times cheaper than a tanh on a CPU,
+and the k×C channel map is the largest element-wise tensor of a decoding step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from sca_caption.models.backbones.base import TappedBackbone, freeze
+from sca_caption.models.errors import ModelConfigError
+
+ORDERS = ("cs", "sc", "c", "s", "none")
+_CHANNEL_ORDERS = ("cs", "sc", "c")
+_SPATIAL_ORDERS = ("cs", "sc", "s")
+
+
+_CHUNK_ELEMENTS = 1 << 18  # floats of the (rows, C, k) channel map handled at once: 1 MiB, about L2
+
+
+class _ChannelScores(torch.autograd.Function):
+    """scores[b, c] = Σ_j weight_j σ(slope_j · pooled[b, c] + offset[b, j]).
+
+    The (B, C, k) sigmoid map is the largest tensor of a step (21 MB for 64 images at C = 320,
+    k = 256), so it is never stored whole: it is built, reduced and discarded a few images at a
+    time (``_CHUNK_ELEMENTS``) while the chunk is in cache. The backward pass rebuilds each chunk
+    (a sigmoid costs about what writing the map to memory and reading it back would) and takes
+    every gradient from it at once.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, pooled: Tensor, offset: Tensor, slope: Tensor, weight: Tensor) -> Tensor:
+        scores = pooled.new_empty(pooled.shape)
+        for rows in _chunks(pooled, offset):
+            torch.matmul(_sigmoid_map(pooled, offset, slope, rows), weight, out=scores[rows])
+        ctx.save_for_backward(pooled, offset, slope, weight)
+        return scores
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        pooled, offset, slope, weight = ctx.saved_tensors
+        need_pooled = ctx.needs_input_grad[0]  # False for a cached first layer's mean
+        g_pooled = torch.empty_like(pooled) if need_pooled else None
+        g_offset = torch.empty_like(offset)
+        g_slope, g_weight = torch.zeros_like(slope), torch.zeros_like(weight)
+        weight_slope = weight * slope
+        k = weight.shape[0]
+        for rows in _chunks(pooled, offset):
+            hidden = _sigmoid_map(pooled, offset, slope, rows)
+            g_weight.addmv_(hidden.reshape(-1, k).t(), grad[rows].reshape(-1))
+            # grad[b, c] · σ'(x) with σ' = σ(1 - σ)
+            derivative = torch.ops.aten.sigmoid_backward(grad[rows].unsqueeze(2), hidden)
+            torch.sum(derivative, dim=1, out=g_offset[rows])
+            g_slope.addmv_(derivative.reshape(-1, k).t(), pooled[rows].reshape(-1))
+            if g_pooled is not None:
+                torch.matmul(derivative, weight_slope, out=g_pooled[rows])
+        return g_pooled, g_offset * weight, g_slope * weight, g_weight
+
+
+def _chunks(pooled: Tensor, offset: Tensor) -> list[slice]:
+    """Slices of images whose (rows, C, k) map holds about ``_CHUNK_ELEMENTS`` floats."""
+    batch, per_image = pooled.shape[0], pooled.shape[1] * offset.shape[1]
+    step = max(1, _CHUNK_ELEMENTS // per_image)
+    return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
+
+
+def _sigmoid_map(pooled: Tensor, offset: Tensor, slope: Tensor, rows: slice) -> Tensor:
+    """σ(slope_j · pooled[b, c] + offset[b, j]) for the images ``rows``: (rows, C, k)."""
+    return torch.addcmul(offset[rows].unsqueeze(1), pooled[rows].unsqueeze(2), slope).sigmoid_()
+
+
+def _tanh_scores(preactivation: Tensor, weight: Tensor) -> Tensor:
+    """wᵀ tanh(x) over the last dim up to a constant: 2wᵀσ(2x), (..., k) -> (...)."""
+    return torch.sigmoid(preactivation.mul(2)) @ weight.mul(2)
+
+
+class ChannelAttention(nn.Module):
+    """β = softmax_C(w'ᵀ tanh((W_c ⊗ v + b_c) ⊕ q)): one weight per channel.
+
+    Parameters: ``weight`` W_c (k,), ``bias`` b_c (k,), ``score`` w' (k,).
+    """
+
+    def __init__(self, channels: int, attention_dim: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.attention_dim = attention_dim
+        self.weight = nn.Parameter(torch.empty(attention_dim).uniform_(-1.0, 1.0))
+        self.bias = nn.Parameter(torch.zeros(attention_dim))
+        bound = 1.0 / math.sqrt(attention_dim)
+        self.score = nn.Parameter(torch.empty(attention_dim).uniform_(-bound, bound))
+
+    def forward(self, pooled: Tensor, query: Tensor) -> Tensor:
+        """Pooled map v (B, C) and query q = W_hc h (B, k) -> channel weights β (B, C), rows sum to 1."""
+        scores = _ChannelScores.apply(pooled, (self.bias + query).mul(2), self.weight.mul(2), self.score.mul(2))
+        return torch.softmax(scores, dim=1)
+
+
+class SpatialAttention(nn.Module):
+    """α = softmax_m(wᵀ tanh((W_s V + b_s) ⊕ q)): one weight per location.
+
+    Parameters: ``key`` the linear map W_s, b_s (C -> k), ``score`` w (k,).
+    """
+
+    def __init__(self, channels: int, attention_dim: int) -> None:
+        super().__init__()
+        self.key = nn.Linear(channels, attention_dim)
+        bound = 1.0 / math.sqrt(attention_dim)
+        self.score = nn.Parameter(torch.empty(attention_dim).uniform_(-bound, bound))
+
+    def keys(self, maps: Tensor) -> Tensor:
+        """W_s V + b_s: (B, m, C) -> (B, m, k)."""
+        return self.key(maps)
+
+    def forward(self, keys: Tensor, query: Tensor) -> Tensor:
+        """Keys (B, m, k) and query q = W_hs h (B, k) -> spatial weights α (B, m), rows sum to 1."""
+        return torch.softmax(_tanh_scores(keys + query.unsqueeze(1), self.score), dim=1)
+
+
+@dataclass
+class Prepared:
+    """What a layer's first attention reads from V alone, computable once per image.
+
+    ``keys``: W_s V + b_s (B, m, k) for a spatial-first order ("s", "sc"); ``pooled``: mean of V
+    over locations (B, C) for a channel-first order ("c", "cs"); the other is None.
+    """
+
+    keys: Tensor | None = None
+    pooled: Tensor | None = None
+
+
+@dataclass
+class LayerAttention:
+    """One layer's attention at one step.
+
+    ``output``: the attended map X (B, m, C), or for the top layer the context z (B, C).
+    ``spatial``: α (B, m) or None; ``channel``: β (B, C) or None (the weights before rescaling).
+    """
+
+    output: Tensor
+    spatial: Tensor | None
+    channel: Tensor | None
+
+
+class SCALayer(nn.Module):
+    """Channel and/or spatial attention over one layer in one of ``ORDERS``."""
+
+    def __init__(self, channels: int, attention_dim: int, order: str, rescale: bool) -> None:
+        super().__init__()
+        if order not in ORDERS:
+            raise ModelConfigError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
+        self.order = order
+        self.rescale = rescale
+        self.attention_dim = attention_dim
+        self.channel = ChannelAttention(channels, attention_dim) if order in _CHANNEL_ORDERS else None
+        self.spatial = SpatialAttention(channels, attention_dim) if order in _SPATIAL_ORDERS else None
+
+    @property
+    def query_dim(self) -> int:
+        """Width of this layer's queries: k per attention, channel query first."""
+        return self.attention_dim * ((self.channel is not None) + (self.spatial is not None))
+
+    def prepare(self, maps: Tensor) -> Prepared:
+        """The per-image part of the first attention, for maps (B, m, C)."""
+        if self.order in ("s", "sc"):
+            assert self.spatial is not None
+            return Prepared(keys=self.spatial.keys(maps))
+        if self.order in ("c", "cs"):
+            return Prepared(pooled=maps.mean(dim=1))
+        return Prepared()
+
+    def forward(
+        self, maps: Tensor, queries: Tensor, prepared: Prepared | None = None, top: bool = False
+    ) -> LayerAttention:
+        """Attend maps V (B, m, C) with queries (B, query_dim).
+
+        ``prepared``: ``self.prepare(maps)`` if already computed. Returns X (B, m, C), or the
+        context z (B, C) when ``top``.
+        """
+        if prepared is None:
+            prepared = self.prepare(maps)
+        _, m, c = maps.shape
+        channel_scale = float(c) if self.rescale else 1.0
+        spatial_scale = float(m) if self.rescale else 1.0
+        k = self.attention_dim
+        if self.order == "none":
+            return LayerAttention(maps.mean(dim=1) if top else maps, None, None)
+        if self.order == "c":
+            assert self.channel is not None and prepared.pooled is not None
+            beta = self.channel(prepared.pooled, queries)
+            scaled = beta * channel_scale
+            output = scaled * prepared.pooled if top else maps * scaled.unsqueeze(1)
+            return LayerAttention(output, None, beta)
+        if self.order == "s":
+            assert self.spatial is not None and prepared.keys is not None
+            alpha = self.spatial(prepared.keys, queries)
+            output = _weighted_sum(alpha, maps) if top else maps * (alpha * spatial_scale).unsqueeze(2)
+            return LayerAttention(output, alpha, None)
+        assert self.channel is not None and self.spatial is not None
+        if self.order == "cs":
+            assert prepared.pooled is not None
+            beta = self.channel(prepared.pooled, queries[:, :k])
+            weighted = maps * (beta * channel_scale).unsqueeze(1)
+            alpha = self.spatial(self.spatial.keys(weighted), queries[:, k:])
+            output = _weighted_sum(alpha, weighted) if top else weighted * (alpha * spatial_scale).unsqueeze(2)
+            return LayerAttention(output, alpha, beta)
+        assert prepared.keys is not None
+        alpha = self.spatial(prepared.keys, queries[:, k:])
+        attended_sum = _weighted_sum(alpha, maps)
+        beta = self.channel(attended_sum * (spatial_scale / m), queries[:, :k])
+        scaled = beta * channel_scale
+        if top:
+            output = scaled * attended_sum
+        else:
+            output = maps * (alpha * spatial_scale).unsqueeze(2) * scaled.unsqueeze(1)
+        return LayerAttention(output, alpha, beta)
+
+
+def _weighted_sum(alpha: Tensor, maps: Tensor) -> Tensor:
+    """Σ_i α_i V_i: (B, m) and (B, m, C) -> (B, C)."""
+    return torch.bmm(alpha.unsqueeze(1), maps).squeeze(1)
+
+
+@dataclass
+class EncoderMemory:
+    """What the encoder keeps per image between steps (batch on dim 0 of every tensor).
+
+    ``maps``: the lowest attended layer (B, H, W, C), channels last; ``prepared``: its per-image
+    attention part; ``side``: earlier taps the upper stages read, {tap: (B, C, H, W)};
+    ``context``: the fixed context (B, C_top) of order "none" (then ``maps`` is None).
+    """
+
+    maps: Tensor | None
+    prepared: Prepared
+    side: dict[str, Tensor]
+    context: Tensor | None
+
+    def select(self, index: Tensor) -> "EncoderMemory":
+        """Rows ``index`` (N,) of every tensor."""
+        return select_rows(self, index)
+
+
+@dataclass
+class EncoderStep:
+    """One step of the encoder: the context z (B, C_top) and the weights of every layer.
+
+    ``spatial``: per layer α (B, m_l), None for orders without spatial attention; ``channel``:
+    per layer β (B, C_l), None for orders without channel attention.
+    """
+
+    context: Tensor
+    spatial: list[Tensor] | None
+    channel: list[Tensor] | None
+
+
+class SCAEncoder(nn.Module):
+    """Multi-layer SCA over a backbone: attend layer l, run the backbone's next stages on the
+    attended map to get layer l + 1, attend that, ..., up to the top layer's context.
+
+    The upper stages always run in eval mode (their batch-norm statistics stay fixed, as in the
+    authors' code); ``finetune_upper`` only decides whether their weights get gradients.
+    """
+
+    def __init__(
+        self,
+        backbone: TappedBackbone,
+        layers: Sequence[str],
+        attention_dim: int,
+        order: str,
+        rescale: bool,
+        finetune_upper: bool,
+    ) -> None:
+        super().__init__()
+        if not 1 <= len(layers) <= 3:
+            raise ModelConfigError(f"layers must name 1 to 3 taps of {backbone.name}; got {list(layers)}")
+        try:
+            prefix, upper = backbone.split(layers)
+        except ValueError as error:
+            raise ModelConfigError(f"layers: {error}") from None
+        self.layer_names = tuple(layers)
+        self.inputs = prefix.outputs
+        self.channels = tuple(backbone.tap_info[name].channels for name in layers)
+        self._input_channels = {name: backbone.tap_info[name].channels for name in self.inputs}
+        self.order = order
+        self.upper = upper
+        self.finetune_upper = finetune_upper
+        if not finetune_upper:
+            freeze(upper)
+        self.upper.eval()
+        self.layers = nn.ModuleList(SCALayer(c, attention_dim, order, rescale) for c in self.channels)
+        widths = [layer.query_dim for layer in self.layers]
+        self._query_offsets = [sum(widths[:i]) for i in range(len(widths) + 1)]
+
+    @property
+    def query_dim(self) -> int:
+        """Width of all queries of one step, layer after layer."""
+        return self._query_offsets[-1]
+
+    @property
+    def context_dim(self) -> int:
+        """Channels of the top layer, the context's width."""
+        return self.channels[-1]
+
+    def train(self, mode: bool = True) -> "SCAEncoder":
+        """Set the attention's mode; the upper stages stay in eval mode."""
+        super().train(mode)
+        self.upper.eval()
+        return self
+
+    def remember(self, features: Mapping[str, Tensor], dtype: torch.dtype) -> tuple[EncoderMemory, Tensor]:
+        """Cached prefix outputs {tap: (B, C, H, W)} -> the memory for ``forward`` and the top
+        layer's unattended map (B, C_top, H, W), computed through the upper stages.
+
+        The features are cast to ``dtype`` (the cache stores float16) and made channels last.
+        """
+        taps = {
+            name: self._feature(features, name).to(dtype).contiguous(memory_format=torch.channels_last)
+            for name in self.inputs
+        }
+        top = taps[self.layer_names[0]]
+        unattended = dict(taps)
+        for i in range(len(self.layer_names) - 1):
+            top = self.upper(i, top, unattended)
+            unattended[self.layer_names[i + 1]] = top
+        side = {name: x for name, x in taps.items() if name != self.layer_names[0]}
+        if self.order == "none":
+            return EncoderMemory(None, Prepared(), {}, top.mean(dim=(2, 3))), top
+        maps = taps[self.layer_names[0]].permute(0, 2, 3, 1)
+        return EncoderMemory(maps, self.layers[0].prepare(maps.flatten(1, 2)), side, None), top
+
+    def forward(self, memory: EncoderMemory, queries: Tensor) -> EncoderStep:
+        """Attend every layer with this step's queries (B, query_dim)."""
+        if memory.maps is None:
+            assert memory.context is not None
+            return EncoderStep(memory.context, None, None)
+        taps = dict(memory.side)
+        maps = memory.maps
+        spatial: list[Tensor] = []
+        channel: list[Tensor] = []
+        last = len(self.layers) - 1
+        offset = self._query_offsets
+        for i, layer in enumerate(self.layers):
+            attended = layer(
+                maps.flatten(1, 2),
+                queries[:, offset[i] : offset[i + 1]],
+                memory.prepared if i == 0 else None,
+                top=i == last,
+            )
+            if attended.spatial is not None:
+                spatial.append(attended.spatial)
+            if attended.channel is not None:
+                channel.append(attended.channel)
+            if i < last:
+                x = attended.output.view(maps.shape).permute(0, 3, 1, 2)
+                taps[self.layer_names[i]] = x
+                maps = self.upper(i, x, taps).permute(0, 2, 3, 1)
+        return EncoderStep(attended.output, spatial or None, channel or None)
+
+    def _feature(self, features: Mapping[str, Tensor], name: str) -> Tensor:
+        """``features[name]``, checked to be (B, C, H, W) with this tap's channels."""
+        if name not in features:
+            raise ModelConfigError(
+                f"features lack tap {name!r}: attending {', '.join(self.layer_names)} needs {', '.join(self.inputs)}"
+            )
+        x = features[name]
+        expected = self._input_channels[name]
+        if x.dim() != 4 or x.shape[1] != expected:
+            raise ModelConfigError(f"features[{name!r}]: expected (B, {expected}, H, W), got {tuple(x.shape)}")
+        return x
+
+
+def select_rows(value: object, index: Tensor) -> object:
+    """Rows ``index`` of every tensor in ``value``: a tensor, None, a dict of them or a dataclass."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        return value.index_select(0, index)
+    if isinstance(value, dict):
+        return {key: select_rows(item, index) for key, item in value.items()}
+    return type(value)(**{f.name: select_rows(getattr(value, f.name), index) for f in fields(value)})

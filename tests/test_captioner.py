@@ -1,0 +1,212 @@
+"""The captioner: shapes, teacher forcing equal to step-by-step decoding, gradients, loss, config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_backbone import NAME, build_tiny_backbone, tiny_features
+
+from sca_caption.models.captioner import CaptionState, ModelConfig, SCACaptioner
+from sca_caption.models.errors import ModelConfigError
+from sca_caption.models.sca import ORDERS
+
+VOCAB, PAD, START, END = 11, 0, 1, 2
+DEPTHS = [("conv3",), ("conv3", "conv4"), ("conv3", "conv4", "conv5")]
+SIZES = {"conv3": (8, 16), "conv4": (6, 16), "conv5": (10, 4)}  # channels, locations
+
+
+def config(layers: tuple[str, ...] = ("conv3", "conv4"), order: str = "cs", **overrides: object) -> ModelConfig:
+    settings = dict(backbone=NAME, layers=layers, order=order, attention_dim=5, hidden_dim=7, embed_dim=6, dropout=0.3)
+    settings.update(overrides)
+    return ModelConfig(**settings)
+
+
+def build(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> SCACaptioner:
+    torch.manual_seed(seed)
+    return SCACaptioner(cfg, VOCAB, build_tiny_backbone()).to(dtype)
+
+
+def captions(batch: int = 3, length: int = 6, seed: int = 2) -> torch.Tensor:
+    """<start> w w ... with a padded tail on the last row."""
+    torch.manual_seed(seed)
+    caps = torch.randint(3, VOCAB, (batch, length))
+    caps[:, 0] = START
+    caps[-1, -2:] = torch.tensor([END, PAD])
+    return caps
+
+
+@pytest.mark.parametrize("layers", DEPTHS)
+@pytest.mark.parametrize("order", ORDERS)
+def test_forward_shapes_and_attention_sums(order: str, layers: tuple[str, ...]) -> None:
+    model = build(config(layers, order))
+    caps = captions()
+    out = model(tiny_features(layers), caps)
+    assert out.logits.shape == (3, 5, VOCAB)
+    assert out.tag_logits is None
+    for weights, orders, size in ((out.spatial, ("cs", "sc", "s"), 1), (out.channel, ("cs", "sc", "c"), 0)):
+        if order not in orders:
+            assert weights is None
+            continue
+        assert [w.shape for w in weights] == [(3, 5, SIZES[name][size]) for name in layers]
+        for w in weights:
+            torch.testing.assert_close(w.sum(dim=2), torch.ones(3, 5))
+
+
+@pytest.mark.parametrize("layers", DEPTHS)
+@pytest.mark.parametrize("order", ORDERS)
+def test_teacher_forcing_equals_stepping(order: str, layers: tuple[str, ...]) -> None:
+    model = build(config(layers, order), dtype=torch.float64).eval()
+    features = {name: x.double() for name, x in tiny_features(layers).items()}
+    caps = captions()
+    with torch.no_grad():
+        out = model(features, caps)
+        state = model.init_state(features)
+        for t in range(caps.shape[1] - 1):
+            step = model.step(caps[:, t], state)
+            torch.testing.assert_close(step.logits, out.logits[:, t], rtol=1e-10, atol=1e-10)
+            for per_step, whole in ((step.spatial, out.spatial), (step.channel, out.channel)):
+                assert (per_step is None) == (whole is None)
+                for a, b in zip(per_step or [], whole or []):
+                    torch.testing.assert_close(a, b[:, t], rtol=1e-10, atol=1e-10)
+            state = step.state
+
+
+def test_step_shapes_and_state_select() -> None:
+    model = build(config()).eval()
+    features = tiny_features(("conv3", "conv4"))
+    with torch.no_grad():
+        state = model.init_state(features)
+        assert isinstance(state, CaptionState)
+        assert state.h.shape == state.c.shape == (3, 7)
+        words = torch.tensor([START, 5, 7])
+        full = model.step(words, state)
+        assert full.logits.shape == (3, VOCAB)
+        assert [a.shape for a in full.spatial] == [(3, 16), (3, 16)]
+        assert [b.shape for b in full.channel] == [(3, 8), (3, 6)]
+        index = torch.tensor([2, 0, 2, 1])  # reorder and repeat rows, as beam search does
+        picked = model.step(words[index], state.select(index))
+        torch.testing.assert_close(picked.logits, full.logits[index])
+        torch.testing.assert_close(picked.state.h, full.state.h[index])
+        torch.testing.assert_close(picked.spatial[1], full.spatial[1][index])
+
+
+def trainable_model(order: str, finetune: bool = False) -> SCACaptioner:
+    return build(
+        config(
+            ("conv3", "conv4", "conv5"),
+            order,
+            finetune_upper=finetune,
+            doubly_stochastic=0.5,
+            num_tags=4,
+            tag_heads=2,
+            tag_loss_weight=0.3,
+        )
+    )
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_gradients_reach_every_learning_parameter_and_no_frozen_one(order: str) -> None:
+    model = trainable_model(order)
+    caps = captions()
+    out = model(tiny_features(model.config.layers), caps)
+    tags = torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 0], [0, 0, 0, 1]])
+    model.loss(out, caps, PAD, tags).total.backward()
+    upper = {id(p) for p in model.encoder.upper.parameters()}
+    assert upper
+    for name, p in model.named_parameters():
+        if id(p) in upper:
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_finetuning_trains_the_upper_stages() -> None:
+    model = trainable_model("cs", finetune=True)
+    caps = captions()
+    out = model(tiny_features(model.config.layers), caps)
+    model.loss(out, caps, PAD, torch.ones(3, 4)).total.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.upper.parameters())
+
+
+def test_deterministic_given_a_seed() -> None:
+    caps = captions()
+    features = tiny_features(("conv3", "conv4"))
+    runs = []
+    for _ in range(2):
+        model = build(config(), seed=5).train()
+        torch.manual_seed(9)  # dropout draws
+        runs.append((model.state_dict(), model(features, caps).logits))
+    for name, value in runs[0][0].items():
+        torch.testing.assert_close(value, runs[1][0][name], rtol=0, atol=0)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)
+    assert not torch.allclose(build(config(), seed=6)(features, caps).logits, runs[0][1])
+
+
+def test_loss_terms_by_hand() -> None:
+    model = build(config(doubly_stochastic=0.5, num_tags=4, tag_loss_weight=0.25))
+    caps = captions()
+    out = model(tiny_features(("conv3", "conv4")), caps)
+    tags = torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 0], [0, 0, 0, 1]])
+    loss = model.loss(out, caps, PAD, tags)
+    targets = caps[:, 1:]
+    real = targets != PAD
+    log_probs = F.log_softmax(out.logits, dim=2).gather(2, targets.unsqueeze(2)).squeeze(2)
+    torch.testing.assert_close(loss.words, -(log_probs[real]).mean())
+    penalty = 0.0
+    for alpha in out.spatial:  # Σ_i (1 − Σ_t α_ti)² over the real (non-pad) steps, mean over images
+        coverage = (alpha * real.unsqueeze(2)).sum(dim=1)
+        penalty = penalty + ((1 - coverage) ** 2).sum(dim=1).mean()
+    torch.testing.assert_close(loss.doubly_stochastic, penalty)
+    torch.testing.assert_close(loss.tags, F.binary_cross_entropy_with_logits(out.tag_logits, tags))
+    torch.testing.assert_close(loss.total, loss.words + 0.5 * penalty + 0.25 * loss.tags)
+    with pytest.raises(ModelConfigError, match="needs tag targets"):
+        model.loss(out, caps, PAD)
+
+
+def test_float16_cached_features_are_accepted() -> None:
+    model = build(config()).eval()
+    features = tiny_features(("conv3", "conv4"))
+    half = {name: x.half() for name, x in features.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(half, captions()).logits, model(features, captions()).logits, rtol=1e-2, atol=1e-2
+        )
+
+
+def test_greedy_decoding_scores_equal_teacher_forced_scores() -> None:
+    decoding = pytest.importorskip("sca_caption.decoding")
+    model = build(config(), dtype=torch.float64).eval()
+    features = {name: x.double() for name, x in tiny_features(("conv3", "conv4")).items()}
+    hypotheses = decoding.greedy_decode(model, features, start=START, end=END, max_length=5)
+    for b, hyp in enumerate(hypotheses):
+        tokens = [START, *hyp.tokens] + ([END] if hyp.finished else [])
+        caps = torch.tensor([tokens])
+        with torch.no_grad():
+            logits = model({name: x[b : b + 1] for name, x in features.items()}, caps).logits
+        log_prob = F.log_softmax(logits, dim=2).gather(2, caps[:, 1:].unsqueeze(2)).sum()
+        assert hyp.log_prob == pytest.approx(float(log_prob), abs=1e-6)
+
+
+def test_config_round_trip_and_errors() -> None:
+    cfg = config(("conv3", "conv5"), "sc", num_tags=3)
+    data = cfg.to_dict()
+    assert data["layers"] == ["conv3", "conv5"]
+    assert ModelConfig.from_dict(data) == cfg
+    with pytest.raises(ModelConfigError, match="unknown setting"):
+        ModelConfig.from_dict({**data, "heads": 2})
+    with pytest.raises(ModelConfigError, match="order must be one of"):
+        config(order="channel")
+    with pytest.raises(ModelConfigError, match="dropout"):
+        config(dropout=1.0)
+    with pytest.raises(ModelConfigError, match="1 to 3 taps"):
+        config(layers=())
+    with pytest.raises(ModelConfigError, match="names backbone 'efficientnet_lite0' but got 'tiny'"):
+        SCACaptioner(ModelConfig(layers=("conv3",)), VOCAB, build_tiny_backbone())
+    with pytest.raises(ModelConfigError, match="tag_heads must be one of"):
+        build(config(num_tags=3, tag_heads=3))
+    model = build(config())
+    with pytest.raises(ModelConfigError, match=r"captions must be \(B, T\)"):
+        model(tiny_features(("conv3", "conv4")), torch.tensor([START, 4]))
+    with pytest.raises(ModelConfigError, match="3 images but 2 captions"):
+        model(tiny_features(("conv3", "conv4")), captions(batch=2))
