@@ -28,7 +28,7 @@ image, each later one ``beam`` rows, for as many steps as the search ran: at mos
 ``counted_flops_per_row_step`` re-counts one step with torch's FlopCounterMode as a check (it
 skips matrix-vector products, so it sits slightly under the analytic figure).
 
-Runs (``--runs setting:order,...``), settings as in ``captioner_speed.py``:
+Runs (``--runs setting:order,...``), settings from ``common.py``:
 - ``lite0``: one layer on EfficientNet-Lite0's stage7 tap (320×7×7), attention 256, hidden 512,
   embedding 256 (the issue's CPU configuration). Bars: "cs" reaches >= 60% of the matmul roofline;
   "s" decodes >= 100 images/s (3× the Show-Attend-Tell tutorial's 33 images/s at beam 5).
@@ -45,35 +45,19 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import SETTINGS, build_captioner, matmul_gflops, matmul_record, upper_stages
 from sca_caption.data.vocab import Vocab
 from sca_caption.decoding import beam_search
 from sca_caption.models.backbones import build_backbone
-from sca_caption.models.captioner import CaptionState, ModelConfig, SCACaptioner, StepOutput
-from sca_caption.models.complexity import count_macs
+from sca_caption.models.captioner import CaptionState, SCACaptioner, StepOutput
 
-
-@dataclass(frozen=True)
-class Setting:
-    """A benchmarked model size: backbone, attended layers and widths."""
-
-    backbone: str
-    layers: tuple[str, ...]
-    attention_dim: int
-    hidden_dim: int
-    embed_dim: int
-
-
-SETTINGS = {
-    "lite0": Setting("efficientnet_lite0", ("stage7",), 256, 512, 256),
-    "paper": Setting("resnet152", ("res5c_branch2b", "res5c"), 512, 1000, 100),
-}
+MATMUL_SIZE, MATMUL_REPEATS = 2048, 5
 BARS = {("lite0", "cs"): ("roofline_fraction", 0.6), ("lite0", "s"): ("images_per_s", 100.0)}
 
 
@@ -94,18 +78,6 @@ class RowCounter:
         return self.model.step(words, state)
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """Best float32 GFLOP/s of a size×size matmul over ``repeats`` runs (after a warm-up)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
-
-
 def random_features(model: SCACaptioner, backbone_name: str, batch: int) -> dict[str, Tensor]:
     """Non-negative random cached features {tap: (batch, C, H, W)} of the taps the model reads."""
     backbone = build_backbone(backbone_name, weights=None)
@@ -115,22 +87,6 @@ def random_features(model: SCACaptioner, backbone_name: str, batch: int) -> dict
         size = math.ceil(backbone.input_size / info.stride)
         features[name] = torch.rand(batch, info.channels, size, size)
     return features
-
-
-def upper_stages(model: SCACaptioner, features: Mapping[str, Tensor]) -> tuple[list[int], int]:
-    """Locations m_l of every attended layer, and the multiply-adds of one image's pass through
-    the backbone stages between them."""
-    encoder = model.encoder
-    one = {name: x[:1] for name, x in features.items()}
-    x, taps, macs = one[encoder.layer_names[0]], dict(one), 0
-    sizes = [x.shape[2] * x.shape[3]]
-    for i in range(len(encoder.layer_names) - 1):
-        macs += count_macs(encoder.upper, i, x, taps)
-        with torch.no_grad():
-            x = encoder.upper(i, x, taps)
-        taps[encoder.layer_names[i + 1]] = x
-        sizes.append(x.shape[2] * x.shape[3])
-    return sizes, macs
 
 
 def analytic_flops(model: SCACaptioner, features: Mapping[str, Tensor], vocab: int) -> tuple[dict[str, int], int, int]:
@@ -199,15 +155,7 @@ def run(name: str, order: str, args: argparse.Namespace, gflops: float) -> dict[
     """One benchmark line for ``SETTINGS[name]`` in attention ``order``."""
     setting = SETTINGS[name]
     torch.manual_seed(0)
-    config = ModelConfig(
-        backbone=setting.backbone,
-        layers=setting.layers,
-        order=order,
-        attention_dim=setting.attention_dim,
-        hidden_dim=setting.hidden_dim,
-        embed_dim=setting.embed_dim,
-    )
-    model = SCACaptioner(config, args.vocab, build_backbone(setting.backbone, weights=None)).eval()
+    model = build_captioner(setting, order, args.vocab).eval()
     features = random_features(model, setting.backbone, args.batch)
     seconds, counter = decode_speed(model, features, args)
     breakdown, start_flops, elementwise = analytic_flops(model, features, args.vocab)
@@ -261,9 +209,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    gflops = matmul_gflops()
-    matmul = {"benchmark": "matmul_fp32", "size": 2048, "gflops": round(gflops, 1), "threads": torch.get_num_threads()}
-    print(json.dumps(matmul), flush=True)
+    gflops = matmul_gflops(MATMUL_SIZE, MATMUL_REPEATS)
+    print(json.dumps(matmul_record(MATMUL_SIZE, gflops)), flush=True)
     for spec in args.runs.split(","):
         name, _, order = spec.partition(":")
         if name not in SETTINGS or not order:

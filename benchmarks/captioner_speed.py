@@ -9,12 +9,9 @@ gradient factors); the element-wise work is left out of the roofline fraction, a
 tanh-map elements evaluated (k·C channel, k·m spatial, per layer and step, forward) is printed as
 ``attention_map_elements_per_caption``.
 
-Settings (random weights; only the shapes matter):
-- ``lite0``: one layer on EfficientNet-Lite0's stage7 tap (320×7×7), attention 256, hidden 512,
-  embedding 256 (the issue's CPU configuration);
-- ``paper``: the paper's two layers on ResNet-152, res5c_branch2b (512×7×7) then res5c
-  (2048×7×7, whose upper stage, conv 1×1 + BN + res5b shortcut + ReLU, runs at every step),
-  attention 512, hidden 1000, embedding 100 (the authors' code's sizes).
+Settings (random weights; only the shapes matter) from ``common.py``: ``lite0`` (one layer on
+EfficientNet-Lite0's stage7, the issue's CPU configuration) and ``paper`` (the paper's two layers
+on ResNet-152, res5c_branch2b then res5c).
 
 Usage: python benchmarks/captioner_speed.py [--settings lite0,paper] [--orders cs,s]
        [--batch 64] [--steps 16] [--vocab 3000] [--iterations 10] [--warmup 2]
@@ -25,44 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
 
 import torch
 
+from common import SETTINGS, build_captioner, matmul_gflops, matmul_record, upper_stages
 from sca_caption.models.backbones import build_backbone
-from sca_caption.models.captioner import ModelConfig, SCACaptioner
-from sca_caption.models.complexity import count_macs
+from sca_caption.models.captioner import SCACaptioner
 
-
-@dataclass(frozen=True)
-class Setting:
-    """A benchmarked model size: backbone, attended layers and widths."""
-
-    backbone: str
-    layers: tuple[str, ...]
-    attention_dim: int
-    hidden_dim: int
-    embed_dim: int
-
-
-SETTINGS = {
-    "lite0": Setting("efficientnet_lite0", ("stage7",), 256, 512, 256),
-    "paper": Setting("resnet152", ("res5c_branch2b", "res5c"), 512, 1000, 100),
-}
-
-
-def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
-    """Best float32 GFLOP/s of a size×size matmul over ``repeats`` runs (after a warm-up)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
-
-
+MATMUL_SIZE, MATMUL_REPEATS = 1024, 10
 Shapes = dict[str, tuple[int, ...]]
 
 
@@ -92,14 +59,7 @@ def flops_per_caption(
     config, encoder = model.config, model.encoder
     k, hidden, embed, context = config.attention_dim, config.hidden_dim, config.embed_dim, encoder.context_dim
     order, frozen = config.order, not config.finetune_upper
-    one = {name: x[:1] for name, x in features.items()}
-    x, taps = one[encoder.layer_names[0]], dict(one)
-    sizes, upper_macs = [x.shape[2] * x.shape[3]], 0
-    for i in range(len(encoder.layer_names) - 1):
-        upper_macs += count_macs(encoder.upper, i, x, taps)
-        with torch.no_grad():
-            x = encoder.upper(i, x, taps)
-        sizes.append(x.shape[2] * x.shape[3])
+    sizes, upper_macs = upper_stages(model, features)
     parts: dict[str, int] = {  # name: forward multiply-adds × gradient factor
         "init_state": upper_macs * (1 if frozen else 2) + context * 2 * hidden * 2,
         "upper_stages": 0 if order == "none" else upper_macs * steps * (2 if frozen else 3),
@@ -157,24 +117,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
 
-    gflops = matmul_gflops()
+    gflops = matmul_gflops(MATMUL_SIZE, MATMUL_REPEATS)
     threads = torch.get_num_threads()
-    matmul = {"benchmark": "matmul_fp32", "size": 1024, "gflops": round(gflops, 1), "threads": threads}
-    print(json.dumps(matmul), flush=True)
+    print(json.dumps(matmul_record(MATMUL_SIZE, gflops)), flush=True)
     for name in args.settings.split(","):
         setting = SETTINGS[name]
         shapes = feature_shapes(setting.backbone, setting.layers)
         for order in args.orders.split(","):
             torch.manual_seed(0)
-            config = ModelConfig(
-                backbone=setting.backbone,
-                layers=setting.layers,
-                order=order,
-                attention_dim=setting.attention_dim,
-                hidden_dim=setting.hidden_dim,
-                embed_dim=setting.embed_dim,
-            )
-            model = SCACaptioner(config, args.vocab, build_backbone(setting.backbone, weights=None))
+            model = build_captioner(setting, order, args.vocab)
             features = random_features(shapes, args.batch)
             captions = torch.randint(4, args.vocab, (args.batch, args.steps + 1))
             captions[:, 0] = 1

@@ -1,0 +1,88 @@
+"""Pieces shared by the captioner benchmarks (``beam_speed.py``, ``captioner_speed.py``).
+
+The scripts run as ``python benchmarks/NAME.py``, which puts this folder on ``sys.path``, so they
+import this module as ``common``.
+
+Settings (random weights; only the shapes matter):
+- ``lite0``: one layer on EfficientNet-Lite0's stage7 tap (320×7×7), attention 256, hidden 512,
+  embedding 256 (the issue's CPU configuration);
+- ``paper``: the paper's two layers on ResNet-152, res5c_branch2b (512×7×7) then res5c
+  (2048×7×7, whose upper stage, conv 1×1 + BN + res5b shortcut + ReLU, runs at every step),
+  attention 512, hidden 1000, embedding 100 (the authors' code's sizes).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from sca_caption.models.backbones import build_backbone
+from sca_caption.models.captioner import ModelConfig, SCACaptioner
+from sca_caption.models.complexity import count_macs
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A benchmarked model size: backbone, attended layers and widths."""
+
+    backbone: str
+    layers: tuple[str, ...]
+    attention_dim: int
+    hidden_dim: int
+    embed_dim: int
+
+
+SETTINGS = {
+    "lite0": Setting("efficientnet_lite0", ("stage7",), 256, 512, 256),
+    "paper": Setting("resnet152", ("res5c_branch2b", "res5c"), 512, 1000, 100),
+}
+
+
+def build_captioner(setting: Setting, order: str, vocab: int) -> SCACaptioner:
+    """A captioner of ``setting``'s sizes attending in ``order``, on a randomly initialised backbone."""
+    config = ModelConfig(
+        backbone=setting.backbone,
+        layers=setting.layers,
+        order=order,
+        attention_dim=setting.attention_dim,
+        hidden_dim=setting.hidden_dim,
+        embed_dim=setting.embed_dim,
+    )
+    return SCACaptioner(config, vocab, build_backbone(setting.backbone, weights=None))
+
+
+def matmul_gflops(size: int, repeats: int) -> float:
+    """Best float32 GFLOP/s of a size×size matmul over ``repeats`` runs (after a warm-up)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def matmul_record(size: int, gflops: float) -> dict[str, object]:
+    """The JSON line reporting ``matmul_gflops(size, ...)`` and the torch thread count."""
+    return {"benchmark": "matmul_fp32", "size": size, "gflops": round(gflops, 1), "threads": torch.get_num_threads()}
+
+
+def upper_stages(model: SCACaptioner, features: Mapping[str, Tensor]) -> tuple[list[int], int]:
+    """Locations m_l (H·W) of every attended layer, and the multiply-adds of one image's pass
+    through the backbone stages between them; ``features``: {tap: (B, C, H, W)} cached inputs."""
+    encoder = model.encoder
+    one = {name: x[:1] for name, x in features.items()}
+    x, taps, macs = one[encoder.layer_names[0]], dict(one), 0
+    sizes = [x.shape[2] * x.shape[3]]
+    for i in range(len(encoder.layer_names) - 1):
+        macs += count_macs(encoder.upper, i, x, taps)
+        with torch.no_grad():
+            x = encoder.upper(i, x, taps)
+        taps[encoder.layer_names[i + 1]] = x
+        sizes.append(x.shape[2] * x.shape[3])
+    return sizes, macs
