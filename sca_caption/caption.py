@@ -1,0 +1,199 @@
+"""Caption image files with a trained checkpoint.
+
+    python -m sca_caption.caption [--checkpoint CKPT] PATH...
+
+PATH: an image file, a folder (its image files by extension, sorted, not recursive) or a glob
+pattern (quote it; ``**`` recurses). Without ``--checkpoint``, ``checkpoints/shapes/best.pt``.
+
+stdout, one line per image in input order: ``PATH<TAB>CAPTION``. With ``--n-best K``: K lines
+per image, ``PATH<TAB>RANK<TAB>SCORE<TAB>CAPTION`` with RANK 1..K (best first) and SCORE the
+ranking score (the log-probability, divided by the length penalty if one is set), 4 decimals.
+
+``--json FILE``: a COCO results list, one entry per captioned image: ``image_id`` (the number of
+a COCO file name, else the file name stem), ``caption``, ``file``, ``score``, ``log_prob``,
+``finished`` (false if cut at --max-length), with ``--n-best`` the list ``n_best``, and per word
+``attention``: for each attended layer the spatial map's ``grid`` [h, w], ``argmax`` [row, col],
+its ``weight`` and ``entropy`` (nats), and ``top_channels`` [[channel, weight], ...].
+
+``--attention DIR``: one PNG per image (its file name stem, ``-2``... on repeats) showing each
+word's spatial attention per layer over the image.
+
+A file that cannot be captioned (missing, unreadable, not an image, truncated, too large) is
+reported on stderr in one line; the others are still captioned. Exit status: 0 when every image
+was captioned, 1 when any file failed, 2 when nothing was run (bad arguments, a pattern matching
+nothing, a folder without images, an unusable checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from sca_caption.attention_maps import png_names, render_attention
+from sca_caption.captioning import (
+    GLOB_CHARACTERS,
+    CaptionedImage,
+    DecodeSettings,
+    FailedImage,
+    ImageCaptioner,
+    collect_images,
+    result_entry,
+)
+from sca_caption.data.errors import DataError
+from sca_caption.decoding import LENGTH_PENALTIES, DecodingError
+from sca_caption.io_utils import atomic_write_text
+
+DEFAULT_CHECKPOINT = Path("checkpoints/shapes/best.pt")
+TRAIN_COMMAND = "python -m sca_caption.train"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sca_caption.caption",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or glob pattern")
+    parser.add_argument("--checkpoint", type=Path, default=None, help=f"default: {DEFAULT_CHECKPOINT}")
+    parser.add_argument("--beam", type=int, default=5, help="beam size (default 5)")
+    parser.add_argument("--n-best", type=int, default=None, metavar="K", help="K lines per image: PATH, RANK, SCORE, CAPTION (tab-separated)")
+    parser.add_argument("--max-length", type=int, default=None, metavar="N",
+                        help="decoding steps, the end token included (default: the checkpoint's caption length + 1)")
+    parser.add_argument("--length-penalty", choices=LENGTH_PENALTIES, default="none",
+                        help="rank by log-prob (none), log-prob per step (average) or Wu et al.'s (wu)")
+    parser.add_argument("--length-alpha", type=float, default=0.7, help="exponent of the wu penalty (default 0.7)")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write COCO-format results here")
+    parser.add_argument("--attention", type=Path, default=None, metavar="DIR", help="write attention PNGs here")
+    parser.add_argument("--top-channels", type=int, default=5, help="channels per word and layer in --json (default 5)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2; 0: none)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present, else cpu)")
+    parser.add_argument("--backbone-weights", default=None,
+                        help="imagenet, none or a state dict file: the weights the checkpoint's feature cache was "
+                             "built with (default: those its config names)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.beam < 1 or args.batch_size < 1 or args.workers < 0 or args.top_channels < 1:
+        parser.error("--beam, --batch-size and --top-channels must be positive, --workers not negative")
+    if args.n_best is not None and not 1 <= args.n_best <= args.beam:
+        parser.error(f"--n-best must be between 1 and --beam ({args.beam})")
+    if args.max_length is not None and args.max_length < 1:
+        parser.error("--max-length must be positive")
+    args.device = _device(parser, args.device)
+    return args
+
+
+def _device(parser: argparse.ArgumentParser, name: str | None) -> str:
+    """``--device`` checked: a device torch knows and this machine has; None: CUDA if present, else CPU."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name}: not a device name (cpu, cuda, cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    checkpoint = args.checkpoint if args.checkpoint is not None else DEFAULT_CHECKPOINT
+    if args.checkpoint is None and not checkpoint.is_file():
+        _error(f"no checkpoint: {checkpoint} does not exist; train one with `{TRAIN_COMMAND}` or pass --checkpoint FILE")
+        return 2
+    try:
+        paths = collect_images(args.paths)
+        captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device, backbone_weights=args.backbone_weights)
+    except (DataError, RuntimeError) as err:
+        _error(_one_line(err))
+        return 2
+    if args.attention is not None and not captioner.has_spatial_attention:
+        _error(f"{checkpoint}: its model (order {captioner.model.config.order!r}) has no spatial attention to draw")
+        return 2
+    settings = DecodeSettings(
+        beam_size=args.beam,
+        n_best=args.n_best or 1,
+        max_length=args.max_length,
+        length_penalty=args.length_penalty,
+        alpha=args.length_alpha,
+        attention=args.json is not None or args.attention is not None,
+    )
+    many = any(Path(p).is_dir() or GLOB_CHARACTERS.search(p) for p in args.paths)
+    try:
+        failed, entries = _run(captioner, paths, settings, args, progress=many and not args.no_progress)
+    except DecodingError as err:
+        _error(str(err))
+        return 2
+    if args.json is not None:
+        atomic_write_text(args.json, _json_lines(entries))
+    if failed:
+        _error(f"{failed} of {len(paths)} image{'s' if len(paths) != 1 else ''} could not be captioned")
+    return 1 if failed else 0
+
+
+def _run(
+    captioner: ImageCaptioner, paths: list[Path], settings: DecodeSettings, args: argparse.Namespace, progress: bool
+) -> tuple[int, list[dict[str, Any]]]:
+    """Caption ``paths``, printing as results come; returns the failure count and the JSON entries."""
+    names = png_names(paths) if args.attention is not None else []
+    if args.attention is not None:
+        args.attention.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    entries: list[dict[str, Any]] = []
+    results = captioner.caption_files(
+        paths, settings, batch_size=args.batch_size, workers=args.workers, keep_images=args.attention is not None
+    )
+    with tqdm(total=len(paths), unit="img", desc="captioning", file=sys.stderr, disable=not progress) as bar:
+        for index, result in enumerate(results):
+            bar.update(1)
+            if isinstance(result, FailedImage):
+                failed += 1
+                tqdm.write(f"error: {result.problem}", file=sys.stderr)
+                continue
+            _print_captions(result, args.n_best is not None)
+            if args.json is not None:
+                entries.append(
+                    result_entry(
+                        result, captioner.layers, n_best=args.n_best is not None, attention=True,
+                        top_channels=args.top_channels,
+                    )
+                )
+            if args.attention is not None:
+                best = result.captions[0]
+                title = f"{result.path}: {best.text}  (score {best.score:.4f})"
+                assert result.image is not None
+                render_attention(result.image, best, captioner.layers, title).save(args.attention / names[index])
+    return failed, entries
+
+
+def _print_captions(result: CaptionedImage, scored: bool) -> None:
+    if not scored:
+        print(f"{result.path}\t{result.captions[0].text}", flush=True)
+        return
+    for rank, caption in enumerate(result.captions, start=1):
+        print(f"{result.path}\t{rank}\t{caption.score:.4f}\t{caption.text}", flush=True)
+
+
+def _json_lines(entries: list[dict[str, Any]]) -> str:
+    """A JSON list with one entry per line (readable, and far shorter than indented)."""
+    return "[\n" + ",\n".join(json.dumps(e, ensure_ascii=False) for e in entries) + "\n]\n"
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
