@@ -1,0 +1,84 @@
+"""Data-parallel training across processes started by ``torchrun`` (gloo on CPU, NCCL on GPU).
+
+``torchrun --nproc_per_node N -m sca_caption.train ...`` sets ``RANK``, ``LOCAL_RANK`` and
+``WORLD_SIZE`` for each process; without them the run is a single process and nothing here talks
+to other processes. Rank 0 prepares data, writes checkpoints and logs, and validates; the others
+wait for it at the collective calls below.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Rank 0 validates alone (beam search over a whole split can take minutes) while the others wait.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in the run: ``rank`` of ``world`` processes, on ``device``."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and prints (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        """Wait until every process gets here (no-op for one process)."""
+        if self.distributed:
+            dist.barrier()
+
+    def sum(self, value: torch.Tensor) -> float:
+        """The sum of a scalar ``value`` over all processes."""
+        if self.distributed:
+            value = value.clone()
+            dist.all_reduce(value)
+        return float(value)
+
+    def main_says(self, flag: bool) -> bool:
+        """Rank 0's ``flag``, on every process."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.broadcast(value, src=0)
+        return bool(value.item())
+
+
+def start_processes(device: str | None = None) -> Processes:
+    """Join the process group ``torchrun`` describes in the environment (if any) and pick the device.
+
+    device: "cpu", "cuda" or "cuda:N"; None takes CUDA where available. Under torchrun on CUDA each
+    process uses GPU ``LOCAL_RANK``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = torch.device(name)
+    if chosen.type == "cuda" and world > 1:
+        chosen = torch.device("cuda", local_rank)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    return Processes(rank, world, chosen)
+
+
+def stop_processes(processes: Processes) -> None:
+    """Leave the process group (after the last collective call)."""
+    if processes.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,80 @@
+"""Score a trained checkpoint on a split: beam search, COCO-format results, BLEU/METEOR/ROUGE-L/CIDEr.
+
+    python -m sca_caption.evaluate --checkpoint checkpoints/shapes/best.pt --split test --beam 5
+    python -m sca_caption.evaluate --checkpoint CKPT --data-root ../shared/data/flickr8k --out results.json
+
+The dataset, vocabulary, backbone and caption length come from the checkpoint; the references
+are all captions of the split in the dataset. A missing feature cache is extracted first. Scores
+print x100 (as papers print them) and, on the last line, as JSON on pycocoevalcap's 0-1 scale;
+for shapes also ``shapes_accuracy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from sca_caption.checkpoint import load_checkpoint
+from sca_caption.data.corpus import SPLITS, records_in_split
+from sca_caption.data.errors import DataError
+from sca_caption.data.features import FeatureCache
+from sca_caption.evaluation import decoding_limit, evaluate_split, model_from_checkpoint, scenes_for
+from sca_caption.metrics import write_coco_results
+from sca_caption.models.errors import ModelConfigError
+from sca_caption.prepare import data_root, ensure_features, load_records
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sca_caption.evaluate", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a best.pt or last.pt of a training run")
+    parser.add_argument("--split", choices=SPLITS, default="test")
+    parser.add_argument("--beam", type=int, default=5, help="beam size (1: greedy)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default: results_<split>_beam<k>.json beside the checkpoint)")
+    parser.add_argument("--data-root", type=Path, default=None, help="dataset folder (default: the checkpoint's)")
+    parser.add_argument("--no-meteor", action="store_true", help="leave METEOR out (saves a Java start)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.beam < 1:
+        parser.error("--beam must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = args.out or args.checkpoint.with_name(f"results_{args.split}_beam{args.beam}.json")
+    try:
+        model, vocab, config = model_from_checkpoint(load_checkpoint(args.checkpoint), source=str(args.checkpoint))
+        if args.data_root is not None:
+            config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_root=str(args.data_root)))
+        records = load_records(config)
+        cache_path, spec = ensure_features(config, records, progress=not args.no_progress)
+        evaluation = evaluate_split(
+            model.to(device), vocab, FeatureCache(cache_path, expect=spec), records_in_split(records, args.split),
+            beam_size=args.beam, max_length=decoding_limit(config), device=device, meteor=not args.no_meteor,
+            scenes=scenes_for(config.data.dataset, data_root(config), args.split), progress=not args.no_progress,
+        )
+    except (DataError, ModelConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    write_coco_results(out, evaluation.captions)
+    print(f"{out}: {len(evaluation.captions)} captions of the {args.split} split, beam {args.beam}")
+    if evaluation.missing:
+        print(f"note: {len(evaluation.missing)} image(s) of the split are not in the feature cache and were not scored")
+    for name, value in evaluation.scores.items():
+        print(f"{name:>16} {100 * value:6.2f}")
+    print(json.dumps(evaluation.scores))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Captioning a split with beam search and scoring it: shared by validation and the evaluate CLI.
+
+The references of an image are all its captions in the dataset (as written, ``ImageRecord.raw``);
+the candidates are the best beam per image, words joined by spaces. Scores are pycocoevalcap's
+(``sca_caption.metrics``) on the 0-1 scale, plus ``shapes_accuracy`` for the shapes dataset (the
+share of images whose caption parses with the generator's grammar and matches the scene).
+Images the feature cache lacks (skipped at extraction) are neither captioned nor scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from sca_caption.checkpoint import Checkpoint
+from sca_caption.config import ExperimentConfig
+from sca_caption.data.corpus import ImageRecord
+from sca_caption.data.features import FeatureCache
+from sca_caption.data.shapes import DATASET_FILE, Scene, load_scenes, shapes_accuracy
+from sca_caption.data.vocab import Vocab
+from sca_caption.decoding import beam_search
+from sca_caption.metrics import score_captions
+from sca_caption.models.backbones import build_backbone
+from sca_caption.models.captioner import SCACaptioner
+
+DECODE_BATCH = 50
+
+
+@dataclass
+class SplitEvaluation:
+    """Captions of one split (image id -> text, in corpus order) and their scores."""
+
+    captions: dict[str, str]
+    scores: dict[str, float]
+    missing: list[str]
+
+
+def references(records: Sequence[ImageRecord]) -> dict[str, list[str]]:
+    """Image id -> every caption of that image, as written in the dataset."""
+    return {r.image_id: list(r.raw) for r in records}
+
+
+def scenes_for(dataset: str, root: Path, split: str) -> dict[str, Scene] | None:
+    """The ground-truth scenes of a shapes split (image id -> scene); None for other datasets."""
+    return load_scenes(root / DATASET_FILE, split) if dataset == "shapes" else None
+
+
+def decoding_limit(config: ExperimentConfig) -> int:
+    """Decoding steps: the longest training caption's words plus ``<end>``."""
+    return config.data.max_length + 1
+
+
+def caption_images(
+    model: SCACaptioner,
+    vocab: Vocab,
+    cache: FeatureCache,
+    image_ids: Sequence[str],
+    *,
+    beam_size: int,
+    max_length: int,
+    device: torch.device,
+    bf16: bool = False,
+    progress: bool = False,
+) -> dict[str, str]:
+    """The best beam's caption of each image (features from ``cache``), in ``image_ids`` order."""
+    model.eval()
+    suppress = (vocab.pad, vocab.start, vocab.unk)
+    captions: dict[str, str] = {}
+    batches = [image_ids[i : i + DECODE_BATCH] for i in range(0, len(image_ids), DECODE_BATCH)]
+    for batch in tqdm(batches, desc="captioning", unit="batch", disable=not progress, leave=False):
+        features = cache.read_batch([cache.index_of(i) for i in batch])
+        features = {tap: x.to(device) for tap, x in features.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            beams = beam_search(
+                model, features, start=vocab.start, end=vocab.end, beam_size=beam_size,
+                max_length=max_length, suppress=suppress,
+            )
+        for image_id, hypotheses in zip(batch, beams):
+            captions[image_id] = " ".join(vocab.decode(hypotheses[0].tokens))
+    return captions
+
+
+def score_split(
+    captions: dict[str, str],
+    records: Sequence[ImageRecord],
+    *,
+    meteor: bool,
+    scenes: dict[str, Scene] | None = None,
+) -> dict[str, float]:
+    """COCO metrics of ``captions`` against all references of ``records`` that were captioned,
+    plus ``shapes_accuracy`` over the same images when ``scenes`` are given."""
+    refs = {image_id: texts for image_id, texts in references(records).items() if image_id in captions}
+    scores = dict(score_captions(captions, refs, meteor=meteor, spice=False))
+    if scenes is not None:
+        scores["shapes_accuracy"] = shapes_accuracy(captions, {i: scenes[i] for i in refs})
+    return scores
+
+
+def evaluate_split(
+    model: SCACaptioner,
+    vocab: Vocab,
+    cache: FeatureCache,
+    records: Sequence[ImageRecord],
+    *,
+    beam_size: int,
+    max_length: int,
+    device: torch.device,
+    meteor: bool,
+    scenes: dict[str, Scene] | None = None,
+    bf16: bool = False,
+    progress: bool = False,
+) -> SplitEvaluation:
+    """Caption every cached image of ``records`` with beam search and score the captions."""
+    cached = set(cache.image_ids)
+    present = [r.image_id for r in records if r.image_id in cached]
+    missing = [r.image_id for r in records if r.image_id not in cached]
+    captions = caption_images(
+        model, vocab, cache, present, beam_size=beam_size, max_length=max_length, device=device,
+        bf16=bf16, progress=progress,
+    )
+    return SplitEvaluation(captions, score_split(captions, records, meteor=meteor, scenes=scenes), missing)
+
+
+def model_from_checkpoint(checkpoint: Checkpoint, source: str = "checkpoint") -> tuple[SCACaptioner, Vocab, ExperimentConfig]:
+    """The trained captioner (eval mode, on the CPU), its vocabulary and experiment config.
+
+    The backbone stages inside the model come with the checkpoint's weights, so it is built
+    without any. ``source`` names the checkpoint in error messages.
+    """
+    config = ExperimentConfig.from_dict(checkpoint.config, source=source)
+    vocab = Vocab(checkpoint.vocab)
+    model = SCACaptioner(config.model, len(vocab), build_backbone(config.model.backbone, weights=None))
+    model.load_state_dict(checkpoint.model)
+    return model.eval(), vocab, config

@@ -1,0 +1,121 @@
+"""Make sure a run's inputs exist: the caption corpus, its vocabulary and the feature cache.
+
+``prepare(config)`` does only what is missing, printing a line for each thing it makes:
+
+- the corpus: ``load_corpus`` (for ``shapes`` this generates the dataset the first time);
+- the vocabulary of the train split, written as ``<dataset>_vocab_min<k>.json`` beside the feature
+  cache. It is rebuilt from the corpus on every call (a second at most) and the file rewritten
+  only when it differs, so the file never goes stale;
+- the HDF5 feature cache (``ExperimentConfig.feature_cache_path``) for the model's backbone,
+  attended layers and ``data.backbone_weights``, extracted with a progress bar when absent,
+  unfinished (it resumes) or built for other settings or another corpus (it is rebuilt).
+
+The same can be done step by step with ``preprocess/build_vocab.py`` and
+``preprocess/extract_features.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sca_caption.config import ExperimentConfig
+from sca_caption.data.corpus import ImageRecord, corpus_hash
+from sca_caption.data.datasets import default_data_root, karpathy_file, load_corpus
+from sca_caption.data.errors import DataError
+from sca_caption.data.feature_extraction import extract_features
+from sca_caption.data.features import CacheSpec, FeatureCache, is_complete
+from sca_caption.data.vocab import Vocab, build_vocab
+
+EXTRACTION_BATCH = 32
+
+
+@dataclass
+class PreparedData:
+    """What a run reads: the corpus ``records``, ``vocab`` and the feature cache's path and spec."""
+
+    data_root: Path
+    records: list[ImageRecord]
+    vocab: Vocab
+    vocab_path: Path
+    cache_path: Path
+    cache_spec: CacheSpec
+
+    def open_cache(self) -> FeatureCache:
+        """The feature cache, checked against ``cache_spec``."""
+        return FeatureCache(self.cache_path, expect=self.cache_spec)
+
+
+def data_root(config: ExperimentConfig) -> Path:
+    """``data.data_root``, else ``data/<dataset>``."""
+    return Path(config.data.data_root) if config.data.data_root is not None else default_data_root(config.data.dataset)
+
+
+def vocab_path(config: ExperimentConfig) -> Path:
+    """``<dataset>_vocab_min<k>.json`` in the feature cache's folder."""
+    return config.feature_cache_path().parent / f"{config.data.dataset}_vocab_min{config.data.min_count}.json"
+
+
+def cache_spec(config: ExperimentConfig, records: list[ImageRecord]) -> CacheSpec:
+    """The feature cache ``config`` needs for the corpus ``records``."""
+    return CacheSpec(
+        dataset=config.data.dataset,
+        data_root=str(data_root(config)),
+        backbone=config.model.backbone,
+        layers=tuple(config.model.layers),
+        corpus_hash=corpus_hash(records),
+        weights=config.data.backbone_weights,
+    )
+
+
+def prepare(config: ExperimentConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> PreparedData:
+    """Load (or generate) the corpus, write the vocabulary if it changed, extract missing features."""
+    records = load_records(config, log)
+    vocab, words_path = ensure_vocab(config, records, log)
+    cache, spec = ensure_features(config, records, progress=progress, log=log)
+    return PreparedData(data_root(config), records, vocab, words_path, cache, spec)
+
+
+def load_records(config: ExperimentConfig, log: Callable[[str], None] = print) -> list[ImageRecord]:
+    """The corpus of ``config`` (the shapes dataset is generated the first time)."""
+    root = data_root(config)
+    if config.data.dataset == "shapes" and not karpathy_file("shapes", root).exists():
+        log(f"generating the shapes dataset in {root}")
+    return load_corpus(config.data.dataset, root)
+
+
+def ensure_vocab(
+    config: ExperimentConfig, records: list[ImageRecord], log: Callable[[str], None] = print
+) -> tuple[Vocab, Path]:
+    """The train split's vocabulary, and its file (written when absent or different)."""
+    vocab = build_vocab(records, config.data.min_count)
+    path = vocab_path(config)
+    if not _holds_vocab(path, vocab):
+        vocab.save(path)
+        log(f"{path}: vocabulary of {len(vocab)} entries")
+    return vocab, path
+
+
+def ensure_features(
+    config: ExperimentConfig,
+    records: list[ImageRecord],
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[Path, CacheSpec]:
+    """The feature cache's path and spec, after extracting it if it is not complete for them."""
+    spec = cache_spec(config, records)
+    path = config.feature_cache_path()
+    if not is_complete(path, spec):
+        log(f"extracting {spec.backbone} features of {len(records)} images, as `{spec.command(path)}` does")
+        extract_features(records, spec, path, batch_size=EXTRACTION_BATCH, workers=config.data.num_workers, progress=progress)
+    return path, spec
+
+
+def _holds_vocab(path: Path, vocab: Vocab) -> bool:
+    """Whether ``path`` is a vocabulary file with exactly ``vocab``'s words."""
+    try:
+        return Vocab.load(path).words == vocab.words
+    except DataError:  # absent, unreadable or not a vocabulary: it gets rewritten
+        return False

@@ -1,0 +1,91 @@
+"""Train an SCA-CNN captioner: prepares what is missing, trains, validates, keeps checkpoints.
+
+    python -m sca_caption.train                                  # shapes, configs/shapes.yaml
+    python -m sca_caption.train --dataset flickr8k --data-root ../shared/data/flickr8k train.epochs=5
+    python -m sca_caption.train --resume                         # continue checkpoints/shapes/last.pt
+    torchrun --nproc_per_node 2 -m sca_caption.train ...         # data parallel (gloo/NCCL)
+
+Settings: configs/<dataset>.yaml, then --config FILE, then ``section.key=value`` overrides.
+Writes best.pt, last.pt, log.csv, test_scores.json and config.yaml into --out
+(default checkpoints/<dataset>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sca_caption.config import ExperimentConfig, load_config, write_config
+from sca_caption.data.datasets import CORPORA
+from sca_caption.data.errors import DataError
+from sca_caption.distributed import start_processes, stop_processes
+from sca_caption.models.errors import ModelConfigError
+from sca_caption.prepare import prepare
+from sca_caption.trainer import Trainer, TrainResult
+
+DEFAULT_DATASET = "shapes"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sca_caption.train", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--dataset", choices=CORPORA, default=None, help=f"preset configs/<dataset>.yaml (default {DEFAULT_DATASET} without --config)")
+    parser.add_argument("--config", type=Path, default=None, help="YAML file applied after the preset")
+    parser.add_argument("--data-root", type=Path, default=None, help="dataset folder (default data/<dataset>)")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default checkpoints/<dataset>)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-3 model.layers=[stage6,stage7]")
+    return parser.parse_args(argv)
+
+
+def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
+    """Preset < --config < overrides < --data-root."""
+    preset = args.dataset or (DEFAULT_DATASET if args.config is None else None)
+    overrides = list(args.overrides)
+    if args.data_root is not None:
+        overrides.append(f"data.data_root={json.dumps(str(args.data_root))}")
+    return load_config(preset, args.config, overrides)
+
+
+def print_result(result: TrainResult) -> None:
+    """The test scores (x100, as papers print them) and where the run is."""
+    scores = ", ".join(f"{name} {100 * value:.1f}" for name, value in result.test_scores.items())
+    print(f"test scores of the best epoch ({result.best_epoch}): {scores}")
+    print(json.dumps({"test": result.test_scores, "best_epoch": result.best_epoch, "out": str(result.out)}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = experiment_config(args)
+        processes = start_processes(args.device)
+        out = args.out if args.out is not None else Path("checkpoints") / config.data.dataset
+        progress = not args.no_progress
+        try:
+            if processes.is_main:
+                data = prepare(config, progress=progress)
+            processes.barrier()
+            if not processes.is_main:
+                data = prepare(config, progress=False, log=lambda _: None)
+            trainer = Trainer(config, data, out, processes, resume=args.resume, progress=progress)
+            if processes.is_main:
+                write_config(out / "config.yaml", config)
+            result = trainer.run()
+        finally:
+            stop_processes(processes)
+    except (DataError, ModelConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if processes.is_main:
+        print_result(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

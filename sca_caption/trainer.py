@@ -1,0 +1,526 @@
+"""The training loop: teacher forcing, per-epoch validation with beam search, checkpoints.
+
+One run writes into its output folder:
+
+    last.pt         the latest state (every ``train.checkpoint_every`` steps and every epoch end)
+    best.pt         the state after the epoch with the best validation ``train.early_stop_metric``
+    log.csv         one row per epoch: learning rate, losses, validation scores, time
+    test_scores.json  the best checkpoint's scores on the test split, at the end
+    events.*        TensorBoard scalars, where ``torch.utils.tensorboard`` imports
+
+Exact resumption: the sample order of an epoch is a function of (seed, epoch), dropout masks are
+drawn from a generator seeded with (seed, step, rank) at every step, and the learning rate is a
+function of the step. So a run resumed from ``last.pt`` (which stores the step, the epoch's order
+and the position in it) trains on exactly the batches, with exactly the masks and learning
+rates, that the interrupted run would have, and ends with the same weights.
+
+Data parallel (see ``distributed``): ``data.batch_size`` is the global batch, shared out among the
+processes sample by sample. Each process divides its summed word losses by the token count of
+the global batch (and per-image terms by the global batch size) and multiplies by the number of
+processes, because DDP averages the gradients: the average is then the gradient of the
+global-batch mean, the same as one process computes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from sca_caption.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from sca_caption.config import ExperimentConfig, TrainConfig
+from sca_caption.data.caption_dataset import CaptionBatch, CaptionSamples, epoch_order, global_batches, shard
+from sca_caption.data.corpus import records_in_split
+from sca_caption.data.errors import DataError
+from sca_caption.distributed import Processes
+from sca_caption.evaluation import SplitEvaluation, decoding_limit, evaluate_split, scenes_for
+from sca_caption.io_utils import atomic_write_json, atomic_write_text
+from sca_caption.models.backbones import build_backbone
+from sca_caption.models.captioner import CaptionLoss, SCACaptioner
+from sca_caption.models.tag_head import tag_targets, tag_vocabulary
+from sca_caption.prepare import PreparedData
+
+# Test hook: "step:K" makes the trainer sleep after optimizer step K (after any checkpoint of
+# that step), so a test can SIGKILL it at a known point in the middle of an epoch.
+PAUSE_ENV = "SCA_CAPTION_TRAIN_PAUSE"
+PAUSE_MESSAGE = "pausing (test hook)"
+
+# Settings that do not change what the weights become, so a resumed run may change them.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "data.data_root", "data.feature_cache", "data.num_workers",
+        "train.patience", "train.log_every", "train.eval_every", "train.beam_size", "train.meteor",
+        "train.checkpoint_every",
+    }
+)
+LOG_COLUMNS = (
+    "epoch", "step", "lr", "train_loss", "val_loss",
+    "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "shapes_accuracy",
+    "seconds",
+)
+LOWER_IS_BETTER = ("loss",)
+
+
+class TrainingError(DataError):
+    """A run that cannot start or continue as asked; the message is one line."""
+
+
+@dataclass
+class Bookkeeping:
+    """The trainer's own state, stored in a checkpoint's ``extra`` (plain values only).
+
+    ``history``: one dict per finished epoch (the rows of log.csv); ``epoch_loss``, ``epoch_steps``:
+    the running sum of the current epoch's step losses and their count.
+    """
+
+    best_score: float | None = None
+    best_epoch: int = -1
+    bad_evaluations: int = 0
+    stopped: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+    epoch_loss: float = 0.0
+    epoch_steps: int = 0
+    epoch_seconds: float = 0.0
+
+
+@dataclass
+class Position:
+    """Where training stands: the epoch in progress, optimizer steps taken, the epoch's sample
+    order and how many of its samples were trained on."""
+
+    epoch: int
+    step: int
+    order: Tensor
+    done: int
+
+
+@dataclass
+class TrainResult:
+    """The outcome of a run: its folder, best validation score and epoch, and test scores."""
+
+    out: Path
+    best_score: float | None
+    best_epoch: int
+    test_scores: dict[str, float]
+    history: list[dict[str, float]]
+
+
+def learning_rate(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warm-up over
+    ``warmup_steps``, then constant, cosine (to 0 at the last step) or step-wise decay."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "cosine":
+        total = max(1, config.epochs * steps_per_epoch - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / total)
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if config.schedule == "step":
+        return config.lr * config.decay_factor ** (step // steps_per_epoch // config.decay_every)
+    return config.lr
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of the dropout generator for optimizer step ``step`` on process ``rank``."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def build_model(config: ExperimentConfig, vocab_size: int, backbone_weights: str | None) -> SCACaptioner:
+    """The captioner of ``config``, seeded with ``train.seed``. ``backbone_weights``: those the
+    feature cache was made with ("imagenet", a path, or "none" for the extractor's seed-0 random
+    init), so the backbone stages inside the model continue the cached ones."""
+    if backbone_weights == "none":
+        torch.manual_seed(0)
+        backbone = build_backbone(config.model.backbone, weights=None)
+    else:
+        backbone = build_backbone(config.model.backbone, weights=backbone_weights)
+    torch.manual_seed(config.train.seed)
+    return SCACaptioner(config.model, vocab_size, backbone)
+
+
+def global_loss(
+    terms: CaptionLoss, model: SCACaptioner, local_tokens: int, global_tokens: int, local_size: int,
+    global_size: int, world: int,
+) -> Tensor:
+    """This process's share of the global-batch loss (see the module docstring).
+
+    ``terms`` are means over this process's tokens (words) and images (the other terms).
+    """
+    words = terms.words * (local_tokens * world / global_tokens)
+    per_image = local_size * world / global_size
+    config = model.config
+    return words + per_image * (
+        config.doubly_stochastic * terms.doubly_stochastic + config.tag_loss_weight * terms.tags
+    )
+
+
+class Trainer:
+    """Trains one experiment into ``out``; ``run()`` does the whole loop (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        data: PreparedData,
+        out: Path,
+        processes: Processes,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.config = config
+        self.data = data
+        self.out = Path(out)
+        self.proc = processes
+        self.device = processes.device
+        self.progress = progress and processes.is_main
+        self.log = log if processes.is_main else (lambda _: None)
+        train = config.train
+        if train.early_stop_metric == "METEOR" and not train.meteor:
+            raise TrainingError("train.early_stop_metric is METEOR but train.meteor is false")
+        if train.early_stop_metric == "SPICE":
+            raise TrainingError(
+                "train.early_stop_metric SPICE is not computed during training; choose CIDEr, Bleu_4, METEOR, ROUGE_L or loss"
+            )
+
+        self.vocab = data.vocab
+        self.cache = data.open_cache()
+        train_records = records_in_split(data.records, config.data.train_split)
+        self.tags = tag_vocabulary(train_records, config.model.num_tags) if config.model.num_tags else []
+        self.train_samples = self._samples(config.data.train_split)
+        self.val_records = records_in_split(data.records, config.data.val_split)
+        self.val_samples = self._samples(config.data.val_split)
+        self.scenes = scenes_for(config.data.dataset, data.data_root, config.data.val_split)
+        if not len(self.train_samples):
+            raise TrainingError(f"no training samples: split {config.data.train_split!r} has no cached images")
+        self.steps_per_epoch = len(
+            global_batches(torch.arange(len(self.train_samples)), 0, config.data.batch_size, processes.world)
+        )
+
+        self.model = build_model(config, len(self.vocab), config.data.backbone_weights).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=train.lr, weight_decay=train.weight_decay
+        )
+        self.books = Bookkeeping()
+        self.at = Position(0, 0, self._order(0), 0)
+        last = self.out / "last.pt"
+        if resume:
+            self._restore(last)
+        elif last.exists():
+            raise TrainingError(f"{last} exists: pass --resume to continue that run, or --out for a new one")
+        self.ddp: nn.Module = self.model
+        if processes.distributed:
+            unused = config.model.num_tags > 0 and config.model.tag_loss_weight == 0
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=unused)
+        self.writer = _tensorboard(self.out) if processes.is_main else None
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train until ``train.epochs`` or early stopping, then score the best model on the test split."""
+        train = self.config.train
+        self.log(
+            f"training on {len(self.train_samples)} captions ({self.steps_per_epoch} steps per epoch, "
+            f"{self.proc.world} process(es), {self.device}), validating on {len(self.val_records)} images"
+        )
+        while self.at.epoch < train.epochs and not self.books.stopped:
+            self._train_epoch()
+            epoch = self.at.epoch
+            validate = (epoch + 1) % train.eval_every == 0 or epoch + 1 == train.epochs
+            row = self._epoch_row(self._validate() if validate else None)
+            self._end_epoch(row)
+        test_scores = self._test() if self.proc.is_main else {}
+        if self.writer is not None:
+            self.writer.close()
+        return TrainResult(self.out, self.books.best_score, self.books.best_epoch, test_scores, self.books.history)
+
+    def _train_epoch(self) -> None:
+        data, train = self.config.data, self.config.train
+        batches = global_batches(self.at.order, self.at.done, data.batch_size, self.proc.world)
+        loader = DataLoader(
+            self.train_samples,
+            sampler=[shard(b, self.proc.rank, self.proc.world) for b in batches],
+            batch_size=None,
+            num_workers=data.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        pause_after = _pause_step()
+        bar = tqdm(
+            total=self.steps_per_epoch, initial=self.steps_per_epoch - len(batches), unit="step",
+            desc=f"epoch {self.at.epoch + 1}/{train.epochs}", disable=not self.progress, dynamic_ncols=True,
+        )
+        self.ddp.train()
+        started = time.perf_counter()
+        trained = 0
+        with bar:
+            for global_batch, batch in zip(batches, loader):
+                loss = self._train_step(global_batch, batch)
+                self.at.step += 1
+                self.at.done += len(global_batch)
+                self.books.epoch_loss += loss
+                self.books.epoch_steps += 1
+                trained += len(global_batch)
+                rate = trained / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(loss=f"{loss:.3f}", captions_per_s=f"{rate:.0f}", refresh=False)
+                bar.update(1)
+                if self.at.step % train.log_every == 0:
+                    self._log_step(loss, rate)
+                mid_epoch = self.at.done < len(self.at.order)
+                if train.checkpoint_every and self.at.step % train.checkpoint_every == 0 and mid_epoch:
+                    self._save(self.out / "last.pt")
+                if self.at.step == pause_after:
+                    print(PAUSE_MESSAGE, flush=True)
+                    time.sleep(3600)
+        self.books.epoch_seconds += time.perf_counter() - started
+
+    def _train_step(self, global_batch: list[int], batch: CaptionBatch) -> float:
+        """One optimizer step on this process's share ``batch`` of ``global_batch``; returns the
+        global batch's loss."""
+        train = self.config.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.at.step, train, self.steps_per_epoch)
+        torch.manual_seed(step_seed(train.seed, self.at.step, self.proc.rank))
+        batch = batch.to(self.device)
+        local = shard(global_batch, self.proc.rank, self.proc.world)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=train.bf16):
+            output = self.ddp(batch.features, batch.captions)
+            terms = self.model.loss(output, batch.captions, self.vocab.pad, batch.tags)
+        loss = global_loss(
+            terms, self.model,
+            local_tokens=self.train_samples.target_count(local),
+            global_tokens=self.train_samples.target_count(global_batch),
+            local_size=len(local), global_size=len(global_batch), world=self.proc.world,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
+        self.optimizer.step()
+        return self.proc.sum(loss.detach() / self.proc.world)
+
+    def _log_step(self, loss: float, rate: float) -> None:
+        """Every ``log_every`` steps: TensorBoard scalars, and a line where there is no progress bar."""
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", loss, self.at.step)
+            self.writer.add_scalar("train/lr", self._lr(), self.at.step)
+        if not self.progress:
+            self.log(f"epoch {self.at.epoch + 1} step {self.at.step}: loss {loss:.3f}, lr {self._lr():.2e}, {rate:.0f} captions/s")
+
+    # -- validation, epoch end, test ---------------------------------------------------------
+
+    def _validate(self) -> SplitEvaluation | None:
+        """Rank 0 captions and scores the validation split; the other processes get None."""
+        if not self.proc.is_main:
+            return None
+        train = self.config.train
+        evaluation = evaluate_split(
+            self.model, self.vocab, self.cache, self.val_records,
+            beam_size=train.beam_size, max_length=decoding_limit(self.config), device=self.device,
+            meteor=train.meteor, scenes=self.scenes, bf16=train.bf16, progress=self.progress,
+        )
+        evaluation.scores["loss"] = self._val_loss()
+        return evaluation
+
+    @torch.no_grad()
+    def _val_loss(self) -> float:
+        """Teacher-forced word cross-entropy per token over the validation captions."""
+        self.model.eval()
+        total, tokens = 0.0, 0
+        size = self.config.data.batch_size
+        for start in range(0, len(self.val_samples), size):
+            indices = list(range(start, min(start + size, len(self.val_samples))))
+            batch = self.val_samples[indices].to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.bf16):
+                output = self.model(batch.features, batch.captions)
+                words = self.model.loss(output, batch.captions, self.vocab.pad, batch.tags).words
+            count = self.val_samples.target_count(indices)
+            total += float(words) * count
+            tokens += count
+        return total / max(tokens, 1)
+
+    def _epoch_row(self, evaluation: SplitEvaluation | None) -> dict[str, float]:
+        """The log row of the epoch just trained (validation columns empty where not validated)."""
+        books = self.books
+        row: dict[str, float] = {
+            "epoch": self.at.epoch + 1,
+            "step": self.at.step,
+            "lr": self._lr(),
+            "train_loss": books.epoch_loss / max(books.epoch_steps, 1),
+            "seconds": books.epoch_seconds,
+        }
+        if evaluation is not None:
+            row["val_loss"] = evaluation.scores["loss"]
+            row.update({k: v for k, v in evaluation.scores.items() if k in LOG_COLUMNS})
+        return row
+
+    def _end_epoch(self, row: dict[str, float]) -> None:
+        """Early-stopping bookkeeping, best.pt, log.csv and last.pt for the next epoch."""
+        train = self.config.train
+        books = self.books
+        improved = False
+        if self.proc.is_main:
+            score = row.get("val_loss" if train.early_stop_metric == "loss" else train.early_stop_metric)
+            if score is not None:
+                better = books.best_score is None or (
+                    score < books.best_score if train.early_stop_metric in LOWER_IS_BETTER else score > books.best_score
+                )
+                if better:
+                    books.best_score, books.best_epoch, books.bad_evaluations = score, self.at.epoch + 1, 0
+                    improved = True
+                else:
+                    books.bad_evaluations += 1
+                books.stopped = train.patience is not None and books.bad_evaluations >= train.patience
+            books.history.append(row)
+            self.log(_summary(row, train.early_stop_metric, improved))
+        books.stopped = self.proc.main_says(books.stopped)
+        books.epoch_loss, books.epoch_steps, books.epoch_seconds = 0.0, 0, 0.0
+        self.at = Position(self.at.epoch + 1, self.at.step, self._order(self.at.epoch + 1), 0)
+        if self.proc.is_main:
+            if improved:
+                self._save(self.out / "best.pt")
+            self._save(self.out / "last.pt")
+            atomic_write_text(self.out / "log.csv", _csv(books.history))
+            if self.writer is not None:
+                for key, value in row.items():
+                    if key not in ("epoch", "step"):
+                        self.writer.add_scalar(f"epoch/{key}", value, int(row["epoch"]))
+            if books.stopped:
+                self.log(f"early stopping: no {train.early_stop_metric} gain in {books.bad_evaluations} evaluation(s)")
+        self.proc.barrier()
+
+    def _test(self) -> dict[str, float]:
+        """Scores of the best checkpoint (or the last weights, if none was kept) on the test split."""
+        config = self.config
+        best = self.out / "best.pt"
+        if best.exists():
+            self.model.load_state_dict(load_checkpoint(best).model)
+        split = config.data.test_split
+        evaluation = evaluate_split(
+            self.model, self.vocab, self.cache, records_in_split(self.data.records, split),
+            beam_size=config.train.beam_size, max_length=decoding_limit(config), device=self.device,
+            meteor=config.train.meteor, scenes=scenes_for(config.data.dataset, self.data.data_root, split),
+            bf16=config.train.bf16, progress=self.progress,
+        )
+        atomic_write_json(self.out / "test_scores.json", evaluation.scores)
+        return evaluation.scores
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _save(self, path: Path) -> None:
+        extra = asdict(self.books)
+        extra["tags"] = list(self.tags)
+        save_checkpoint(
+            path,
+            Checkpoint(
+                model=self.model.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                scheduler=None,  # the learning rate is a function of ``step`` (``learning_rate``)
+                epoch=self.at.epoch,
+                step=self.at.step,
+                data_order=self.at.order,
+                data_position=self.at.done,
+                rng=capture_rng_state(),
+                config=self.config.to_dict(),
+                vocab=list(self.vocab.words),
+                backbone=self.config.model.backbone,
+                layers=list(self.config.model.layers),
+                extra=extra,
+            ),
+        )
+
+    def _restore(self, path: Path) -> None:
+        if not path.exists():
+            raise TrainingError(f"{path}: nothing to resume (no last.pt in {self.out})")
+        expected = self.config.to_dict()
+        for name in RESUMABLE_CHANGES:
+            section, key = name.split(".")
+            del expected[section][key]
+        checkpoint = load_checkpoint(
+            path,
+            expect_config=expected,
+            expect_vocab=self.vocab.words,
+            expect_backbone=self.config.model.backbone,
+            expect_layers=self.config.model.layers,
+            map_location=self.device,
+        )
+        if len(checkpoint.data_order) != len(self.train_samples):
+            raise CheckpointError(
+                f"{path}: checkpoint does not match this run: it orders {len(checkpoint.data_order)} "
+                f"training captions, this run has {len(self.train_samples)}"
+            )
+        self.model.load_state_dict(checkpoint.model)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        restore_rng_state(checkpoint.rng)
+        extra = dict(checkpoint.extra)
+        extra.pop("tags", None)
+        self.books = Bookkeeping(**extra)
+        self.at = Position(checkpoint.epoch, checkpoint.step, checkpoint.data_order.cpu(), checkpoint.data_position)
+        self.log(f"resuming {path}: epoch {self.at.epoch + 1}, step {self.at.step}, {self.at.done} captions into the epoch")
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _samples(self, split: str) -> CaptionSamples:
+        records = records_in_split(self.data.records, split)
+        tags = tag_targets(records, self.tags) if self.tags else None
+        return CaptionSamples(records, self.vocab, self.cache, self.config.data.max_length, tags)
+
+    def _order(self, epoch: int) -> Tensor:
+        return epoch_order(self.train_samples.targets, self.config.train.seed, epoch, self.config.data.batch_size)
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+def _pause_step() -> int:
+    """The step after which the test hook ``PAUSE_ENV`` pauses training, or -1."""
+    name, _, count = os.environ.get(PAUSE_ENV, "").partition(":")
+    return int(count) if name == "step" and count.isdigit() else -1
+
+
+def _summary(row: dict[str, float], metric: str, improved: bool) -> str:
+    """One line per epoch: losses and the validation scores (x100 like papers print them)."""
+    parts = [f"epoch {int(row['epoch'])}", f"step {int(row['step'])}", f"train loss {row['train_loss']:.3f}"]
+    if "val_loss" in row:
+        parts.append(f"val loss {row['val_loss']:.3f}")
+        for key in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "shapes_accuracy"):
+            if key in row:
+                parts.append(f"{key} {100 * row[key]:.1f}")
+        if improved:
+            parts.append(f"(best {metric})")
+    parts.append(f"{row['seconds']:.0f}s")
+    return ", ".join(parts)
+
+
+def _csv(history: list[dict[str, float]]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=LOG_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return text.getvalue()
+
+
+def _tensorboard(out: Path) -> Any:
+    """A TensorBoard ``SummaryWriter`` for ``out``, or None where tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out))

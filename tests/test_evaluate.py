@@ -1,0 +1,65 @@
+"""The evaluate CLI on a tiny trained checkpoint: results file, printed scores equal to the metrics
+computed directly from the dataset's references, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sca_caption import evaluate, train
+from sca_caption.data.shapes import DATASET_FILE, load_scenes, shapes_accuracy
+from sca_caption.metrics import score_captions
+from train_support import TinyShapes, tiny_shapes  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_shapes: TinyShapes, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "out"
+    settings = tiny_shapes.overrides(train__epochs=1)
+    assert train.main(["--no-progress", "--device", "cpu", "--out", str(out), *settings]) == 0
+    return out / "best.pt"
+
+
+def _references(root: Path, split: str) -> dict[str, list[str]]:
+    """Every caption of the split, read straight from the dataset file."""
+    images = json.loads((root / DATASET_FILE).read_text())["images"]
+    return {Path(i["filename"]).stem: [s["raw"] for s in i["sentences"]] for i in images if i["split"] == split}
+
+
+def _run(args: list[str], capsys) -> dict[str, float]:
+    assert evaluate.main(["--no-progress", "--device", "cpu", *args]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_evaluate_writes_coco_results_and_prints_the_metrics_of_them(checkpoint, tiny_shapes, tmp_path, capsys):
+    results = tmp_path / "results.json"
+    printed = _run(["--checkpoint", str(checkpoint), "--split", "test", "--beam", "2", "--out", str(results), "--no-meteor"], capsys)
+    entries = json.loads(results.read_text())
+    references = _references(tiny_shapes.root, "test")
+    assert [e["image_id"] for e in entries] == sorted(references)
+    captions = {e["image_id"]: e["caption"] for e in entries}
+    assert all(isinstance(c, str) and c for c in captions.values())
+    expected = dict(score_captions(captions, references, meteor=False, spice=False))
+    expected["shapes_accuracy"] = shapes_accuracy(captions, load_scenes(tiny_shapes.root / DATASET_FILE, "test"))
+    assert printed == pytest.approx(expected, abs=0)
+    assert set(printed) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr", "shapes_accuracy"}
+
+
+def test_evaluate_defaults_the_results_path_beside_the_checkpoint(checkpoint, capsys):
+    printed = _run(["--checkpoint", str(checkpoint), "--split", "val", "--beam", "1", "--no-meteor"], capsys)
+    assert (checkpoint.parent / "results_val_beam1.json").is_file()
+    assert 0.0 <= printed["shapes_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_evaluate_with_meteor(checkpoint, capsys):
+    printed = _run(["--checkpoint", str(checkpoint), "--beam", "2"], capsys)
+    assert 0.0 <= printed["METEOR"] <= 1.0
+
+
+def test_evaluate_errors_are_one_line(tmp_path, capsys):
+    assert evaluate.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'missing.pt'}: no such checkpoint file"]

@@ -1,0 +1,191 @@
+"""Training pieces: learning-rate schedule, deterministic sample order, the DDP loss normalisation,
+training samples, checkpoint contents, and the train CLI's refusals."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sca_caption import train
+from sca_caption.checkpoint import load_checkpoint
+from sca_caption.config import ExperimentConfig, TrainConfig, load_config
+from sca_caption.data.caption_dataset import CaptionSamples, epoch_order, global_batches, shard
+from sca_caption.data.corpus import records_in_split
+from sca_caption.data.features import FeatureCache
+from sca_caption.data.vocab import Vocab
+from sca_caption.evaluation import model_from_checkpoint
+from sca_caption.models.captioner import ModelConfig, SCACaptioner
+from sca_caption.prepare import prepare
+from sca_caption.trainer import global_loss, learning_rate
+from tiny_backbone import build_tiny_backbone, tiny_features
+from train_support import TinyShapes, tiny_shapes  # noqa: F401
+
+
+def test_learning_rate_warms_up_then_follows_the_schedule():
+    cosine = TrainConfig(lr=1.0, warmup_steps=4, schedule="cosine", epochs=3)
+    assert [learning_rate(s, cosine, 10) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert learning_rate(4, cosine, 10) == 1.0
+    assert learning_rate(4 + 13, cosine, 10) == pytest.approx(0.5)  # half way through 26 steps
+    assert learning_rate(30, cosine, 10) == pytest.approx(0.0, abs=1e-12)
+    step = TrainConfig(lr=1.0, schedule="step", decay_every=2, decay_factor=0.5)
+    assert [learning_rate(s, step, 10) for s in (0, 19, 20, 39, 40)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    assert learning_rate(1000, TrainConfig(lr=0.3, schedule="constant"), 10) == 0.3
+
+
+def test_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
+    lengths = torch.randint(1, 20, (100,), generator=torch.Generator().manual_seed(0))
+    order = epoch_order(lengths, seed=3, epoch=1, batch_size=8)
+    assert torch.equal(order, epoch_order(lengths, seed=3, epoch=1, batch_size=8))
+    assert torch.equal(order.sort().values, torch.arange(100))
+    assert not torch.equal(order, epoch_order(lengths, seed=3, epoch=2, batch_size=8))
+    assert not torch.equal(order, epoch_order(lengths, seed=4, epoch=1, batch_size=8))
+
+
+def test_epoch_order_batches_captions_of_similar_length():
+    """With all samples in one sorting window, the batches cut the length-sorted samples into
+    consecutive runs: no two batches' length ranges overlap, and the short last batch is last."""
+    lengths = torch.randint(1, 20, (100,), generator=torch.Generator().manual_seed(1))
+    batches = global_batches(epoch_order(lengths, seed=0, epoch=0, batch_size=8), 0, 8)
+    assert [len(b) for b in batches] == [8] * 12 + [4]
+    ranges = [(int(lengths[b].min()), int(lengths[b].max())) for b in batches]
+    assert all(a[1] <= b[0] or b[1] <= a[0] for i, a in enumerate(ranges) for b in ranges[i + 1 :])
+    assert ranges != sorted(ranges)  # the batches themselves are shuffled
+
+
+def test_global_batches_continue_from_a_position_and_shards_cover_them():
+    order = torch.randperm(11, generator=torch.Generator().manual_seed(0))
+    batches = global_batches(order, 4, 3)
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert sum(batches, []) == order[4:].tolist()
+    assert [len(b) for b in global_batches(order, 4, 3, world=2)] == [3, 3]  # a 1-sample tail is dropped
+    shares = [shard(batches[0], rank, 2) for rank in range(2)]
+    assert sorted(shares[0] + shares[1]) == sorted(batches[0]) and len(shares[0]) == 2
+
+
+def _tiny_captioner() -> SCACaptioner:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        backbone="tiny", layers=("conv3", "conv4"), attention_dim=8, hidden_dim=12, embed_dim=6, dropout=0.0,
+        doubly_stochastic=0.7, num_tags=3, tag_loss_weight=0.5,
+    )
+    return SCACaptioner(config, vocab_size=9, backbone=build_tiny_backbone())
+
+
+def _gradients(model, features, captions, tags, rows, world, normalise=True) -> list[torch.Tensor]:
+    model.zero_grad()
+    picked = {tap: x[rows] for tap, x in features.items()}
+    terms = model.loss(model(picked, captions[rows]), captions[rows], 0, tags[rows])
+    if normalise:
+        targets = (captions[:, 1:] != 0).sum(dim=1)
+        loss = global_loss(
+            terms, model, int(targets[rows].sum()), int(targets.sum()), len(rows), len(captions), world
+        )
+    else:
+        loss = terms.total
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_process_shares_average_to_the_global_batch_gradient():
+    """DDP averages the processes' gradients: with the global normalisation that average is the
+    gradient of the whole batch's loss, words, attention and tag terms alike."""
+    model = _tiny_captioner()
+    features = tiny_features(("conv3", "conv4"), batch=5)
+    captions = torch.tensor(
+        [[1, 4, 5, 6, 7, 2], [1, 4, 2, 0, 0, 0], [1, 8, 6, 5, 2, 0], [1, 3, 2, 0, 0, 0], [1, 7, 7, 4, 6, 2]]
+    )
+    tags = torch.tensor([[1.0, 0, 1], [0, 0, 1], [1, 1, 0], [0, 1, 0], [1, 0, 0]])
+    everything = list(range(5))
+    whole = _gradients(model, features, captions, tags, everything, world=1)
+    shares = [_gradients(model, features, captions, tags, shard(everything, r, 2), world=2) for r in range(2)]
+    for full, first, second in zip(whole, *shares):
+        assert torch.allclose(full, (first + second) / 2, atol=1e-6, rtol=1e-5)
+    # Averaging each process's own mean loss (tokens counted per process) is not the same thing.
+    naive = [_gradients(model, features, captions, tags, shard(everything, r, 2), 2, normalise=False) for r in range(2)]
+    assert not all(torch.allclose(f, (a + b) / 2, atol=1e-6, rtol=1e-5) for f, a, b in zip(whole, *naive))
+
+
+def test_caption_samples_pair_each_caption_with_its_image_features(tiny_shapes: TinyShapes):
+    config = load_config("shapes", overrides=tiny_shapes.overrides(data__max_length=6))
+    data = prepare(config, progress=False, log=lambda _: None)
+    cache = FeatureCache(data.cache_path)
+    records = records_in_split(data.records, "train")
+    tags = torch.arange(len(records) * 2, dtype=torch.float32).view(-1, 2)
+    samples = CaptionSamples(records, data.vocab, cache, max_length=6, tags=tags)
+    assert len(samples) == sum(len(r.tokens) for r in records) and samples.missing == []
+    index = [7, 0, 7]  # record 1's third caption, record 0's first, repeated
+    batch = samples[index]
+    expected = [data.vocab.encode(records[1].tokens[2], 6), data.vocab.encode(records[0].tokens[0], 6)]
+    width = max(len(e) for e in expected)
+    for row, ids in zip(batch.captions, [expected[0], expected[1], expected[0]]):
+        assert row.tolist() == ids + [data.vocab.pad] * (width - len(ids))
+    assert batch.captions.shape[1] == width
+    assert torch.equal(batch.features["stage7"][1], cache.by_id(records[0].image_id)["stage7"])
+    assert torch.equal(batch.tags, tags[[1, 0, 1]])
+    assert samples.target_count(index) == 2 * (len(expected[0]) - 1) + len(expected[1]) - 1
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_shapes: TinyShapes, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A one-epoch tiny run in-process (its output folder and settings)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    settings = tiny_shapes.overrides(train__epochs=1)
+    assert train.main(["--no-progress", "--device", "cpu", "--out", str(out), *settings]) == 0
+    return out, settings
+
+
+def test_a_run_writes_checkpoints_log_and_test_scores(trained, capsys):
+    out, settings = trained
+    assert {p.name for p in out.iterdir()} >= {"best.pt", "last.pt", "log.csv", "test_scores.json", "config.yaml"}
+    checkpoint = load_checkpoint(out / "last.pt")  # weights_only loading
+    config = load_config("shapes", overrides=settings)
+    assert ExperimentConfig.from_dict(checkpoint.config) == config
+    assert (checkpoint.backbone, checkpoint.layers) == ("efficientnet_lite0", ["stage7"])
+    assert (checkpoint.epoch, checkpoint.step, checkpoint.data_position) == (1, 4, 0)
+    data = prepare(config, progress=False, log=lambda _: None)
+    train_records = records_in_split(data.records, "train")
+    samples = CaptionSamples(train_records, data.vocab, FeatureCache(data.cache_path), config.data.max_length)
+    next_epoch = epoch_order(samples.targets, config.train.seed, 1, config.data.batch_size)
+    assert torch.equal(checkpoint.data_order, next_epoch)
+    assert checkpoint.vocab == list(Vocab.load(data.vocab_path).words)
+    model, _, _ = model_from_checkpoint(checkpoint)
+    assert all(torch.equal(v, checkpoint.model[k]) for k, v in model.state_dict().items())
+    with open(out / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1 and rows[0]["epoch"] == "1" and math.isfinite(float(rows[0]["CIDEr"]))
+    assert float(rows[0]["val_loss"]) < math.log(len(checkpoint.vocab))  # it learnt something
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    return err[0]
+
+
+def test_a_second_run_into_the_same_folder_needs_resume(trained, capsys):
+    out, settings = trained
+    assert train.main(["--no-progress", "--out", str(out), *settings]) == 2
+    assert f"{out / 'last.pt'} exists: pass --resume" in _error_line(capsys)
+
+
+def test_resume_refuses_another_config_or_vocabulary(trained, capsys):
+    out, settings = trained
+    assert train.main(["--no-progress", "--out", str(out), "--resume", *settings, "model.hidden_dim=48"]) == 2
+    assert "checkpoint does not match this run: model.hidden_dim is 32 there, 48 here" in _error_line(capsys)
+    assert train.main(["--no-progress", "--out", str(out), "--resume", *settings, "data.max_length=3"]) == 2
+    trained_with = load_config("shapes", overrides=settings).data.max_length
+    assert f"data.max_length is {trained_with} there, 3 here" in _error_line(capsys)
+
+
+def test_resume_without_a_checkpoint_and_bad_settings_are_one_line_errors(tiny_shapes, tmp_path, capsys):
+    settings = tiny_shapes.overrides()
+    assert train.main(["--no-progress", "--out", str(tmp_path / "new"), "--resume", *settings]) == 2
+    assert "nothing to resume" in _error_line(capsys)
+    assert train.main(["--out", str(tmp_path / "x"), "train.lrr=1"]) == 2
+    assert "unknown key train.lrr (did you mean train.lr?)" in _error_line(capsys)
+    assert train.main(["--out", str(tmp_path / "x"), *settings, "train.early_stop_metric=METEOR"]) == 2
+    assert "train.meteor is false" in _error_line(capsys)

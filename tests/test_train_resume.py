@@ -1,0 +1,69 @@
+"""A training run SIGKILLed in the middle of an epoch and resumed with --resume ends with exactly
+the weights, optimizer state and log of an uninterrupted run."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from sca_caption.trainer import PAUSE_ENV, PAUSE_MESSAGE
+from train_support import TinyShapes, run_train, subprocess_env, tiny_shapes, train_command  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+def _log_without_times(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    """Every tensor in a nested dict/list, in a fixed order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for key in sorted(value, key=str) for t in _tensors(value[key])]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tiny_shapes: TinyShapes, tmp_path: Path) -> None:
+    # 4 steps per epoch, 2 epochs, last.pt every 2 steps (steps 2 and 6 are mid-epoch saves);
+    # validation only after the last epoch. Dropout is on: its masks must repeat too.
+    settings = tiny_shapes.overrides(train__checkpoint_every=2, train__eval_every=2, model__dropout=0.3)
+    run_train("--out", "whole", *settings, cwd=tmp_path)
+
+    killed = subprocess.Popen(
+        train_command("--out", "split", *settings), cwd=tmp_path, env=subprocess_env(**{PAUSE_ENV: "step:7"}),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    assert killed.stdout is not None
+    try:
+        paused = any(PAUSE_MESSAGE in line for line in killed.stdout)  # stops reading at the pause
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=60)
+    assert paused, "the run ended before reaching the pause after step 7"
+    interrupted = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert (interrupted["epoch"], interrupted["step"], interrupted["data_position"]) == (1, 6, 60)
+    assert not (tmp_path / "split" / "best.pt").exists()
+
+    run_train("--out", "split", "--resume", *settings, cwd=tmp_path)
+
+    for name in ("last.pt", "best.pt"):
+        whole = torch.load(tmp_path / "whole" / name, weights_only=True)
+        resumed = torch.load(tmp_path / "split" / name, weights_only=True)
+        assert whole["model"].keys() == resumed["model"].keys()
+        for key, value in whole["model"].items():
+            assert torch.equal(value, resumed["model"][key]), f"{name}: {key} differs"
+        optimizer_whole, optimizer_resumed = _tensors(whole["optimizer"]), _tensors(resumed["optimizer"])
+        assert len(optimizer_whole) == len(optimizer_resumed) > 0
+        assert all(torch.equal(a, b) for a, b in zip(optimizer_whole, optimizer_resumed))
+        assert (whole["epoch"], whole["step"]) == (resumed["epoch"], resumed["step"]) == (2, 8)
+    assert _log_without_times(tmp_path / "whole" / "log.csv") == _log_without_times(tmp_path / "split" / "log.csv")
