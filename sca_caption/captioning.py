@@ -38,7 +38,7 @@ from sca_caption.data.feature_extraction import collate_decoded
 from sca_caption.data.images import load_image
 from sca_caption.data.vocab import Vocab
 from sca_caption.decoding import Hypothesis, beam_search
-from sca_caption.models.backbones import BackbonePrefix, TappedBackbone, build_backbone
+from sca_caption.models.backbones import BackbonePrefix, TappedBackbone, build_cache_backbone
 from sca_caption.models.backbones.base import freeze
 from sca_caption.models.captioner import ModelConfig, SCACaptioner
 from sca_caption.models.errors import ModelConfigError
@@ -297,16 +297,6 @@ class ImageCaptioner:
             spatial=spatial,
             channel=channel,
         )
-
-
-def build_cache_backbone(name: str, weights: str) -> TappedBackbone:
-    """The backbone as the feature cache builds it: ``weights`` "imagenet", "none" (random init
-    seeded with 0) or the path of a state dict file."""
-    if weights != "none":
-        return build_backbone(name, weights=weights)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build_backbone(name, weights=None)
 
 
 def _layer_grids(backbone: TappedBackbone, layers: Sequence[str], device: torch.device) -> list[tuple[int, int]]:

@@ -53,7 +53,7 @@ from sca_caption.data.errors import DataError
 from sca_caption.distributed import Processes
 from sca_caption.evaluation import SplitEvaluation, decoding_limit, evaluate_split, scenes_for
 from sca_caption.io_utils import atomic_write_json, atomic_write_text
-from sca_caption.models.backbones import build_backbone
+from sca_caption.models.backbones import build_cache_backbone
 from sca_caption.models.captioner import CaptionLoss, SCACaptioner
 from sca_caption.models.tag_head import tag_targets, tag_vocabulary
 from sca_caption.prepare import PreparedData
@@ -142,15 +142,11 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1_009 + rank
 
 
-def build_model(config: ExperimentConfig, vocab_size: int, backbone_weights: str | None) -> SCACaptioner:
+def build_model(config: ExperimentConfig, vocab_size: int, backbone_weights: str) -> SCACaptioner:
     """The captioner of ``config``, seeded with ``train.seed``. ``backbone_weights``: those the
     feature cache was made with ("imagenet", a path, or "none" for the extractor's seed-0 random
     init), so the backbone stages inside the model continue the cached ones."""
-    if backbone_weights == "none":
-        torch.manual_seed(0)
-        backbone = build_backbone(config.model.backbone, weights=None)
-    else:
-        backbone = build_backbone(config.model.backbone, weights=backbone_weights)
+    backbone = build_cache_backbone(config.model.backbone, backbone_weights)
     torch.manual_seed(config.train.seed)
     return SCACaptioner(config.model, vocab_size, backbone)
 

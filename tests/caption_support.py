@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from sca_caption.captioning import build_cache_backbone
+from sca_caption.models.backbones import build_cache_backbone
 from sca_caption.checkpoint import Checkpoint, capture_rng_state, save_checkpoint
 from sca_caption.data.vocab import SPECIALS
 from sca_caption.models.backbones.base import freeze

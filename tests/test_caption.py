@@ -19,11 +19,11 @@ from sca_caption.captioning import (
     DecodeSettings,
     ImageCaptioner,
     NoImagesError,
-    build_cache_backbone,
     collect_images,
     image_id_for,
 )
 from sca_caption.data.images import MAX_PIXELS, load_image
+from sca_caption.models.backbones import build_cache_backbone
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ from sca_caption.data.errors import BadInputReport, DataError, SkippedEntry
 from sca_caption.data.features import TAPS_GROUP, CacheSpec, is_complete
 from sca_caption.data.images import load_image
 from sca_caption.io_utils import atomic_write, atomic_write_json
-from sca_caption.models.backbones import BackbonePrefix, TappedBackbone, build_backbone
+from sca_caption.models.backbones import BackbonePrefix, build_cache_backbone
 from sca_caption.models.backbones.base import freeze
 
 # Test hook: "part:K" sleeps after the K-th part file of a run, "merge:K" after K rows of the merge,
@@ -128,7 +128,7 @@ def extract_features(
             _settle_skipped(skipped, on_bad, report)
             shutil.rmtree(parts, ignore_errors=True)
             return ExtractionResult(out, _file_images(out), skipped, already_complete=True)
-        backbone = freeze(_build(spec))
+        backbone = freeze(build_cache_backbone(spec.backbone, spec.weights))
         try:
             prefix, _ = backbone.split(spec.layers)
         except ValueError as err:  # layers that are no taps of the backbone, or out of order
@@ -141,16 +141,6 @@ def extract_features(
             report.skipped.extend(skipped)
         shutil.rmtree(parts)
         return ExtractionResult(out, _file_images(out), skipped, already_complete=False)
-
-
-def _build(spec: CacheSpec) -> TappedBackbone:
-    """The backbone of ``spec``; weights "none" is a random init seeded with 0, so that a resumed
-    run computes with the same weights as the killed one."""
-    if spec.weights != "none":
-        return build_backbone(spec.backbone, weights=spec.weights)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build_backbone(spec.backbone, weights=None)
 
 
 def _write_parts(

@@ -11,6 +11,7 @@ from sca_caption.models.backbones.base import (  # noqa: F401
     TappedBackbone,
     UpperChain,
     build_backbone,
+    build_cache_backbone,
     list_backbones,
     register_backbone,
 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 
@@ -200,6 +201,18 @@ def build_backbone(name: str, **kwargs: object) -> TappedBackbone:
     return _REGISTRY[name](**kwargs)
 
 
+def build_cache_backbone(name: str, weights: str) -> TappedBackbone:
+    """The backbone as a feature cache and a checkpoint name it: ``weights`` "imagenet", a state
+    dict path, or "none" for a random init seeded with 0 (so every stage that rebuilds it, the
+    extractor, the trainer and the caption tool, gets the same weights). The global RNG is left
+    untouched."""
+    if weights != "none":
+        return build_backbone(name, weights=weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_backbone(name, weights=None)
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """Put ``module`` in eval mode with gradients off; returns it."""
     module.eval()
@@ -219,6 +232,7 @@ __all__ = [
     "TappedBackbone",
     "UpperChain",
     "build_backbone",
+    "build_cache_backbone",
     "freeze",
     "list_backbones",
     "register_backbone",
