@@ -30,12 +30,11 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from sca_caption.checkpoint import CheckpointError, load_checkpoint
 from sca_caption.data.errors import DataError
-from sca_caption.data.feature_extraction import collate_decoded
-from sca_caption.data.images import load_image
+from sca_caption.data.feature_extraction import ImageFiles, collate_decoded
 from sca_caption.data.vocab import Vocab
 from sca_caption.decoding import Hypothesis, beam_search
 from sca_caption.models.backbones import BackbonePrefix, TappedBackbone, build_cache_backbone
@@ -96,24 +95,6 @@ def image_id_for(path: Path) -> int | str:
     (``000000391895.jpg``, ``COCO_val2014_000000391895.jpg``), else the file name stem (Flickr ids)."""
     match = re.fullmatch(r"(?:COCO_[A-Za-z]+\d*_)?(\d+)", path.stem)
     return int(match.group(1)) if match else path.stem
-
-
-class ImagePathDataset(Dataset):
-    """Paths -> (index, image (3, S, S) in [0, 1] or None, problem); a file that cannot be decoded
-    comes back as its one-line problem, so one bad file never stops a batch."""
-
-    def __init__(self, paths: Sequence[Path], size: int) -> None:
-        self.paths = paths
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, Tensor | None, str]:
-        try:
-            return index, load_image(self.paths[index], self.size), ""
-        except DataError as err:
-            return index, None, str(err)
 
 
 @dataclass(frozen=True)
@@ -268,7 +249,7 @@ class ImageCaptioner:
         """Caption ``paths`` in batches, yielding one result per path in order. Decoding runs in
         ``workers`` processes (0: in this one); ``keep_images`` keeps each model input image."""
         loader = DataLoader(
-            ImagePathDataset(paths, self.input_size),
+            ImageFiles(paths, self.input_size),
             batch_size=batch_size,
             num_workers=min(workers, math.ceil(len(paths) / batch_size)),
             collate_fn=collate_decoded,

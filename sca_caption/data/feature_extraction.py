@@ -61,19 +61,20 @@ class ExtractionResult:
 
 
 class ImageFiles(Dataset):
-    """Records -> (index, image (3, S, S) in [0, 1] or None, problem): decoding errors are returned,
-    not raised, so the main process decides between stopping and skipping."""
+    """Image paths -> (index, image (3, S, S) in [0, 1] or None, problem): decoding errors are
+    returned, not raised, so the main process decides between stopping, skipping and reporting,
+    and one bad file never stops a batch."""
 
-    def __init__(self, records: Sequence[ImageRecord], size: int) -> None:
-        self.records = records
+    def __init__(self, paths: Sequence[Path], size: int) -> None:
+        self.paths = paths
         self.size = size
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, Tensor | None, str]:
         try:
-            return index, load_image(self.records[index].path, self.size), ""
+            return index, load_image(self.paths[index], self.size), ""
         except DataError as err:
             return index, None, str(err)
 
@@ -158,7 +159,7 @@ def _write_parts(
     todo = [k for k in range(len(batches)) if not _part_done(_part_path(parts, k))]
     done_images = len(records) - sum(len(batches[k]) for k in todo)
     loader = DataLoader(
-        ImageFiles(records, prefix.backbone.input_size),
+        ImageFiles([r.path for r in records], prefix.backbone.input_size),
         batch_sampler=[batches[k] for k in todo],
         num_workers=workers,
         collate_fn=collate_decoded,
