@@ -79,6 +79,18 @@ def test_captions_of_many_scenes_are_five_distinct_and_all_correct():
     assert first_words == {"a", "an", "there"}
 
 
+def test_captions_name_shapes_in_reading_order_and_relate_the_third_to_the_second():
+    # the next shape a caption names must follow from the words before it (see shapes._caption)
+    rng = random.Random(1)
+    for _ in range(300):
+        scene = random_scene(rng)
+        reading = sorted(scene.shapes, key=lambda shape: (shape.row, shape.col))
+        for caption in describe(scene, rng):
+            parsed = parse_caption(tokenize(caption))
+            assert [(m.colour, m.kind) for m in parsed.mentions] == [(s.colour, s.kind) for s in reading], caption
+            assert [(i, j) for i, _, j in parsed.relations] == [(0, 1), (2, 1)][: len(reading) - 1], caption
+
+
 def test_scenes_respect_the_grid_and_distinct_looks():
     rng = random.Random(1)
     for _ in range(200):
