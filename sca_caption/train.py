@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         config = experiment_config(args)
         processes = start_processes(args.device)
         out = args.out if args.out is not None else Path("checkpoints") / config.data.dataset
+        if not args.resume and (out / "test_scores.json").exists():
+            # a finished run: re-running the same command (the README's first) redoes nothing
+            print(f"{out} holds a finished run (best.pt, test_scores.json); --out DIR starts another")
+            return 0
         progress = not args.no_progress
         try:
             if processes.is_main:

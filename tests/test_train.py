@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -166,10 +167,21 @@ def _error_line(capsys) -> str:
     return err[0]
 
 
-def test_a_second_run_into_the_same_folder_needs_resume(trained, capsys):
+def test_rerunning_a_finished_run_redoes_nothing(trained, capsys):
     out, settings = trained
-    assert train.main(["--no-progress", "--out", str(out), *settings]) == 2
-    assert f"{out / 'last.pt'} exists: pass --resume" in _error_line(capsys)
+    before = (out / "last.pt").stat().st_mtime_ns
+    assert train.main(["--no-progress", "--out", str(out), *settings]) == 0
+    assert f"{out} holds a finished run" in capsys.readouterr().out
+    assert (out / "last.pt").stat().st_mtime_ns == before
+
+
+def test_a_second_run_into_an_unfinished_folder_needs_resume(trained, tmp_path, capsys):
+    out, settings = trained
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(out / "last.pt", unfinished / "last.pt")  # killed before the end: no test_scores.json
+    assert train.main(["--no-progress", "--out", str(unfinished), *settings]) == 2
+    assert f"{unfinished / 'last.pt'} exists: pass --resume" in _error_line(capsys)
 
 
 def test_resume_refuses_another_config_or_vocabulary(trained, capsys):
