@@ -23,7 +23,7 @@ from sca_caption.data.errors import DataError
 from sca_caption.distributed import start_processes, stop_processes
 from sca_caption.models.errors import ModelConfigError
 from sca_caption.prepare import prepare
-from sca_caption.trainer import Trainer, TrainResult
+from sca_caption.trainer import Trainer, TrainResult, check_training_settings
 
 DEFAULT_DATASET = "shapes"
 
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = experiment_config(args)
+        check_training_settings(config)
         processes = start_processes(args.device)
         out = args.out if args.out is not None else Path("checkpoints") / config.data.dataset
         if not args.resume and (out / "test_scores.json").exists():

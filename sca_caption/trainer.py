@@ -167,6 +167,19 @@ def global_loss(
     )
 
 
+def check_training_settings(config: ExperimentConfig) -> None:
+    """Refuse (``TrainingError``, one line) settings that cannot work together."""
+    metric = config.train.early_stop_metric
+    if metric == "METEOR" and not config.train.meteor:
+        raise TrainingError("train.early_stop_metric is METEOR but train.meteor is false")
+    if metric == "shapes_accuracy" and config.data.dataset != "shapes":
+        raise TrainingError(f"train.early_stop_metric shapes_accuracy needs the shapes dataset, not {config.data.dataset}")
+    if metric == "SPICE":
+        raise TrainingError(
+            "train.early_stop_metric SPICE is not computed during training; choose CIDEr, Bleu_4, METEOR, ROUGE_L or loss"
+        )
+
+
 class Trainer:
     """Trains one experiment into ``out``; ``run()`` does the whole loop (see the module docstring)."""
 
@@ -188,13 +201,8 @@ class Trainer:
         self.device = processes.device
         self.progress = progress and processes.is_main
         self.log = log if processes.is_main else (lambda _: None)
+        check_training_settings(config)
         train = config.train
-        if train.early_stop_metric == "METEOR" and not train.meteor:
-            raise TrainingError("train.early_stop_metric is METEOR but train.meteor is false")
-        if train.early_stop_metric == "SPICE":
-            raise TrainingError(
-                "train.early_stop_metric SPICE is not computed during training; choose CIDEr, Bleu_4, METEOR, ROUGE_L or loss"
-            )
 
         self.vocab = data.vocab
         self.cache = data.open_cache()

@@ -201,3 +201,16 @@ def test_resume_without_a_checkpoint_and_bad_settings_are_one_line_errors(tiny_s
     assert "unknown key train.lrr (did you mean train.lr?)" in _error_line(capsys)
     assert train.main(["--out", str(tmp_path / "x"), *settings, "train.early_stop_metric=METEOR"]) == 2
     assert "train.meteor is false" in _error_line(capsys)
+    missing = str(tmp_path / "no-such-data")  # refused before preparation looks for the data
+    assert train.main(["--dataset", "flickr8k", "--data-root", missing, "train.early_stop_metric=shapes_accuracy"]) == 2
+    assert "shapes_accuracy needs the shapes dataset, not flickr8k" in _error_line(capsys)
+
+
+def test_best_checkpoint_follows_the_chosen_metric(tiny_shapes, tmp_path):
+    out = tmp_path / "acc"
+    settings = tiny_shapes.overrides(train__epochs=3, train__early_stop_metric="shapes_accuracy", train__patience=None)
+    assert train.main(["--no-progress", "--device", "cpu", "--out", str(out), *settings]) == 0
+    with open(out / "log.csv", newline="") as handle:
+        accuracy = [float(row["shapes_accuracy"]) for row in csv.DictReader(handle)]
+    first_best = accuracy.index(max(accuracy)) + 1
+    assert load_checkpoint(out / "best.pt").epoch == first_best

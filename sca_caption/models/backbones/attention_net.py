@@ -11,6 +11,11 @@ The paper's Table 2 at 224 px, built from the pre-activation ``ResidualUnit`` an
     final    BN - ReLU (the units are pre-activation, so their sum is not yet normalised)
     fc       global average pool, 1000-way linear (dropped by the backbone)
 
+Parameters with the 1000-way fc: Attention-56 31.81M (paper 31.9M), Attention-92 52.47M (paper
+51.3M, 2.3% more). The layers are those of the authors' released Attention-92 deploy prototxt; the
+paper's figure is about one stage-3 residual unit (1.12M) smaller, and this module keeps the
+released network rather than guess which unit the count left out.
+
 Taps: ``stage1, stage2, stage3`` (after the stage's last attention module), ``stage4a, stage4b,
 stage4c`` (the three top units' raw outputs) and ``final`` (stage4c after BN-ReLU). There are no
 official PyTorch weights; ``weights`` is None or a state dict of ``ResidualAttentionNet`` keys.
