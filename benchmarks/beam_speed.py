@@ -1,9 +1,9 @@
 """Beam-search decoding speed of the SCA-CNN captioner, its FLOPs and the fraction of matmul roofline.
 
-Prints JSON lines: first this machine's measured float32 matmul throughput (best of several
-size×size matmuls), then per run (setting and attention order) the decoding throughput of
-``sca_caption.decoding.beam_search`` on batches of random cached features, with random weights
-(only the shapes matter for speed).
+Prints JSON lines: first this machine's float32 matmul roofline (``common.matmul_roofline``: the
+best GFLOP/s of square matmuls from 512² to 3072² at the torch thread count used), then per run
+(setting and attention order) the decoding throughput of ``sca_caption.decoding.beam_search`` on
+batches of random cached features, with random weights (only the shapes matter for speed).
 
 FLOPs are analytic, 2 per multiply-add, matmul-like work only (the convention of the matmul
 roofline); element-wise work (sigmoids, tanhs, softmaxes, the k·C channel map, log-softmax and
@@ -51,13 +51,12 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import SETTINGS, build_captioner, matmul_gflops, matmul_record, upper_stages
+from common import SETTINGS, build_captioner, matmul_roofline, upper_stages
 from sca_caption.data.vocab import Vocab
 from sca_caption.decoding import beam_search
 from sca_caption.models.backbones import build_backbone
 from sca_caption.models.captioner import CaptionState, SCACaptioner, StepOutput
 
-MATMUL_SIZE, MATMUL_REPEATS = 2048, 5
 BARS = {("lite0", "cs"): ("roofline_fraction", 0.6), ("lite0", "s"): ("images_per_s", 100.0)}
 
 
@@ -209,8 +208,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    gflops = matmul_gflops(MATMUL_SIZE, MATMUL_REPEATS)
-    print(json.dumps(matmul_record(MATMUL_SIZE, gflops)), flush=True)
+    roofline = matmul_roofline()
+    gflops = float(roofline["gflops"])  # type: ignore[arg-type]
+    print(json.dumps(roofline), flush=True)
     for spec in args.runs.split(","):
         name, _, order = spec.partition(":")
         if name not in SETTINGS or not order:

@@ -1,7 +1,8 @@
 """Training speed of the SCA-CNN captioner, with its FLOPs and the fraction of matmul roofline.
 
-Prints JSON lines: first this machine's measured float32 matmul throughput, then per setting and
-attention order the training throughput (forward, loss, backward and an Adam step on random
+Prints JSON lines: first this machine's float32 matmul roofline (``common.matmul_roofline``: the
+best GFLOP/s of square matmuls from 512² to 3072² at the torch thread count used), then per setting
+and attention order the training throughput (forward, loss, backward and an Adam step on random
 cached features and captions, no padding) with the analytic FLOPs per caption and their breakdown.
 
 FLOPs count matmul-like work only (2 per multiply-add; see ``flops_per_caption`` for the
@@ -25,11 +26,10 @@ import time
 
 import torch
 
-from common import SETTINGS, build_captioner, matmul_gflops, matmul_record, upper_stages
+from common import SETTINGS, build_captioner, matmul_roofline, upper_stages
 from sca_caption.models.backbones import build_backbone
 from sca_caption.models.captioner import SCACaptioner
 
-MATMUL_SIZE, MATMUL_REPEATS = 1024, 10
 Shapes = dict[str, tuple[int, ...]]
 
 
@@ -117,9 +117,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
 
-    gflops = matmul_gflops(MATMUL_SIZE, MATMUL_REPEATS)
+    roofline = matmul_roofline()
+    gflops = float(roofline["gflops"])  # type: ignore[arg-type]
     threads = torch.get_num_threads()
-    print(json.dumps(matmul_record(MATMUL_SIZE, gflops)), flush=True)
+    print(json.dumps(roofline), flush=True)
     for name in args.settings.split(","):
         setting = SETTINGS[name]
         shapes = feature_shapes(setting.backbone, setting.layers)

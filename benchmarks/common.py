@@ -55,21 +55,32 @@ def build_captioner(setting: Setting, order: str, vocab: int) -> SCACaptioner:
     return SCACaptioner(config, vocab, build_backbone(setting.backbone, weights=None))
 
 
-def matmul_gflops(size: int, repeats: int) -> float:
-    """Best float32 GFLOP/s of a size×size matmul over ``repeats`` runs (after a warm-up)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+ROOFLINE_SIZES = (512, 1024, 2048, 3072)
+
+
+def matmul_roofline(sizes: tuple[int, ...] = ROOFLINE_SIZES, repeats: int = 5) -> dict[str, object]:
+    """This machine's float32 matmul roofline: the best GFLOP/s of size×size matmuls over ``sizes``,
+    each the best of ``repeats`` timed runs after a warm-up, at the current torch thread count
+    (set it before calling). Returns the JSON line the benchmarks print first; its ``gflops`` is
+    the figure they divide by."""
+    per_size = {}
+    for size in sizes:
+        a, b = torch.randn(size, size), torch.randn(size, size)
         a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
-
-
-def matmul_record(size: int, gflops: float) -> dict[str, object]:
-    """The JSON line reporting ``matmul_gflops(size, ...)`` and the torch thread count."""
-    return {"benchmark": "matmul_fp32", "size": size, "gflops": round(gflops, 1), "threads": torch.get_num_threads()}
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        per_size[str(size)] = round(2 * size**3 / best / 1e9, 1)
+    best_size = max(per_size, key=per_size.__getitem__)
+    return {
+        "benchmark": "matmul_fp32_roofline",
+        "gflops": per_size[best_size],
+        "best_size": int(best_size),
+        "gflops_by_size": per_size,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def upper_stages(model: SCACaptioner, features: Mapping[str, Tensor]) -> tuple[list[int], int]:

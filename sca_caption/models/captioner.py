@@ -12,13 +12,13 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from sca_caption.models.backbones import TappedBackbone, build_backbone
 from sca_caption.models.decoder import LSTMDecoder
 from sca_caption.models.errors import ModelConfigError
-from sca_caption.models.sca import ORDERS, EncoderMemory, EncoderStep, SCAEncoder, select_rows
+from sca_caption.models.sca import ORDERS, EncoderMemory, EncoderStep, SCAEncoder
 from sca_caption.models.tag_head import TagHead, tag_loss
 
 
@@ -84,7 +84,8 @@ class ModelConfig:
 class CaptionState:
     """The decoder state between steps; every tensor has the batch (rows) on dim 0.
 
-    ``h``, ``c``: LSTM state (B, H); ``memory``: the encoder's per-image tensors.
+    ``h``, ``c``: LSTM state (B, H); ``memory``: the encoder's per-image tensors and the image
+    of each row.
     """
 
     h: Tensor
@@ -92,8 +93,9 @@ class CaptionState:
     memory: EncoderMemory
 
     def select(self, index: Tensor) -> "CaptionState":
-        """Rows ``index`` (N,) of every tensor, in that order (beam reorder or repeat)."""
-        return select_rows(self, index)
+        """Rows ``index`` (N,), in that order (beam reorder or repeat); the memory's per-image
+        tensors are shared, not copied."""
+        return CaptionState(self.h.index_select(0, index), self.c.index_select(0, index), self.memory.select(index))
 
 
 class StepOutput(NamedTuple):
@@ -223,7 +225,7 @@ class SCACaptioner(nn.Module):
         doubly-stochastic and tag terms; ``tag_targets`` (B, K) is needed when the tag loss counts."""
         targets = captions[:, 1:]
         logits = output.logits.reshape(-1, output.logits.shape[-1])
-        words = F.cross_entropy(logits, targets.reshape(-1), ignore_index=pad_id)
+        words = _WordCrossEntropy.apply(logits, targets.reshape(-1), pad_id)
         zero = words.new_zeros(())
         coverage_penalty = zero
         if output.spatial is not None:
@@ -254,6 +256,43 @@ class SCACaptioner(nn.Module):
         attended = self.encoder(memory, queries)
         h, c = self.decoder.cell(word_gates + recurrent, attended.context, c)
         return h, c, attended
+
+
+_LOG_SOFTMAX_ROWS = 32  # rows of logits normalised at once (their log-probabilities stay in cache)
+
+
+class _WordCrossEntropy(torch.autograd.Function):
+    """Mean of −log softmax(logits)[target] over the rows whose target is not ``ignore``:
+    ``F.cross_entropy(logits, targets, ignore_index=ignore)`` for logits (N, V) and targets (N,).
+
+    It never builds the (N, V) log-probabilities or a zero-filled gradient: the forward normalises
+    ``_LOG_SOFTMAX_ROWS`` rows at a time and keeps only the targets' log-probabilities, and the
+    backward writes (softmax − one-hot) · weight straight into the one gradient buffer. Each (N, V)
+    buffer is fresh memory the size of the logits, so fewer of them is most of the saving.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor, ignore: int) -> Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # bfloat16 -> float32
+        kept = targets != ignore
+        picked = targets.masked_fill(~kept, 0).unsqueeze(1)  # any valid id for the ignored rows
+        log_probs = [
+            torch.log_softmax(part, dim=1, dtype=dtype).gather(1, ids)
+            for part, ids in zip(logits.split(_LOG_SOFTMAX_ROWS), picked.split(_LOG_SOFTMAX_ROWS))
+        ]
+        keep = kept.to(dtype)
+        count = keep.sum()
+        ctx.save_for_backward(logits, picked, keep, count)
+        return -(torch.cat(log_probs).squeeze(1) * keep).sum() / count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        logits, picked, keep, count = ctx.saved_tensors
+        g_logits = torch.softmax(logits, dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        g_logits.scatter_add_(1, picked, g_logits.new_full(picked.shape, -1.0))
+        g_logits.mul_((keep * (grad / count)).unsqueeze(1))
+        return g_logits.to(logits.dtype), None, None
 
 
 def _stack_layers(per_step: list[list[Tensor] | None]) -> list[Tensor] | None:

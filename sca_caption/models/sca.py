@@ -32,7 +32,10 @@ spatial sum of the unrescaled one; a mode without spatial attention uses α_i = 
 Cost per step and image: channel attention k·C tanh's; spatial attention over a channel-weighted
 map m·C·k multiply-adds (its W_s projection cannot be cached: β changes every step), over the
 cached first layer's V only m·k (W_s V + b_s is computed once per image in ``prepare``; a higher
-layer's V changes every step).
+layer's V changes every step). The channel-weighted map V ⊙ β̃ is never stored: its projection and
+scores are computed a few rows at a time while in cache (``_WeightedSpatialScores``), and the top
+context is taken as β̃ ⊙ Σ_i α_i V_i. Decoding rows (beams) read their image's per-image tensors
+through ``EncoderMemory.rows`` rather than per-row copies.
 
 tanh is evaluated as 2σ(2x) − 1 in the scores: the sum wᵀ tanh(x) then equals 2wᵀσ(2x) − Σ w, and
 the constant Σ w cancels in the softmax. A sigmoid is several times cheaper than a tanh on a CPU,
@@ -42,7 +45,7 @@ and the k×C channel map is the largest element-wise tensor of a decoding step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -58,6 +61,7 @@ _SPATIAL_ORDERS = ("cs", "sc", "s")
 
 
 _CHUNK_ELEMENTS = 1 << 18  # floats of the (rows, C, k) channel map handled at once: 1 MiB, about L2
+_SPATIAL_CHUNK_ELEMENTS = 1 << 18  # floats of a (rows, m, max(C, k)) block of the C-S spatial attention
 
 
 class _ChannelScores(torch.autograd.Function):
@@ -112,9 +116,128 @@ def _sigmoid_map(pooled: Tensor, offset: Tensor, slope: Tensor, rows: slice) -> 
     return torch.addcmul(offset[rows].unsqueeze(1), pooled[rows].unsqueeze(2), slope).sigmoid_()
 
 
+class _WeightedSpatialScores(torch.autograd.Function):
+    """scores[r, i] = Σ_j 2w_j σ(2(W_s (s_r ⊙ V_{n(r), i}) + b_s + q_r)_j), which is wᵀ tanh((W_s V'
+    + b_s) ⊕ q) up to a constant, over the channel-weighted map V' = V ⊙ s of row r; row r reads
+    image n(r) = ``rows[r]`` (image r when ``rows`` is None).
+
+    V' (the size of V per row) is never stored: a few rows at a time (``_SPATIAL_CHUNK_ELEMENTS``)
+    it is built from the per-image V (read at use, so the beams of an image share its V),
+    projected by one matmul over all the chunk's locations and reduced while it is in cache. The
+    (R, m, k) sigmoid map is kept for the backward pass, which rebuilds V' chunk by chunk for the
+    gradients of W_s and s.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        maps: Tensor,
+        scale: Tensor,
+        query: Tensor,
+        key_weight: Tensor,
+        key_bias: Tensor,
+        score: Tensor,
+        rows: Tensor | None,
+    ) -> Tensor:
+        total, m, channels = scale.shape[0], maps.shape[1], maps.shape[2]
+        k = key_weight.shape[0]
+        projection = key_weight.t().mul(2)  # (C, k): the tanh trick's 2x folded into W_s and b_s + q
+        offset = (key_bias + query).mul(2)
+        score2 = score.mul(2)
+        keep = any(ctx.needs_input_grad)
+        hidden = maps.new_empty(total, m, k) if keep else None
+        scores = maps.new_empty(total, m)
+        group = _per_image(rows, maps.shape[0])
+        for part in _row_chunks(total, m * max(channels, k), group):
+            weighted = _weighted_rows(maps, scale, rows, part, group)
+            block = hidden[part] if hidden is not None else weighted.new_empty(weighted.shape[0], m, k)
+            torch.mm(weighted.reshape(-1, channels), projection, out=block.view(-1, k))
+            block.add_(offset[part].unsqueeze(1)).sigmoid_()
+            torch.mv(block.view(-1, k), score2, out=scores[part].view(-1))
+        if keep:
+            ctx.save_for_backward(maps, scale, key_weight, score, hidden, rows)
+        return scores
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        maps, scale, key_weight, score, hidden, rows = ctx.saved_tensors
+        need_maps, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total, m, k = hidden.shape
+        channels = maps.shape[2]
+        # with u = σ(x), x = 2(keys + q): ∂scores/∂keys = 4w ⊙ u(1 - u), so every gradient below is
+        # 4w times a sum of grad · u(1 - u) ("slope")
+        factor = score.mul(4)
+        back_projection = key_weight * factor.unsqueeze(1)  # (k, C)
+        g_maps = torch.zeros_like(maps) if need_maps else None
+        g_scale = torch.empty_like(scale) if need_scale else None
+        g_offset = hidden.new_empty(total, k)
+        g_weight = torch.zeros_like(key_weight)
+        g_score = hidden.new_zeros(k)
+        for part in _row_chunks(total, m * max(channels, k)):
+            block = hidden[part]
+            g_score.addmv_(block.view(-1, k).t(), grad[part].view(-1))
+            slope = torch.ops.aten.sigmoid_backward(grad[part].unsqueeze(2), block)
+            torch.sum(slope, dim=1, out=g_offset[part])
+            source = _read_rows(maps, rows, part)
+            g_weight.addmm_(slope.view(-1, k).t(), (source * scale[part].unsqueeze(1)).reshape(-1, channels))
+            if need_maps or need_scale:
+                g_weighted = torch.mm(slope.view(-1, k), back_projection).view(-1, m, channels)
+                if g_maps is not None:
+                    g_source = g_weighted * scale[part].unsqueeze(1)
+                    if rows is None:
+                        g_maps[part] = g_source
+                    else:
+                        g_maps.index_add_(0, rows[part], g_source)
+                if g_scale is not None:
+                    torch.sum(g_weighted.mul_(source), dim=1, out=g_scale[part])
+        g_query = g_offset.mul_(factor)
+        return g_maps, g_scale, g_query, g_weight * factor.unsqueeze(1), g_query.sum(dim=0), g_score.mul_(2), None
+
+
+def _row_chunks(total: int, per_row: int, group: int = 0) -> list[slice]:
+    """Slices of ``total`` rows of ``per_row`` floats each, about ``_SPATIAL_CHUNK_ELEMENTS`` floats a
+    slice; with ``group`` > 0 each slice holds whole groups of ``group`` rows."""
+    step = max(1, _SPATIAL_CHUNK_ELEMENTS // per_row)
+    if group:
+        step = max(group, step - step % group)
+    return [slice(i, min(i + step, total)) for i in range(0, total, step)]
+
+
+def _per_image(rows: Tensor | None, images: int) -> int:
+    """K when ``rows`` reads each of ``images`` images K times in a row (0, 0, 1, 1, ...: beam
+    search's layout), so per-image tensors can be broadcast over rows instead of gathered; else 0."""
+    if rows is None or rows.numel() % images:
+        return 0
+    group = rows.numel() // images
+    return group if torch.equal(rows, torch.arange(images, device=rows.device).repeat_interleave(group)) else 0
+
+
+def _read_rows(x: Tensor, rows: Tensor | None, part: slice) -> Tensor:
+    """Rows ``part`` of a per-row view of per-image ``x``: ``x[rows[part]]`` (``x[part]`` without ``rows``)."""
+    return x[part] if rows is None else x.index_select(0, rows[part])
+
+
+def _weighted_rows(maps: Tensor, scale: Tensor, rows: Tensor | None, part: slice, group: int) -> Tensor:
+    """V' = V ⊙ s for the rows ``part``: (r, m, C), a new tensor; ``group`` as ``_per_image`` gives."""
+    if rows is None:
+        return maps[part] * scale[part].unsqueeze(1)
+    if not group:
+        return maps.index_select(0, rows[part]).mul_(scale[part].unsqueeze(1))
+    images = maps[part.start // group : part.stop // group]
+    weighted = maps.new_empty(images.shape[0], group, *maps.shape[1:])
+    torch.mul(images.unsqueeze(1), scale[part].view(-1, group, 1, maps.shape[2]), out=weighted)
+    return weighted.flatten(0, 1)
+
+
+def _gather(x: Tensor, rows: Tensor | None) -> Tensor:
+    """Per-image ``x`` (N, ...) read per row: ``x[rows]`` (R, ...), or ``x`` itself without ``rows``."""
+    return x if rows is None else x.index_select(0, rows)
+
+
 def _tanh_scores(preactivation: Tensor, weight: Tensor) -> Tensor:
-    """wᵀ tanh(x) over the last dim up to a constant: 2wᵀσ(2x), (..., k) -> (...)."""
-    return torch.sigmoid(preactivation.mul(2)) @ weight.mul(2)
+    """wᵀ tanh(x) over the last dim up to a constant: 2wᵀσ(2x), (..., k) -> (...); overwrites x."""
+    return preactivation.mul_(2).sigmoid_() @ weight.mul(2)
 
 
 class ChannelAttention(nn.Module):
@@ -142,6 +265,9 @@ class SpatialAttention(nn.Module):
     """α = softmax_m(wᵀ tanh((W_s V + b_s) ⊕ q)): one weight per location.
 
     Parameters: ``key`` the linear map W_s, b_s (C -> k), ``score`` w (k,).
+
+    ``rows`` (R,), where given, says which image each row (e.g. a beam) reads: the per-image
+    tensors (N, ...) are then read at use, never copied per row.
     """
 
     def __init__(self, channels: int, attention_dim: int) -> None:
@@ -154,9 +280,26 @@ class SpatialAttention(nn.Module):
         """W_s V + b_s: (B, m, C) -> (B, m, k)."""
         return self.key(maps)
 
-    def forward(self, keys: Tensor, query: Tensor) -> Tensor:
-        """Keys (B, m, k) and query q = W_hs h (B, k) -> spatial weights α (B, m), rows sum to 1."""
-        return torch.softmax(_tanh_scores(keys + query.unsqueeze(1), self.score), dim=1)
+    def forward(self, keys: Tensor, query: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Keys (N, m, k) and query q = W_hs h (R, k) -> spatial weights α (R, m), rows sum to 1."""
+        if rows is None:
+            return torch.softmax(_tanh_scores(keys + query.unsqueeze(1), self.score), dim=1)
+        group = _per_image(rows, keys.shape[0])
+        scores = []
+        for part in _row_chunks(query.shape[0], keys.shape[1] * keys.shape[2], group):
+            if group:
+                images = keys[part.start // group : part.stop // group].unsqueeze(1)
+                preactivation = (images + query[part].view(-1, group, 1, keys.shape[2])).flatten(0, 1)
+            else:
+                preactivation = keys.index_select(0, rows[part]).add_(query[part].unsqueeze(1))
+            scores.append(_tanh_scores(preactivation, self.score))
+        return torch.softmax(torch.cat(scores), dim=1)
+
+    def over_weighted(self, maps: Tensor, scale: Tensor, query: Tensor, rows: Tensor | None = None) -> Tensor:
+        """α over the channel-weighted map V ⊙ s: maps V (N, m, C), scale s (R, C), query (R, k)
+        -> α (R, m); V ⊙ s is never materialised (see ``_WeightedSpatialScores``)."""
+        scores = _WeightedSpatialScores.apply(maps, scale, query, self.key.weight, self.key.bias, self.score, rows)
+        return torch.softmax(scores, dim=1)
 
 
 @dataclass
@@ -212,12 +355,18 @@ class SCALayer(nn.Module):
         return Prepared()
 
     def forward(
-        self, maps: Tensor, queries: Tensor, prepared: Prepared | None = None, top: bool = False
+        self,
+        maps: Tensor,
+        queries: Tensor,
+        prepared: Prepared | None = None,
+        top: bool = False,
+        rows: Tensor | None = None,
     ) -> LayerAttention:
-        """Attend maps V (B, m, C) with queries (B, query_dim).
+        """Attend maps V (N, m, C) with queries (R, query_dim).
 
-        ``prepared``: ``self.prepare(maps)`` if already computed. Returns X (B, m, C), or the
-        context z (B, C) when ``top``.
+        ``prepared``: ``self.prepare(maps)`` if already computed; ``rows`` (R,): the image each
+        row reads (rows = images when None). Returns X (R, m, C), or the context z (R, C) when
+        ``top``.
         """
         if prepared is None:
             prepared = self.prepare(maps)
@@ -226,60 +375,77 @@ class SCALayer(nn.Module):
         spatial_scale = float(m) if self.rescale else 1.0
         k = self.attention_dim
         if self.order == "none":
-            return LayerAttention(maps.mean(dim=1) if top else maps, None, None)
+            return LayerAttention(_gather(maps.mean(dim=1) if top else maps, rows), None, None)
         if self.order == "c":
             assert self.channel is not None and prepared.pooled is not None
-            beta = self.channel(prepared.pooled, queries)
+            pooled = _gather(prepared.pooled, rows)
+            beta = self.channel(pooled, queries)
             scaled = beta * channel_scale
-            output = scaled * prepared.pooled if top else maps * scaled.unsqueeze(1)
+            output = scaled * pooled if top else _gather(maps, rows) * scaled.unsqueeze(1)
             return LayerAttention(output, None, beta)
         if self.order == "s":
             assert self.spatial is not None and prepared.keys is not None
-            alpha = self.spatial(prepared.keys, queries)
-            output = _weighted_sum(alpha, maps) if top else maps * (alpha * spatial_scale).unsqueeze(2)
+            alpha = self.spatial(prepared.keys, queries, rows)
+            output = (
+                _weighted_sum(alpha, maps, rows) if top else _gather(maps, rows) * (alpha * spatial_scale).unsqueeze(2)
+            )
             return LayerAttention(output, alpha, None)
         assert self.channel is not None and self.spatial is not None
         if self.order == "cs":
             assert prepared.pooled is not None
-            beta = self.channel(prepared.pooled, queries[:, :k])
-            weighted = maps * (beta * channel_scale).unsqueeze(1)
-            alpha = self.spatial(self.spatial.keys(weighted), queries[:, k:])
-            output = _weighted_sum(alpha, weighted) if top else weighted * (alpha * spatial_scale).unsqueeze(2)
+            beta = self.channel(_gather(prepared.pooled, rows), queries[:, :k])
+            scaled = beta * channel_scale
+            alpha = self.spatial.over_weighted(maps, scaled, queries[:, k:], rows)
+            if top:  # Σ_i α_i (β̃ ⊙ V_i) = β̃ ⊙ Σ_i α_i V_i
+                output = scaled * _weighted_sum(alpha, maps, rows)
+            else:
+                output = _gather(maps, rows) * scaled.unsqueeze(1) * (alpha * spatial_scale).unsqueeze(2)
             return LayerAttention(output, alpha, beta)
         assert prepared.keys is not None
-        alpha = self.spatial(prepared.keys, queries[:, k:])
-        attended_sum = _weighted_sum(alpha, maps)
+        alpha = self.spatial(prepared.keys, queries[:, k:], rows)
+        attended_sum = _weighted_sum(alpha, maps, rows)
         beta = self.channel(attended_sum * (spatial_scale / m), queries[:, :k])
         scaled = beta * channel_scale
         if top:
             output = scaled * attended_sum
         else:
-            output = maps * (alpha * spatial_scale).unsqueeze(2) * scaled.unsqueeze(1)
+            output = _gather(maps, rows) * (alpha * spatial_scale).unsqueeze(2) * scaled.unsqueeze(1)
         return LayerAttention(output, alpha, beta)
 
 
-def _weighted_sum(alpha: Tensor, maps: Tensor) -> Tensor:
-    """Σ_i α_i V_i: (B, m) and (B, m, C) -> (B, C)."""
-    return torch.bmm(alpha.unsqueeze(1), maps).squeeze(1)
+def _weighted_sum(alpha: Tensor, maps: Tensor, rows: Tensor | None = None) -> Tensor:
+    """Σ_i α_ri V_{n(r), i}: (R, m) and per-image maps (N, m, C) -> (R, C); n(r) = ``rows[r]``
+    (r without ``rows``). With ``rows`` the maps are broadcast over each image's rows (beam
+    search's layout) or else gathered a few rows at a time."""
+    if rows is None:
+        return torch.bmm(alpha.unsqueeze(1), maps).squeeze(1)
+    group = _per_image(rows, maps.shape[0])
+    if group:  # each image's K rows at once: (N, K, m) @ (N, m, C)
+        return torch.bmm(alpha.view(maps.shape[0], group, -1), maps).flatten(0, 1)
+    parts = _row_chunks(alpha.shape[0], maps.shape[1] * maps.shape[2])
+    return torch.cat([torch.bmm(alpha[p].unsqueeze(1), maps.index_select(0, rows[p])).squeeze(1) for p in parts])
 
 
 @dataclass
 class EncoderMemory:
-    """What the encoder keeps per image between steps (batch on dim 0 of every tensor).
+    """What the encoder keeps per image between steps, and which image each decoding row reads.
 
-    ``maps``: the lowest attended layer (B, H, W, C), channels last; ``prepared``: its per-image
-    attention part; ``side``: earlier taps the upper stages read, {tap: (B, C, H, W)};
-    ``context``: the fixed context (B, C_top) of order "none" (then ``maps`` is None).
+    ``maps``: the lowest attended layer (N, H, W, C), channels last; ``prepared``: its per-image
+    attention part; ``side``: earlier taps the upper stages read, {tap: (N, C, H, W)};
+    ``context``: the fixed context (N, C_top) of order "none" (then ``maps`` is None);
+    ``rows``: (R,) the image of each row, or None when row r is image r. Selecting rows (beam
+    reorder or repeat) changes only ``rows``; the per-image tensors are read at use.
     """
 
     maps: Tensor | None
     prepared: Prepared
     side: dict[str, Tensor]
     context: Tensor | None
+    rows: Tensor | None = None
 
     def select(self, index: Tensor) -> "EncoderMemory":
-        """Rows ``index`` (N,) of every tensor."""
-        return select_rows(self, index)
+        """The memory of rows ``index`` (R',) of this one, in that order."""
+        return replace(self, rows=index if self.rows is None else self.rows.index_select(0, index))
 
 
 @dataclass
@@ -371,11 +537,12 @@ class SCAEncoder(nn.Module):
         return EncoderMemory(maps, self.layers[0].prepare(maps.flatten(1, 2)), side, None), top
 
     def forward(self, memory: EncoderMemory, queries: Tensor) -> EncoderStep:
-        """Attend every layer with this step's queries (B, query_dim)."""
+        """Attend every layer with this step's queries (R, query_dim), one row per ``memory`` row."""
+        rows = memory.rows
         if memory.maps is None:
             assert memory.context is not None
-            return EncoderStep(memory.context, None, None)
-        taps = dict(memory.side)
+            return EncoderStep(_gather(memory.context, rows), None, None)
+        taps = {name: _gather(x, rows) for name, x in memory.side.items()}
         maps = memory.maps
         spatial: list[Tensor] = []
         channel: list[Tensor] = []
@@ -387,13 +554,14 @@ class SCAEncoder(nn.Module):
                 queries[:, offset[i] : offset[i + 1]],
                 memory.prepared if i == 0 else None,
                 top=i == last,
+                rows=rows if i == 0 else None,
             )
             if attended.spatial is not None:
                 spatial.append(attended.spatial)
             if attended.channel is not None:
                 channel.append(attended.channel)
             if i < last:
-                x = attended.output.view(maps.shape).permute(0, 3, 1, 2)
+                x = attended.output.view(-1, *maps.shape[1:]).permute(0, 3, 1, 2)
                 taps[self.layer_names[i]] = x
                 maps = self.upper(i, x, taps).permute(0, 2, 3, 1)
         return EncoderStep(attended.output, spatial or None, channel or None)
@@ -409,14 +577,3 @@ class SCAEncoder(nn.Module):
         if x.dim() != 4 or x.shape[1] != expected:
             raise ModelConfigError(f"features[{name!r}]: expected (B, {expected}, H, W), got {tuple(x.shape)}")
         return x
-
-
-def select_rows(value: object, index: Tensor) -> object:
-    """Rows ``index`` of every tensor in ``value``: a tensor, None, a dict of them or a dataclass."""
-    if value is None:
-        return None
-    if isinstance(value, Tensor):
-        return value.index_select(0, index)
-    if isinstance(value, dict):
-        return {key: select_rows(item, index) for key, item in value.items()}
-    return type(value)(**{f.name: select_rows(getattr(value, f.name), index) for f in fields(value)})
