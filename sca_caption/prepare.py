@@ -80,8 +80,12 @@ def prepare(config: ExperimentConfig, *, progress: bool = True, log: Callable[[s
 def load_records(config: ExperimentConfig, log: Callable[[str], None] = print) -> list[ImageRecord]:
     """The corpus of ``config`` (the shapes dataset is generated the first time)."""
     root = data_root(config)
-    if config.data.dataset == "shapes" and not karpathy_file("shapes", root).exists():
-        log(f"generating the shapes dataset in {root}")
+    if config.data.dataset == "shapes":
+        dataset_file = karpathy_file("shapes", root)
+        if not dataset_file.exists():
+            log(f"generating the shapes dataset in {root}")
+        elif stale_dataset(dataset_file) is not None:
+            log(f"{dataset_file}: captions from an older grammar; generating the dataset again")
     return load_corpus(config.data.dataset, root)
 
 

@@ -21,6 +21,7 @@ from sca_caption.data.shapes import (
     Scene,
     Shape,
     caption_matches_scene,
+    chain_relation,
     describe,
     generate_shapes,
     load_scenes,
@@ -79,8 +80,8 @@ def test_captions_of_many_scenes_are_five_distinct_and_all_correct():
     assert first_words == {"a", "an", "there"}
 
 
-def test_captions_name_shapes_in_reading_order_and_relate_the_third_to_the_second():
-    # the next shape a caption names must follow from the words before it (see shapes._caption)
+def test_captions_chain_the_shapes_in_reading_order_with_one_relation_each():
+    # what a caption says must follow from the image and the words before it (see shapes._caption)
     rng = random.Random(1)
     for _ in range(300):
         scene = random_scene(rng)
@@ -88,7 +89,18 @@ def test_captions_name_shapes_in_reading_order_and_relate_the_third_to_the_secon
         for caption in describe(scene, rng):
             parsed = parse_caption(tokenize(caption))
             assert [(m.colour, m.kind) for m in parsed.mentions] == [(s.colour, s.kind) for s in reading], caption
-            assert [(i, j) for i, _, j in parsed.relations] == [(0, 1), (2, 1)][: len(reading) - 1], caption
+            chain = [(i, chain_relation(reading[i], reading[i + 1]), i + 1) for i in range(len(reading) - 1)]
+            assert list(parsed.relations) == chain, caption
+
+
+def test_chain_relation_is_vertical_across_rows_and_horizontal_within_one():
+    def at(row: int, col: int) -> Shape:
+        return Shape("circle", "red", "small", row, col, 0, 0)
+
+    assert chain_relation(at(0, 2), at(1, 0)) == "above"  # rows differ: columns do not matter
+    assert chain_relation(at(2, 0), at(1, 1)) == "below"
+    assert chain_relation(at(1, 0), at(1, 2)) == "left_of"
+    assert chain_relation(at(1, 2), at(1, 1)) == "right_of"
 
 
 def test_scenes_respect_the_grid_and_distinct_looks():
@@ -184,6 +196,20 @@ def test_load_corpus_generates_shapes_when_missing(tmp_path: Path, monkeypatch):
     records = load_corpus("shapes", tmp_path / "shapes")
     assert len(records) == 10 and all(r.path.is_file() and len(r.raw) == 5 for r in records)
     assert records == load_corpus("shapes", tmp_path / "shapes")
+
+
+def test_load_corpus_regenerates_a_dataset_of_an_older_grammar_with_its_seed_and_counts(tmp_path: Path):
+    root = tmp_path / "shapes"
+    json_path = generate_shapes(root, seed=3, counts=TINY)
+    current = load_corpus("shapes", root)
+    old = json.loads(json_path.read_text())
+    old["grammar"] = shapes.GRAMMAR - 1
+    for image in old["images"]:
+        for sentence in image["sentences"]:
+            sentence["raw"], sentence["tokens"] = "An old caption.", ["an", "old", "caption"]
+    json_path.write_text(json.dumps(old))
+    assert load_corpus("shapes", root) == current
+    assert json.loads(json_path.read_text())["grammar"] == shapes.GRAMMAR
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:

@@ -48,8 +48,12 @@ def load_corpus(
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(CORPORA)}")
     root = Path(data_root) if data_root is not None else default_data_root(name)
     karpathy = karpathy_file(name, root)
-    if name == "shapes" and not karpathy.exists():
-        shapes.generate_shapes(root)
+    if name == "shapes":
+        stale = shapes.stale_dataset(karpathy)
+        if stale is not None:  # written by an older grammar: the same images, today's captions
+            shapes.generate_shapes(root, **stale)
+        elif not karpathy.exists():
+            shapes.generate_shapes(root)
     if karpathy.exists():
         return read_karpathy(karpathy, _karpathy_image_root(name, root), on_bad=on_bad, report=report)
     if name == "flickr8k":

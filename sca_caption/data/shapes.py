@@ -2,10 +2,13 @@
 
 Each 224x224 image holds one to three shapes (circle, square, triangle in six colours, small or
 large), each in its own cell of a 3x3 grid, so "left of" (smaller column) and "above" (smaller
-row) are never in doubt. Five captions per image vary the phrasing and word order, e.g.
-"A small red circle to the left of a large blue square." or "There is a green triangle below an
-orange circle and the orange circle is right of a small blue square." Colour is what channel
-attention should pick and position what spatial attention should find. Everything is a function of the seed.
+row) are never in doubt. Captions name the shapes in reading order (row, then column) and chain
+them: each shape is related to the next, vertically ("above") when they are in different rows,
+horizontally ("to the left of") when they share one. Five captions per image vary the wording and
+sizes, e.g. "A small red circle to the left of a large blue square." or "There is a green triangle
+above an orange circle and the orange circle is left of a small blue square." Colour is what
+channel attention should pick and position what spatial attention should find. Everything is a
+function of the seed.
 
 The grammar (on tokens) is the one ``parse_caption`` reads back:
 
@@ -32,6 +35,7 @@ from sca_caption.data.tokenize import tokenize
 from sca_caption.io_utils import atomic_write_json
 
 DATASET_FILE = "dataset_shapes.json"
+GRAMMAR = 3  # version of the captions' grammar, kept in the dataset file; a file of another is stale
 IMAGE_FOLDER = "images"
 DEFAULT_COUNTS = {"train": 2000, "val": 200, "test": 200}
 CAPTIONS_PER_IMAGE = 5
@@ -153,10 +157,12 @@ def describe(scene: Scene, rng: random.Random, count: int = CAPTIONS_PER_IMAGE) 
 def _caption(scene: Scene, rng: random.Random) -> str:
     """One random caption from the grammar: every shape mentioned, relations linking them all.
 
-    Shapes are named in reading order (row, then column) and the third is related to the second,
-    so which shape a word describes follows from the words before it; wording, sizes and relation
-    phrases vary. (With a random mention order the next shape cannot be known from the previous
-    words, and attention driven by h_{t-1}, as in SCA-CNN, cannot learn where to look.)
+    The words are a function of the scene up to wording and sizes: shapes come in reading order
+    (row, then column), each related to the next by ``chain_relation``, the third clause opening
+    on the shape just named ("... a blue square and the blue square is above ..."). So which shape
+    the next word describes, and which relation holds, follow from the image and the words before
+    it. (With a free mention order or a random choice among true relations they do not, and
+    attention driven by h_{t-1}, as in SCA-CNN, learns to hedge instead of where to look.)
     """
     order = sorted(scene.shapes, key=lambda shape: (shape.row, shape.col))
     prefix = rng.choice(((), ("there", "is"), *PREFIXES))
@@ -166,20 +172,25 @@ def _caption(scene: Scene, rng: random.Random) -> str:
     else:
         words = [*prefix, *_relation_clause(order[0], order[1], rng, verb, new=(True, True))]
     if len(order) == 3:
-        conjunction = rng.choice(("and", "with"))
-        verb = rng.choice(((), ("is",))) if conjunction == "and" else ()
-        words += [conjunction, *_relation_clause(order[2], order[1], rng, verb, new=(True, False))]
+        words += ["and", *_relation_clause(order[1], order[2], rng, ("is",), new=(False, True))]
     text = " ".join(words)
     return text[0].upper() + text[1:] + "."
+
+
+def chain_relation(a: Shape, b: Shape) -> str:
+    """The relation a caption states between consecutive shapes ``a``, ``b``: the vertical one
+    when their rows differ, else the horizontal one."""
+    if a.row != b.row:
+        return "above" if a.row < b.row else "below"
+    return "left_of" if a.col < b.col else "right_of"
 
 
 def _relation_clause(
     a: Shape, b: Shape, rng: random.Random, verb: tuple[str, ...], new: tuple[bool, bool]
 ) -> list[str]:
-    """"a <relation> b" with a relation true in the scene. ``new``: whether a, b are first
-    mentioned here ("a ...") or named again ("the ...")."""
-    true_relations = [r for r in RELATION_PHRASES if relation_holds(a, r, b)]
-    phrase = rng.choice(RELATION_PHRASES[rng.choice(true_relations)])
+    """"a <relation> b" in one of the phrasings of ``chain_relation(a, b)``. ``new``: whether a, b
+    are first mentioned here ("a ...") or named again ("the ...")."""
+    phrase = rng.choice(RELATION_PHRASES[chain_relation(a, b)])
     return [*_mention(a, rng, not new[0]), *verb, *phrase, *_mention(b, rng, not new[1])]
 
 
@@ -372,6 +383,20 @@ def generate_shapes(out_dir: Path, seed: int = 0, counts: Mapping[str, int] = DE
                 }
             )
     json_path = Path(out_dir) / DATASET_FILE
-    dataset = {"dataset": "shapes", "seed": seed, "counts": dict(counts), "images": entries}
+    dataset = {"dataset": "shapes", "grammar": GRAMMAR, "seed": seed, "counts": dict(counts), "images": entries}
     atomic_write_json(json_path, dataset, indent=None)
     return json_path
+
+
+def stale_dataset(json_path: Path) -> dict[str, Any] | None:
+    """The ``seed`` and ``counts`` of a dataset file written with another caption grammar (to
+    generate it again with), None when the file is current or absent."""
+    if not Path(json_path).exists():
+        return None
+    data = read_json(json_path)
+    if isinstance(data, dict) and data.get("grammar") == GRAMMAR:
+        return None
+    try:
+        return {"seed": int(data["seed"]), "counts": {k: int(v) for k, v in data["counts"].items()}}
+    except (TypeError, KeyError, ValueError, AttributeError):
+        raise DataError(f"{json_path}: not a shapes dataset file (no seed and counts); delete it to generate one") from None
