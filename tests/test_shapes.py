@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from sca_caption.data import shapes
+from sca_caption.config import load_config
 from sca_caption.data.datasets import load_corpus
 from sca_caption.data.shapes import (
     COLOURS,
@@ -32,6 +33,7 @@ from sca_caption.data.shapes import (
 )
 from sca_caption.data.tokenize import tokenize
 from sca_caption.data.vocab import Vocab
+from sca_caption.prepare import load_records
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"train": 6, "val": 2, "test": 2}
@@ -208,8 +210,12 @@ def test_load_corpus_regenerates_a_dataset_of_an_older_grammar_with_its_seed_and
         for sentence in image["sentences"]:
             sentence["raw"], sentence["tokens"] = "An old caption.", ["an", "old", "caption"]
     json_path.write_text(json.dumps(old))
-    assert load_corpus("shapes", root) == current
+    lines: list[str] = []
+    config = load_config("shapes", overrides=[f"data.data_root={root}"])
+    assert load_records(config, log=lines.append) == current
+    assert lines == [f"{json_path}: captions from an older grammar; generating the dataset again"]
     assert json.loads(json_path.read_text())["grammar"] == shapes.GRAMMAR
+    assert load_records(config, log=lines.append) == current and len(lines) == 1
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
