@@ -242,6 +242,52 @@ def test_upper_stage_frozen_unless_finetuned(finetune: bool) -> None:
     assert enc.layers[0].channel.weight.grad.abs().sum() > 0
 
 
+def coord_encoder(layers: tuple[str, ...], order: str) -> SCAEncoder:
+    torch.manual_seed(0)
+    backbone = build_tiny_backbone()
+    return SCAEncoder(backbone, layers, 4, order, rescale=True, finetune_upper=False, coord_channels=True).double()
+
+
+def test_coordinate_channels_hold_x_then_y_from_minus_one_to_one() -> None:
+    enc = coord_encoder(("conv3",), "s")
+    features = double(tiny_features(("conv3",)))
+    memory, top = enc.remember(features, torch.float64)
+    assert enc.context_dim == 8 + 2 and top.shape == (3, 10, 4, 4)
+    steps = torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(memory.maps[..., :8], features["conv3"].permute(0, 2, 3, 1))
+    torch.testing.assert_close(memory.maps[1, :, :, 8], steps.expand(4, 4))  # x grows along a row
+    torch.testing.assert_close(memory.maps[1, :, :, 9], steps[:, None].expand(4, 4))  # y down a column
+    torch.testing.assert_close(top[:, 8:].mean(dim=(2, 3)), torch.zeros(3, 2, dtype=torch.float64))
+
+
+def test_context_carries_the_attended_position() -> None:
+    enc = coord_encoder(("conv3",), "s")
+    memory, _ = enc.remember(double(tiny_features(("conv3",))), torch.float64)
+    step = enc(memory, torch.randn(3, enc.query_dim, dtype=torch.float64))
+    positions = memory.maps[:, :, :, 8:].flatten(1, 2)  # (B, m, 2)
+    expected = torch.einsum("bm,bmp->bp", step.spatial[0], positions)
+    torch.testing.assert_close(step.context[:, 8:], expected)
+
+
+def test_coordinate_channels_stay_out_of_the_upper_stages() -> None:
+    layers = ("conv3", "conv4")
+    enc = coord_encoder(layers, "cs")
+    features = double(tiny_features(layers))
+    memory, top = enc.remember(features, torch.float64)
+    stage = enc.upper.stages["conv4"]
+    torch.testing.assert_close(top[:, :6], stage(features["conv3"], features))
+    torch.manual_seed(3)
+    queries = torch.randn(3, enc.query_dim, dtype=torch.float64)
+    step = enc(memory, queries)
+    v0 = memory.maps.flatten(1, 2)  # conv3 and its coordinates
+    first = enc.layers[0](v0, queries[:, :8])
+    x0 = first.output[..., :8].transpose(1, 2).reshape(features["conv3"].shape)
+    v1 = torch.cat([stage(x0, features).flatten(2).transpose(1, 2), v0[:, :, 8:]], dim=2)  # same 4x4 grid
+    second = enc.layers[1](v1, queries[:, 8:], top=True)
+    torch.testing.assert_close(step.context, second.output)
+    assert step.context.shape == (3, enc.context_dim) == (3, 6 + 2)
+
+
 def test_encoder_rejects_missing_or_misshapen_features() -> None:
     layers = ("conv3", "conv4")
     enc = encoder(layers)

@@ -31,7 +31,10 @@ class ModelConfig:
     attended maps at the unattended scale (see ``sca``); ``doubly_stochastic``: weight of
     Show-Attend-Tell's Σ_i (1 − Σ_t α_ti)² regulariser; ``num_tags`` > 0 adds the CSRA tag head
     (``tag_heads`` heads, residual weight ``tag_lambda``), whose BCE joins the loss with weight
-    ``tag_loss_weight``.
+    ``tag_loss_weight``. ``coord_channels`` appends each location's x and y (from -1 to 1) to
+    every attended map, as CoordConv does (Liu et al., 2018): not in SCA-CNN, whose convolutional
+    features say what is at a location far better than where it is; the shapes captions, which
+    are about positions, need it.
     """
 
     backbone: str = "efficientnet_lite0"
@@ -48,6 +51,7 @@ class ModelConfig:
     tag_heads: int = 1
     tag_lambda: float = 0.1
     tag_loss_weight: float = 0.0
+    coord_channels: bool = False
 
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)
@@ -156,7 +160,8 @@ class SCACaptioner(nn.Module):
             raise ModelConfigError(f"model config names backbone {config.backbone!r} but got {backbone.name!r}")
         self.config = config
         self.encoder = SCAEncoder(
-            backbone, config.layers, config.attention_dim, config.order, config.rescale, config.finetune_upper
+            backbone, config.layers, config.attention_dim, config.order, config.rescale, config.finetune_upper,
+            config.coord_channels,
         )
         self.decoder = LSTMDecoder(
             vocab_size,

@@ -29,6 +29,12 @@ Context (what the decoder reads from the top layer): z = β̃ ⊙ Σ_i α_i V_i,
 the channel-weighted map, i.e. Σ_i X_i / (m or 1) = the spatial mean of the rescaled X, or the
 spatial sum of the unrescaled one; a mode without spatial attention uses α_i = 1/m (the mean).
 
+Coordinate channels (``coord_channels``, off by default and not in the paper): every attended
+map gets two more channels, the x and y of each location from -1 to 1 (CoordConv, Liu et al.
+2018), before its attention; they are dropped again before the backbone's next stages, and the
+context carries the α-weighted position of what was attended. Convolutional features encode
+what is at a location much better than where it is, and captions about positions need the latter.
+
 Cost per step and image: channel attention k·C tanh's; spatial attention over a channel-weighted
 map m·C·k multiply-adds (its W_s projection cannot be cached: β changes every step), over the
 cached first layer's V only m·k (W_s V + b_s is computed once per image in ``prepare``; a higher
@@ -56,6 +62,7 @@ from sca_caption.models.backbones.base import TappedBackbone, freeze
 from sca_caption.models.errors import ModelConfigError
 
 ORDERS = ("cs", "sc", "c", "s", "none")
+COORD_CHANNELS = 2  # x and y of each location, appended to attended maps when asked for
 _CHANNEL_ORDERS = ("cs", "sc", "c")
 _SPATIAL_ORDERS = ("cs", "sc", "s")
 
@@ -477,6 +484,7 @@ class SCAEncoder(nn.Module):
         order: str,
         rescale: bool,
         finetune_upper: bool,
+        coord_channels: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= len(layers) <= 3:
@@ -495,7 +503,9 @@ class SCAEncoder(nn.Module):
         if not finetune_upper:
             freeze(upper)
         self.upper.eval()
-        self.layers = nn.ModuleList(SCALayer(c, attention_dim, order, rescale) for c in self.channels)
+        self.coord_channels = coord_channels
+        extra = COORD_CHANNELS if coord_channels else 0
+        self.layers = nn.ModuleList(SCALayer(c + extra, attention_dim, order, rescale) for c in self.channels)
         widths = [layer.query_dim for layer in self.layers]
         self._query_offsets = [sum(widths[:i]) for i in range(len(widths) + 1)]
 
@@ -506,8 +516,8 @@ class SCAEncoder(nn.Module):
 
     @property
     def context_dim(self) -> int:
-        """Channels of the top layer, the context's width."""
-        return self.channels[-1]
+        """Channels of the top layer (plus the coordinate channels), the context's width."""
+        return self.channels[-1] + (COORD_CHANNELS if self.coord_channels else 0)
 
     def train(self, mode: bool = True) -> "SCAEncoder":
         """Set the attention's mode; the upper stages stay in eval mode."""
@@ -517,9 +527,11 @@ class SCAEncoder(nn.Module):
 
     def remember(self, features: Mapping[str, Tensor], dtype: torch.dtype) -> tuple[EncoderMemory, Tensor]:
         """Cached prefix outputs {tap: (B, C, H, W)} -> the memory for ``forward`` and the top
-        layer's unattended map (B, C_top, H, W), computed through the upper stages.
+        layer's unattended map (B, context_dim, H, W), computed through the upper stages.
 
         The features are cast to ``dtype`` (the cache stores float16) and made channels last.
+        With ``coord_channels`` every attended map, and the returned top map, carries the two
+        coordinate channels after its own.
         """
         taps = {
             name: self._feature(features, name).to(dtype).contiguous(memory_format=torch.channels_last)
@@ -531,9 +543,10 @@ class SCAEncoder(nn.Module):
             top = self.upper(i, top, unattended)
             unattended[self.layer_names[i + 1]] = top
         side = {name: x for name, x in taps.items() if name != self.layer_names[0]}
+        top = self._with_coordinates(top.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         if self.order == "none":
             return EncoderMemory(None, Prepared(), {}, top.mean(dim=(2, 3))), top
-        maps = taps[self.layer_names[0]].permute(0, 2, 3, 1)
+        maps = self._with_coordinates(taps[self.layer_names[0]].permute(0, 2, 3, 1))
         return EncoderMemory(maps, self.layers[0].prepare(maps.flatten(1, 2)), side, None), top
 
     def forward(self, memory: EncoderMemory, queries: Tensor) -> EncoderStep:
@@ -561,10 +574,21 @@ class SCAEncoder(nn.Module):
             if attended.channel is not None:
                 channel.append(attended.channel)
             if i < last:
-                x = attended.output.view(-1, *maps.shape[1:]).permute(0, 3, 1, 2)
+                x = attended.output.view(-1, *maps.shape[1:])[..., : self.channels[i]].permute(0, 3, 1, 2)
                 taps[self.layer_names[i]] = x
-                maps = self.upper(i, x, taps).permute(0, 2, 3, 1)
+                maps = self._with_coordinates(self.upper(i, x, taps).permute(0, 2, 3, 1))
         return EncoderStep(attended.output, spatial or None, channel or None)
+
+    def _with_coordinates(self, maps: Tensor) -> Tensor:
+        """(B, H, W, C) -> (B, H, W, C + 2) with x then y of each location, from -1 (left, top) to 1,
+        when ``coord_channels``; otherwise ``maps`` itself."""
+        if not self.coord_channels:
+            return maps
+        b, h, w, _ = maps.shape
+        ys = torch.linspace(-1.0, 1.0, h, dtype=maps.dtype, device=maps.device)
+        xs = torch.linspace(-1.0, 1.0, w, dtype=maps.dtype, device=maps.device)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (H, W, 2): x, y
+        return torch.cat([maps, grid.expand(b, h, w, COORD_CHANNELS)], dim=-1)
 
     def _feature(self, features: Mapping[str, Tensor], name: str) -> Tensor:
         """``features[name]``, checked to be (B, C, H, W) with this tap's channels."""
