@@ -49,6 +49,7 @@ def run_row(name: str, overrides: list[str], out_root: Path) -> dict[str, object
         "row": name,
         "order": config.model.order,
         "layers": list(config.model.layers),
+        "epochs": config.train.epochs,
         **{key: result.test_scores[key] for key in REPORTED if key in result.test_scores},
         "best_epoch": result.best_epoch,
         "prepare_s": round(prepared - started, 1),

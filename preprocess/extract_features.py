@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", nargs="+", required=True, help="attended taps, lowest first: stage5 stage6 stage7")
     parser.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images in corpus order")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward (8: small batches stay in CPU cache)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
     parser.add_argument(
         "--on-bad-image", choices=ON_BAD_CHOICES, default="error", help="stop at an unreadable image, or skip it"

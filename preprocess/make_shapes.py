@@ -1,6 +1,6 @@
 """Generate the built-in shapes dataset (images plus dataset_shapes.json) into a folder.
 
-    python preprocess/make_shapes.py --out data/shapes --seed 0 --train 2000 --val 200 --test 200
+    python preprocess/make_shapes.py --out data/shapes --seed 0 --train 4000 --val 200 --test 500
 """
 
 from __future__ import annotations

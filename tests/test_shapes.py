@@ -242,6 +242,6 @@ def test_make_shapes_and_build_vocab_run_as_scripts(tmp_path: Path):
 def test_default_size_dataset_is_complete_and_all_references_score(tmp_path: Path):
     json_path = generate_shapes(tmp_path)
     records = load_corpus("shapes", tmp_path)
-    assert [sum(r.split == s for r in records) for s in ("train", "val", "test")] == [2000, 200, 200]
+    assert [sum(r.split == s for r in records) for s in ("train", "val", "test")] == [4000, 200, 500]
     scenes = load_scenes(json_path)
     assert shapes_accuracy({r.image_id: r.raw[4] for r in records}, scenes) == 1.0

@@ -39,6 +39,7 @@ class TinyShapes:
             "train.meteor": False,
             "train.beam_size": 2,
             "train.checkpoint_every": None,
+            "model.layers": "[stage7]",
             "model.hidden_dim": 32,
             "model.attention_dim": 16,
             "model.embed_dim": 16,

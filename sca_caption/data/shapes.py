@@ -35,9 +35,9 @@ from sca_caption.data.tokenize import tokenize
 from sca_caption.io_utils import atomic_write_json
 
 DATASET_FILE = "dataset_shapes.json"
-GRAMMAR = 3  # version of the captions' grammar, kept in the dataset file; a file of another is stale
+GRAMMAR = 4  # version of the generator (captions and drawing), kept in the dataset file; a file of another is stale
 IMAGE_FOLDER = "images"
-DEFAULT_COUNTS = {"train": 2000, "val": 200, "test": 200}
+DEFAULT_COUNTS = {"train": 4000, "val": 200, "test": 500}
 CAPTIONS_PER_IMAGE = 5
 
 IMAGE_SIZE = 224
@@ -53,7 +53,7 @@ COLOURS = {
     "purple": (150, 50, 200),
     "orange": (250, 140, 20),
 }
-SIZES = {"small": 14, "large": 28}  # half the shape's width, in pixels
+SIZES = {"small": 18, "large": 28}  # half the shape's width, in pixels: a small shape spans more than one stride-32 feature cell
 MARGIN = 3  # pixels kept free between a shape and its cell's border
 
 RELATION_PHRASES = {
