@@ -302,5 +302,5 @@ def test_experiment_config_survives_a_checkpoint(tmp_path, trained):
     with pytest.raises(CheckpointError) as caught:
         load_checkpoint(path, expect_config={"model": other.to_dict()["model"]})
     assert str(caught.value).endswith(
-        "model.layers is ['stage6', 'stage7'] there, ['stage7'] here; model.attention_dim is 64 there, 32 here"
+        "model.layers is ['stage6', 'stage7'] there, ['stage6'] here; model.attention_dim is 64 there, 32 here"
     )
