@@ -86,7 +86,7 @@ def load_records(config: ExperimentConfig, log: Callable[[str], None] = print) -
         if not dataset_file.exists():
             log(f"generating the shapes dataset in {root}")
         elif stale_dataset(dataset_file) is not None:
-            log(f"{dataset_file}: captions from an older grammar; generating the dataset again")
+            log(f"{dataset_file}: written by an older shapes generator; generating the dataset again")
     return load_corpus(config.data.dataset, root)
 
 

@@ -200,7 +200,7 @@ def test_load_corpus_generates_shapes_when_missing(tmp_path: Path, monkeypatch):
     assert records == load_corpus("shapes", tmp_path / "shapes")
 
 
-def test_load_corpus_regenerates_a_dataset_of_an_older_grammar_with_its_seed_and_counts(tmp_path: Path):
+def test_load_corpus_regenerates_a_dataset_of_an_older_generator_with_its_seed_and_counts(tmp_path: Path):
     root = tmp_path / "shapes"
     json_path = generate_shapes(root, seed=3, counts=TINY)
     current = load_corpus("shapes", root)
@@ -213,7 +213,7 @@ def test_load_corpus_regenerates_a_dataset_of_an_older_grammar_with_its_seed_and
     lines: list[str] = []
     config = load_config("shapes", overrides=[f"data.data_root={root}"])
     assert load_records(config, log=lines.append) == current
-    assert lines == [f"{json_path}: captions from an older grammar; generating the dataset again"]
+    assert lines == [f"{json_path}: written by an older shapes generator; generating the dataset again"]
     assert json.loads(json_path.read_text())["grammar"] == shapes.GRAMMAR
     assert load_records(config, log=lines.append) == current and len(lines) == 1
 

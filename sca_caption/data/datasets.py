@@ -50,7 +50,7 @@ def load_corpus(
     karpathy = karpathy_file(name, root)
     if name == "shapes":
         stale = shapes.stale_dataset(karpathy)
-        if stale is not None:  # written by an older grammar: the same images, today's captions
+        if stale is not None:  # written by an older generator: made again with its seed and counts
             shapes.generate_shapes(root, **stale)
         elif not karpathy.exists():
             shapes.generate_shapes(root)

@@ -389,8 +389,8 @@ def generate_shapes(out_dir: Path, seed: int = 0, counts: Mapping[str, int] = DE
 
 
 def stale_dataset(json_path: Path) -> dict[str, Any] | None:
-    """The ``seed`` and ``counts`` of a dataset file written with another caption grammar (to
-    generate it again with), None when the file is current or absent."""
+    """The ``seed`` and ``counts`` of a dataset file written by another version of this generator
+    (``GRAMMAR``; to generate it again with), None when the file is current or absent."""
     if not Path(json_path).exists():
         return None
     data = read_json(json_path)
