@@ -22,11 +22,10 @@ from typing import Callable
 
 from sca_caption.config import ExperimentConfig
 from sca_caption.data.corpus import ImageRecord, corpus_hash
-from sca_caption.data.datasets import default_data_root, karpathy_file, load_corpus
+from sca_caption.data.datasets import default_data_root, load_corpus
 from sca_caption.data.errors import DataError
 from sca_caption.data.feature_extraction import extract_features
 from sca_caption.data.features import CacheSpec, FeatureCache, is_complete
-from sca_caption.data.shapes import stale_dataset
 from sca_caption.data.vocab import Vocab, build_vocab
 
 EXTRACTION_BATCH = 8  # small batches keep the activations in cache: ~1.5-2x the images/s of 32 on a CPU
@@ -80,14 +79,7 @@ def prepare(config: ExperimentConfig, *, progress: bool = True, log: Callable[[s
 
 def load_records(config: ExperimentConfig, log: Callable[[str], None] = print) -> list[ImageRecord]:
     """The corpus of ``config`` (the shapes dataset is generated the first time)."""
-    root = data_root(config)
-    if config.data.dataset == "shapes":
-        dataset_file = karpathy_file("shapes", root)
-        if not dataset_file.exists():
-            log(f"generating the shapes dataset in {root}")
-        elif stale_dataset(dataset_file) is not None:
-            log(f"{dataset_file}: written by an older shapes generator; generating the dataset again")
-    return load_corpus(config.data.dataset, root)
+    return load_corpus(config.data.dataset, data_root(config), log=log)
 
 
 def ensure_vocab(

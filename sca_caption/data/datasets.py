@@ -8,6 +8,7 @@ dataset's native files are read (Flickr8k token and split files; COCO caption an
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from sca_caption.data import coco, flickr8k, shapes
 from sca_caption.data.corpus import ImageRecord
@@ -38,11 +39,13 @@ def load_corpus(
     *,
     on_bad: str = "error",
     report: BadInputReport | None = None,
+    log: Callable[[str], None] = lambda _: None,
 ) -> list[ImageRecord]:
     """The records of corpus ``name`` (one of ``CORPORA``), sorted by split then image id.
 
     data_root: the dataset's folder (default ``data/<name>``). on_bad / report: see ``errors``.
-    A missing dataset is a ``DataError`` saying which files were looked for, and where.
+    A missing dataset is a ``DataError`` saying which files were looked for, and where. ``log``
+    hears one line when the shapes dataset is generated (or generated again).
     """
     if name not in CORPORA:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(CORPORA)}")
@@ -51,8 +54,10 @@ def load_corpus(
     if name == "shapes":
         stale = shapes.stale_dataset(karpathy)
         if stale is not None:  # written by an older generator: made again with its seed and counts
+            log(f"{karpathy}: written by an older shapes generator; generating the dataset again")
             shapes.generate_shapes(root, **stale)
         elif not karpathy.exists():
+            log(f"generating the shapes dataset in {root}")
             shapes.generate_shapes(root)
     if karpathy.exists():
         return read_karpathy(karpathy, _karpathy_image_root(name, root), on_bad=on_bad, report=report)
