@@ -174,6 +174,23 @@ def test_float16_cached_features_are_accepted() -> None:
         )
 
 
+@pytest.mark.parametrize("layers", DEPTHS[:2])
+@pytest.mark.parametrize("order", ORDERS)
+def test_bfloat16_autocast_trains_and_matches_float32(order: str, layers: tuple[str, ...]) -> None:
+    features, caps = tiny_features(layers), captions()
+    losses, grads = [], []
+    for bf16 in (False, True):
+        model = build(config(layers, order, dropout=0.0))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model.loss(model(features, caps), caps, PAD).total
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.isfinite(grads[1]).all()
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=0.0)
+    assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
 def test_greedy_decoding_scores_equal_teacher_forced_scores() -> None:
     decoding = pytest.importorskip("sca_caption.decoding")
     model = build(config(), dtype=torch.float64).eval()

@@ -263,8 +263,13 @@ class ChannelAttention(nn.Module):
         self.score = nn.Parameter(torch.empty(attention_dim).uniform_(-bound, bound))
 
     def forward(self, pooled: Tensor, query: Tensor) -> Tensor:
-        """Pooled map v (B, C) and query q = W_hc h (B, k) -> channel weights β (B, C), rows sum to 1."""
-        scores = _ChannelScores.apply(pooled, (self.bias + query).mul(2), self.weight.mul(2), self.score.mul(2))
+        """Pooled map v (B, C) and query q = W_hc h (B, k) -> channel weights β (B, C), rows sum to 1.
+
+        Computed in the parameters' dtype: under bfloat16 autocast v and q arrive in bfloat16.
+        """
+        dtype = self.weight.dtype
+        offset = (self.bias + query.to(dtype)).mul(2)
+        scores = _ChannelScores.apply(pooled.to(dtype), offset, self.weight.mul(2), self.score.mul(2))
         return torch.softmax(scores, dim=1)
 
 
@@ -304,7 +309,10 @@ class SpatialAttention(nn.Module):
 
     def over_weighted(self, maps: Tensor, scale: Tensor, query: Tensor, rows: Tensor | None = None) -> Tensor:
         """α over the channel-weighted map V ⊙ s: maps V (N, m, C), scale s (R, C), query (R, k)
-        -> α (R, m); V ⊙ s is never materialised (see ``_WeightedSpatialScores``)."""
+        -> α (R, m); V ⊙ s is never materialised (see ``_WeightedSpatialScores``). Computed in the
+        parameters' dtype, as ``ChannelAttention``."""
+        dtype = self.score.dtype
+        maps, scale, query = maps.to(dtype), scale.to(dtype), query.to(dtype)
         scores = _WeightedSpatialScores.apply(maps, scale, query, self.key.weight, self.key.bias, self.score, rows)
         return torch.softmax(scores, dim=1)
 
