@@ -36,7 +36,10 @@ Runs (``--runs setting:order,...``), settings from ``common.py``:
   whose upper stage runs at every step for every beam), attention 512, hidden 1000, embedding 100.
 
 Usage: python benchmarks/beam_speed.py [--runs lite0:cs,lite0:s,paper:cs] [--batch 64] [--beam 5]
-       [--max-length 16] [--vocab 3000] [--batches 5] [--warmup 1] [--threads N]
+       [--max-length 16] [--vocab 3000] [--batches 5] [--warmup 1] [--threads N] [--profile N]
+
+``--profile N`` adds a ``profile`` entry: where the time of N more batches goes (torch.profiler
+self CPU time per op, and the share in matmul-like ops; ``common.op_profile``).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import SETTINGS, build_captioner, matmul_roofline, upper_stages
+from common import SETTINGS, build_captioner, matmul_roofline, op_profile, upper_stages
 from sca_caption.data.vocab import Vocab
 from sca_caption.decoding import beam_search
 from sca_caption.models.backbones import build_backbone
@@ -134,13 +137,16 @@ def counted_flops(model: SCACaptioner, features: Mapping[str, Tensor], rows: int
     return counter.get_total_flops() / rows
 
 
+def search_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The ``beam_search`` keyword arguments of this benchmark."""
+    return dict(start=Vocab.start, end=Vocab.end, beam_size=args.beam, max_length=args.max_length, suppress=(Vocab.unk,))
+
+
 def decode_speed(
     model: SCACaptioner, features: Mapping[str, Tensor], args: argparse.Namespace
 ) -> tuple[float, RowCounter]:
     """Seconds per batch (mean over ``args.batches`` after warm-up) and the rows stepped then."""
-    settings = dict(
-        start=Vocab.start, end=Vocab.end, beam_size=args.beam, max_length=args.max_length, suppress=(Vocab.unk,)
-    )
+    settings = search_settings(args)
     for _ in range(args.warmup):
         beam_search(model, features, **settings)
     counter = RowCounter(model)
@@ -191,6 +197,10 @@ def run(name: str, order: str, args: argparse.Namespace, gflops: float) -> dict[
         key, bar = BARS[(name, order)]
         result["bar"] = f"{key} >= {bar}"
         result["meets_bar"] = float(result[key]) >= bar  # type: ignore[arg-type]
+    if args.profile:
+        settings = search_settings(args)
+        profile = op_profile(lambda: beam_search(model, features, **settings), args.profile)
+        result["profile"] = profile
     return result
 
 
@@ -204,6 +214,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=5, help="timed batches")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--profile", type=int, default=0, help="profile this many more batches: where the time goes")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

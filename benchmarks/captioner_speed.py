@@ -15,7 +15,10 @@ EfficientNet-Lite0's stage7, the issue's CPU configuration) and ``paper`` (the p
 on ResNet-152, res5c_branch2b then res5c).
 
 Usage: python benchmarks/captioner_speed.py [--settings lite0,paper] [--orders cs,s]
-       [--batch 64] [--steps 16] [--vocab 3000] [--iterations 10] [--warmup 2]
+       [--batch 64] [--steps 16] [--vocab 3000] [--iterations 10] [--warmup 2] [--profile N]
+
+``--profile N`` adds a ``profile`` entry: where the time of N more iterations goes (torch.profiler
+self CPU time per op, and the share in matmul-like ops; ``common.op_profile``).
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Callable
 
 import torch
 
-from common import SETTINGS, build_captioner, matmul_roofline, upper_stages
+from common import SETTINGS, build_captioner, matmul_roofline, op_profile, upper_stages
 from sca_caption.models.backbones import build_backbone
 from sca_caption.models.captioner import SCACaptioner
 
@@ -87,22 +91,32 @@ def flops_per_caption(
     return {name: 2 * value for name, value in parts.items()}, map_elements
 
 
-def train_speed(
-    model: SCACaptioner, features: dict[str, torch.Tensor], captions: torch.Tensor, iterations: int, warmup: int
-) -> float:
-    """Median seconds of one training iteration (forward, loss, backward, fused Adam step)."""
+def training_iteration(
+    model: SCACaptioner, features: dict[str, torch.Tensor], captions: torch.Tensor
+) -> Callable[[], None]:
+    """One training iteration as a call: forward, loss, backward and a fused Adam step."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     model.train()
-    times = []
-    for i in range(warmup + iterations):
-        start = time.perf_counter()
+
+    def iteration() -> None:
         output = model(features, captions)
         loss = model.loss(output, captions, pad_id=0).total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+
+    return iteration
+
+
+def median_seconds(run: Callable[[], None], iterations: int, warmup: int) -> float:
+    """Median seconds of ``run()`` over ``iterations`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
 
@@ -115,6 +129,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=3000)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--profile", type=int, default=0, help="profile this many more iterations: where the time goes")
     args = parser.parse_args()
 
     roofline = matmul_roofline()
@@ -130,35 +145,33 @@ def main() -> None:
             features = random_features(shapes, args.batch)
             captions = torch.randint(4, args.vocab, (args.batch, args.steps + 1))
             captions[:, 0] = 1
-            seconds = train_speed(model, features, captions, args.iterations, args.warmup)
+            iteration = training_iteration(model, features, captions)
+            seconds = median_seconds(iteration, args.iterations, args.warmup)
             breakdown, map_elements = flops_per_caption(model, features, args.steps, args.vocab)
             flops = sum(breakdown.values())
             rate = args.batch / seconds
-            print(
-                json.dumps(
-                    {
-                        "benchmark": "captioner_train",
-                        "setting": name,
-                        "order": order,
-                        "layers": list(setting.layers),
-                        "feature_shapes": {tap: list(shape) for tap, shape in shapes.items()},
-                        "batch": args.batch,
-                        "steps": args.steps,
-                        "vocab": args.vocab,
-                        "iterations": args.iterations,
-                        "threads": threads,
-                        "seconds_per_batch": round(seconds, 4),
-                        "captions_per_s": round(rate, 1),
-                        "flops_per_caption": flops,
-                        "flops_breakdown": breakdown,
-                        "attention_map_elements_per_caption": map_elements,
-                        "matmul_gflops": round(gflops, 1),
-                        "roofline_fraction": round(flops * rate / (gflops * 1e9), 3),
-                    }
-                ),
-                flush=True,
-            )
-
+            result: dict[str, object] = {
+                "benchmark": "captioner_train",
+                "setting": name,
+                "order": order,
+                "layers": list(setting.layers),
+                "feature_shapes": {tap: list(shape) for tap, shape in shapes.items()},
+                "batch": args.batch,
+                "steps": args.steps,
+                "vocab": args.vocab,
+                "iterations": args.iterations,
+                "threads": threads,
+                "seconds_per_batch": round(seconds, 4),
+                "captions_per_s": round(rate, 1),
+                "flops_per_caption": flops,
+                "flops_breakdown": breakdown,
+                "attention_map_elements_per_caption": map_elements,
+                "matmul_gflops": round(gflops, 1),
+                "roofline_fraction": round(flops * rate / (gflops * 1e9), 3),
+            }
+            if args.profile:
+                result["profile"] = op_profile(iteration, args.profile)
+            print(json.dumps(result), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -97,3 +97,26 @@ def upper_stages(model: SCACaptioner, features: Mapping[str, Tensor]) -> tuple[l
         taps[encoder.layer_names[i + 1]] = x
         sizes.append(x.shape[2] * x.shape[3])
     return sizes, macs
+
+
+MATMUL_OPS = frozenset(("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::addmv", "aten::addmv_"))
+
+
+def op_profile(run: Callable[[], object], repeats: int, top: int = 12) -> dict[str, object]:
+    """Where the time of ``run()`` goes: torch.profiler's self CPU time of every op over ``repeats``
+    calls, per call in ms: the ops' total, the share of it spent in matmul-like ops
+    (``MATMUL_OPS``, the work the roofline fraction counts) and the ``top`` largest ops. Python
+    time between ops is in no op, and the profiler adds its own overhead to every op."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(repeats):
+            run()
+    per_op = {event.key: event.self_cpu_time_total / 1000 / repeats for event in profiler.key_averages()}
+    total = sum(per_op.values())
+    largest = sorted(per_op, key=per_op.__getitem__, reverse=True)[:top]
+    return {
+        "profiled_calls": repeats,
+        "ms_per_call": round(total, 1),
+        "matmul_share": round(sum(v for k, v in per_op.items() if k in MATMUL_OPS) / total, 3),
+        "top_ops_ms": {name: round(per_op[name], 1) for name in largest},
+    }
