@@ -15,7 +15,7 @@ EfficientNet-Lite0's stage7, the issue's CPU configuration) and ``paper`` (the p
 on ResNet-152, res5c_branch2b then res5c).
 
 Usage: python benchmarks/captioner_speed.py [--settings lite0,paper] [--orders cs,s]
-       [--batch 64] [--steps 16] [--vocab 3000] [--iterations 10] [--warmup 2] [--profile N]
+       [--batch 64] [--steps 16] [--vocab 3000] [--iterations 10] [--warmup 2] [--bf16] [--profile N]
 
 ``--profile N`` adds a ``profile`` entry: where the time of N more iterations goes (torch.profiler
 self CPU time per op, and the share in matmul-like ops; ``common.op_profile``).
@@ -92,15 +92,17 @@ def flops_per_caption(
 
 
 def training_iteration(
-    model: SCACaptioner, features: dict[str, torch.Tensor], captions: torch.Tensor
+    model: SCACaptioner, features: dict[str, torch.Tensor], captions: torch.Tensor, bf16: bool = False
 ) -> Callable[[], None]:
-    """One training iteration as a call: forward, loss, backward and a fused Adam step."""
+    """One training iteration as a call: forward (under bfloat16 autocast with ``bf16``, as
+    ``train.bf16`` does), loss, backward and a fused Adam step."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     model.train()
 
     def iteration() -> None:
-        output = model(features, captions)
-        loss = model.loss(output, captions, pad_id=0).total
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            output = model(features, captions)
+            loss = model.loss(output, captions, pad_id=0).total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -129,6 +131,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=3000)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="forward pass under bfloat16 autocast (train.bf16)")
     parser.add_argument("--profile", type=int, default=0, help="profile this many more iterations: where the time goes")
     args = parser.parse_args()
 
@@ -145,7 +148,7 @@ def main() -> None:
             features = random_features(shapes, args.batch)
             captions = torch.randint(4, args.vocab, (args.batch, args.steps + 1))
             captions[:, 0] = 1
-            iteration = training_iteration(model, features, captions)
+            iteration = training_iteration(model, features, captions, args.bf16)
             seconds = median_seconds(iteration, args.iterations, args.warmup)
             breakdown, map_elements = flops_per_caption(model, features, args.steps, args.vocab)
             flops = sum(breakdown.values())
@@ -161,6 +164,7 @@ def main() -> None:
                 "vocab": args.vocab,
                 "iterations": args.iterations,
                 "threads": threads,
+                "bf16": args.bf16,
                 "seconds_per_batch": round(seconds, 4),
                 "captions_per_s": round(rate, 1),
                 "flops_per_caption": flops,
