@@ -76,16 +76,18 @@ class _ChannelScores(torch.autograd.Function):
 
     The (B, C, k) sigmoid map is the largest tensor of a step (21 MB for 64 images at C = 320,
     k = 256), so it is never stored whole: it is built, reduced and discarded a few images at a
-    time (``_CHUNK_ELEMENTS``) while the chunk is in cache. The backward pass rebuilds each chunk
-    (a sigmoid costs about what writing the map to memory and reading it back would) and takes
-    every gradient from it at once.
+    time (``_CHUNK_ELEMENTS``) in one reused buffer that stays in cache. The backward pass rebuilds
+    each chunk (a sigmoid costs about what writing the map to memory and reading it back would)
+    and takes every gradient from it at once.
     """
 
     @staticmethod
     def forward(ctx: FunctionCtx, pooled: Tensor, offset: Tensor, slope: Tensor, weight: Tensor) -> Tensor:
         scores = pooled.new_empty(pooled.shape)
-        for rows in _chunks(pooled, offset):
-            torch.matmul(_sigmoid_map(pooled, offset, slope, rows), weight, out=scores[rows])
+        parts = _chunks(pooled, offset)
+        buffer = _scratch(pooled, parts, pooled.shape[1], offset.shape[1])
+        for rows in parts:
+            torch.matmul(_sigmoid_map(pooled, offset, slope, rows, buffer), weight, out=scores[rows])
         ctx.save_for_backward(pooled, offset, slope, weight)
         return scores
 
@@ -99,11 +101,13 @@ class _ChannelScores(torch.autograd.Function):
         g_slope, g_weight = torch.zeros_like(slope), torch.zeros_like(weight)
         weight_slope = weight * slope
         k = weight.shape[0]
-        for rows in _chunks(pooled, offset):
-            hidden = _sigmoid_map(pooled, offset, slope, rows)
+        parts = _chunks(pooled, offset)
+        buffer = _scratch(pooled, parts, pooled.shape[1], k)
+        for rows in parts:
+            hidden = _sigmoid_map(pooled, offset, slope, rows, buffer)
             g_weight.addmv_(hidden.reshape(-1, k).t(), grad[rows].reshape(-1))
-            # grad[b, c] · σ'(x) with σ' = σ(1 - σ)
-            derivative = torch.ops.aten.sigmoid_backward(grad[rows].unsqueeze(2), hidden)
+            # grad[b, c] · σ'(x) with σ' = σ(1 - σ), over the map in place
+            derivative = _sigmoid_grad(grad[rows].unsqueeze(2), hidden)
             torch.sum(derivative, dim=1, out=g_offset[rows])
             g_slope.addmv_(derivative.reshape(-1, k).t(), pooled[rows].reshape(-1))
             if g_pooled is not None:
@@ -118,9 +122,31 @@ def _chunks(pooled: Tensor, offset: Tensor) -> list[slice]:
     return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
 
 
-def _sigmoid_map(pooled: Tensor, offset: Tensor, slope: Tensor, rows: slice) -> Tensor:
-    """σ(slope_j · pooled[b, c] + offset[b, j]) for the images ``rows``: (rows, C, k)."""
-    return torch.addcmul(offset[rows].unsqueeze(1), pooled[rows].unsqueeze(2), slope).sigmoid_()
+def _sigmoid_map(pooled: Tensor, offset: Tensor, slope: Tensor, rows: slice, buffer: Tensor) -> Tensor:
+    """σ(slope_j · pooled[b, c] + offset[b, j]) for the images ``rows``: (rows, C, k), written
+    into the front of ``buffer``."""
+    out = _front(buffer, rows)
+    return torch.addcmul(offset[rows].unsqueeze(1), pooled[rows].unsqueeze(2), slope, out=out).sigmoid_()
+
+
+def _sigmoid_grad(grad: Tensor, sigmoid: Tensor, out: Tensor | None = None) -> Tensor:
+    """grad · σ(1 - σ) from the sigmoid's output (broadcast), into ``out`` (default: over
+    ``sigmoid`` itself)."""
+    return torch.ops.aten.sigmoid_backward.grad_input(grad, sigmoid, grad_input=sigmoid if out is None else out)
+
+
+def _scratch(like: Tensor, parts: list[slice], *shape: int) -> Tensor:
+    """An empty (rows, *shape) buffer for the largest of ``parts``, to be reused chunk after chunk.
+
+    Intermediates written into fresh memory cost more than their arithmetic on a CPU (page
+    faults, then a cache miss on every first write), while one reused buffer stays in cache.
+    """
+    return like.new_empty(max(part.stop - part.start for part in parts), *shape)
+
+
+def _front(buffer: Tensor, part: slice) -> Tensor:
+    """The first ``len(part)`` rows of ``buffer``: where chunk ``part`` is written."""
+    return buffer[: part.stop - part.start]
 
 
 class _WeightedSpatialScores(torch.autograd.Function):
@@ -155,9 +181,12 @@ class _WeightedSpatialScores(torch.autograd.Function):
         hidden = maps.new_empty(total, m, k) if keep else None
         scores = maps.new_empty(total, m)
         group = _per_image(rows, maps.shape[0])
-        for part in _row_chunks(total, m * max(channels, k), group):
-            weighted = _weighted_rows(maps, scale, rows, part, group)
-            block = hidden[part] if hidden is not None else weighted.new_empty(weighted.shape[0], m, k)
+        parts = _row_chunks(total, m * max(channels, k), group)
+        weighted_buffer = _scratch(maps, parts, m, channels)
+        block_buffer = None if hidden is not None else _scratch(maps, parts, m, k)
+        for part in parts:
+            weighted = _weighted_rows(maps, scale, rows, part, group, weighted_buffer)
+            block = hidden[part] if block_buffer is None else _front(block_buffer, part)
             torch.mm(weighted.reshape(-1, channels), projection, out=block.view(-1, k))
             block.add_(offset[part].unsqueeze(1)).sigmoid_()
             torch.mv(block.view(-1, k), score2, out=scores[part].view(-1))
@@ -181,23 +210,28 @@ class _WeightedSpatialScores(torch.autograd.Function):
         g_offset = hidden.new_empty(total, k)
         g_weight = torch.zeros_like(key_weight)
         g_score = hidden.new_zeros(k)
-        for part in _row_chunks(total, m * max(channels, k)):
+        parts = _row_chunks(total, m * max(channels, k))
+        slope_buffer = _scratch(hidden, parts, m, k)
+        weighted_buffer, g_weighted_buffer = _scratch(maps, parts, m, channels), _scratch(maps, parts, m, channels)
+        for part in parts:
             block = hidden[part]
             g_score.addmv_(block.view(-1, k).t(), grad[part].view(-1))
-            slope = torch.ops.aten.sigmoid_backward(grad[part].unsqueeze(2), block)
+            slope = _sigmoid_grad(grad[part].unsqueeze(2), block, out=_front(slope_buffer, part))
             torch.sum(slope, dim=1, out=g_offset[part])
-            source = _read_rows(maps, rows, part)
-            g_weight.addmm_(slope.view(-1, k).t(), (source * scale[part].unsqueeze(1)).reshape(-1, channels))
+            weighted = _weighted_rows(maps, scale, rows, part, 0, weighted_buffer)
+            g_weight.addmm_(slope.view(-1, k).t(), weighted.view(-1, channels))
             if need_maps or need_scale:
-                g_weighted = torch.mm(slope.view(-1, k), back_projection).view(-1, m, channels)
+                g_weighted = _front(g_weighted_buffer, part)
+                torch.mm(slope.view(-1, k), back_projection, out=g_weighted.view(-1, channels))
+                if g_scale is not None:  # the weighted rows are spent: their buffer takes g ⊙ V
+                    product = torch.mul(g_weighted, _read_rows(maps, rows, part), out=weighted)
+                    torch.sum(product, dim=1, out=g_scale[part])
                 if g_maps is not None:
-                    g_source = g_weighted * scale[part].unsqueeze(1)
+                    g_source = g_weighted.mul_(scale[part].unsqueeze(1))
                     if rows is None:
                         g_maps[part] = g_source
                     else:
                         g_maps.index_add_(0, rows[part], g_source)
-                if g_scale is not None:
-                    torch.sum(g_weighted.mul_(source), dim=1, out=g_scale[part])
         g_query = g_offset.mul_(factor)
         return g_maps, g_scale, g_query, g_weight * factor.unsqueeze(1), g_query.sum(dim=0), g_score.mul_(2), None
 
@@ -225,16 +259,20 @@ def _read_rows(x: Tensor, rows: Tensor | None, part: slice) -> Tensor:
     return x[part] if rows is None else x.index_select(0, rows[part])
 
 
-def _weighted_rows(maps: Tensor, scale: Tensor, rows: Tensor | None, part: slice, group: int) -> Tensor:
-    """V' = V ⊙ s for the rows ``part``: (r, m, C), a new tensor; ``group`` as ``_per_image`` gives."""
+def _weighted_rows(
+    maps: Tensor, scale: Tensor, rows: Tensor | None, part: slice, group: int, buffer: Tensor
+) -> Tensor:
+    """V' = V ⊙ s for the rows ``part``: (r, m, C), written into the front of ``buffer``;
+    ``group`` as ``_per_image`` gives."""
+    out = _front(buffer, part)
     if rows is None:
-        return maps[part] * scale[part].unsqueeze(1)
+        return torch.mul(maps[part], scale[part].unsqueeze(1), out=out)
     if not group:
-        return maps.index_select(0, rows[part]).mul_(scale[part].unsqueeze(1))
+        return torch.index_select(maps, 0, rows[part], out=out).mul_(scale[part].unsqueeze(1))
     images = maps[part.start // group : part.stop // group]
-    weighted = maps.new_empty(images.shape[0], group, *maps.shape[1:])
-    torch.mul(images.unsqueeze(1), scale[part].view(-1, group, 1, maps.shape[2]), out=weighted)
-    return weighted.flatten(0, 1)
+    grouped = out.view(images.shape[0], group, *maps.shape[1:])
+    torch.mul(images.unsqueeze(1), scale[part].view(-1, group, 1, maps.shape[2]), out=grouped)
+    return out
 
 
 def _gather(x: Tensor, rows: Tensor | None) -> Tensor:
