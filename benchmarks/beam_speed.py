@@ -199,8 +199,7 @@ def run(name: str, order: str, args: argparse.Namespace, gflops: float) -> dict[
         result["meets_bar"] = float(result[key]) >= bar  # type: ignore[arg-type]
     if args.profile:
         settings = search_settings(args)
-        profile = op_profile(lambda: beam_search(model, features, **settings), args.profile)
-        result["profile"] = profile
+        result["profile"] = op_profile(lambda: beam_search(model, features, **settings), args.profile)
     return result
 
 
