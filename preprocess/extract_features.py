@@ -17,7 +17,7 @@ from pathlib import Path
 from sca_caption.data.corpus import corpus_hash
 from sca_caption.data.datasets import CORPORA, default_data_root, load_corpus
 from sca_caption.data.errors import ON_BAD_CHOICES, BadInputReport, DataError
-from sca_caption.data.feature_extraction import extract_features
+from sca_caption.data.feature_extraction import EXTRACTION_BATCH, extract_features
 from sca_caption.data.features import CacheSpec
 from sca_caption.models.backbones import list_backbones
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", nargs="+", required=True, help="attended taps, lowest first: stage5 stage6 stage7")
     parser.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images in corpus order")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward (8: small batches stay in CPU cache)")
+    parser.add_argument("--batch-size", type=int, default=EXTRACTION_BATCH, help="images per forward (small batches stay in CPU cache)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
     parser.add_argument(
         "--on-bad-image", choices=ON_BAD_CHOICES, default="error", help="stop at an unreadable image, or skip it"
