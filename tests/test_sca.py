@@ -73,7 +73,7 @@ def test_channel_scores_gradcheck_across_chunks(monkeypatch: pytest.MonkeyPatch)
         torch.randn(K, dtype=torch.float64, requires_grad=True),
         torch.randn(K, dtype=torch.float64, requires_grad=True),
     )
-    assert len(sca._chunks(args[0], args[1])) == 3
+    assert len(sca._row_chunks(5, C * K, sca._CHUNK_ELEMENTS)) == 3
     assert torch.autograd.gradcheck(sca._ChannelScores.apply, args)
 
 

@@ -34,7 +34,7 @@ def test_weighted_spatial_scores_gradcheck_across_chunks(layout: str, monkeypatc
     monkeypatch.setattr(sca, "_SPATIAL_CHUNK_ELEMENTS", 2 * M * C)  # two rows per chunk
     rows = None if ROWS[layout] is None else torch.tensor(ROWS[layout])
     args = spatial_arguments(6, 6 if rows is None else 3)
-    assert len(sca._row_chunks(6, M * C)) == 3
+    assert len(sca._row_chunks(6, M * C, sca._SPATIAL_CHUNK_ELEMENTS)) == 3
     assert sca._per_image(rows, 3) == (2 if layout == "grouped" else 0)
     assert torch.autograd.gradcheck(lambda *a: sca._WeightedSpatialScores.apply(*a, rows), args)
 

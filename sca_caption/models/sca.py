@@ -84,7 +84,7 @@ class _ChannelScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, pooled: Tensor, offset: Tensor, slope: Tensor, weight: Tensor) -> Tensor:
         scores = pooled.new_empty(pooled.shape)
-        parts = _chunks(pooled, offset)
+        parts = _row_chunks(pooled.shape[0], pooled.shape[1] * offset.shape[1], _CHUNK_ELEMENTS)
         buffer = _scratch(pooled, parts, pooled.shape[1], offset.shape[1])
         for rows in parts:
             torch.matmul(_sigmoid_map(pooled, offset, slope, rows, buffer), weight, out=scores[rows])
@@ -101,7 +101,7 @@ class _ChannelScores(torch.autograd.Function):
         g_slope, g_weight = torch.zeros_like(slope), torch.zeros_like(weight)
         weight_slope = weight * slope
         k = weight.shape[0]
-        parts = _chunks(pooled, offset)
+        parts = _row_chunks(pooled.shape[0], pooled.shape[1] * offset.shape[1], _CHUNK_ELEMENTS)
         buffer = _scratch(pooled, parts, pooled.shape[1], k)
         for rows in parts:
             hidden = _sigmoid_map(pooled, offset, slope, rows, buffer)
@@ -113,13 +113,6 @@ class _ChannelScores(torch.autograd.Function):
             if g_pooled is not None:
                 torch.matmul(derivative, weight_slope, out=g_pooled[rows])
         return g_pooled, g_offset * weight, g_slope * weight, g_weight
-
-
-def _chunks(pooled: Tensor, offset: Tensor) -> list[slice]:
-    """Slices of images whose (rows, C, k) map holds about ``_CHUNK_ELEMENTS`` floats."""
-    batch, per_image = pooled.shape[0], pooled.shape[1] * offset.shape[1]
-    step = max(1, _CHUNK_ELEMENTS // per_image)
-    return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
 
 
 def _sigmoid_map(pooled: Tensor, offset: Tensor, slope: Tensor, rows: slice, buffer: Tensor) -> Tensor:
@@ -181,7 +174,7 @@ class _WeightedSpatialScores(torch.autograd.Function):
         hidden = maps.new_empty(total, m, k) if keep else None
         scores = maps.new_empty(total, m)
         group = _per_image(rows, maps.shape[0])
-        parts = _row_chunks(total, m * max(channels, k), group)
+        parts = _row_chunks(total, m * max(channels, k), _SPATIAL_CHUNK_ELEMENTS, group)
         weighted_buffer = _scratch(maps, parts, m, channels)
         block_buffer = None if hidden is not None else _scratch(maps, parts, m, k)
         for part in parts:
@@ -210,7 +203,7 @@ class _WeightedSpatialScores(torch.autograd.Function):
         g_offset = hidden.new_empty(total, k)
         g_weight = torch.zeros_like(key_weight)
         g_score = hidden.new_zeros(k)
-        parts = _row_chunks(total, m * max(channels, k))
+        parts = _row_chunks(total, m * max(channels, k), _SPATIAL_CHUNK_ELEMENTS)
         slope_buffer = _scratch(hidden, parts, m, k)
         weighted_buffer, g_weighted_buffer = _scratch(maps, parts, m, channels), _scratch(maps, parts, m, channels)
         for part in parts:
@@ -236,10 +229,11 @@ class _WeightedSpatialScores(torch.autograd.Function):
         return g_maps, g_scale, g_query, g_weight * factor.unsqueeze(1), g_query.sum(dim=0), g_score.mul_(2), None
 
 
-def _row_chunks(total: int, per_row: int, group: int = 0) -> list[slice]:
-    """Slices of ``total`` rows of ``per_row`` floats each, about ``_SPATIAL_CHUNK_ELEMENTS`` floats a
-    slice; with ``group`` > 0 each slice holds whole groups of ``group`` rows."""
-    step = max(1, _SPATIAL_CHUNK_ELEMENTS // per_row)
+def _row_chunks(total: int, per_row: int, elements: int, group: int = 0) -> list[slice]:
+    """Slices of ``total`` rows of ``per_row`` floats each, about ``elements`` floats a slice
+    (``_CHUNK_ELEMENTS`` or ``_SPATIAL_CHUNK_ELEMENTS``); with ``group`` > 0 each slice holds
+    whole groups of ``group`` rows."""
+    step = max(1, elements // per_row)
     if group:
         step = max(group, step - step % group)
     return [slice(i, min(i + step, total)) for i in range(0, total, step)]
@@ -336,7 +330,7 @@ class SpatialAttention(nn.Module):
             return torch.softmax(_tanh_scores(keys + query.unsqueeze(1), self.score), dim=1)
         group = _per_image(rows, keys.shape[0])
         scores = []
-        for part in _row_chunks(query.shape[0], keys.shape[1] * keys.shape[2], group):
+        for part in _row_chunks(query.shape[0], keys.shape[1] * keys.shape[2], _SPATIAL_CHUNK_ELEMENTS, group):
             if group:
                 images = keys[part.start // group : part.stop // group].unsqueeze(1)
                 preactivation = (images + query[part].view(-1, group, 1, keys.shape[2])).flatten(0, 1)
@@ -475,7 +469,7 @@ def _weighted_sum(alpha: Tensor, maps: Tensor, rows: Tensor | None = None) -> Te
     group = _per_image(rows, maps.shape[0])
     if group:  # each image's K rows at once: (N, K, m) @ (N, m, C)
         return torch.bmm(alpha.view(maps.shape[0], group, -1), maps).flatten(0, 1)
-    parts = _row_chunks(alpha.shape[0], maps.shape[1] * maps.shape[2])
+    parts = _row_chunks(alpha.shape[0], maps.shape[1] * maps.shape[2], _SPATIAL_CHUNK_ELEMENTS)
     return torch.cat([torch.bmm(alpha[p].unsqueeze(1), maps.index_select(0, rows[p])).squeeze(1) for p in parts])
 
 
