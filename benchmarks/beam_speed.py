@@ -30,13 +30,16 @@ skips matrix-vector products, so it sits slightly under the analytic figure).
 
 Runs (``--runs setting:order,...``), settings from ``common.py``:
 - ``lite0``: one layer on EfficientNet-Lite0's stage7 tap (320×7×7), attention 256, hidden 512,
-  embedding 256 (the issue's CPU configuration). Bars: "cs" reaches >= 60% of the matmul roofline;
-  "s" decodes >= 100 images/s (3× the Show-Attend-Tell tutorial's 33 images/s at beam 5).
+  embedding 256 (the CPU configuration of the speed issues).
 - ``paper``: the paper's two layers on ResNet-152, res5c_branch2b (512×7×7) then res5c (2048×7×7,
   whose upper stage runs at every step for every beam), attention 512, hidden 1000, embedding 100.
 
-Usage: python benchmarks/beam_speed.py [--runs lite0:cs,lite0:s,paper:cs] [--batch 64] [--beam 5]
-       [--max-length 16] [--vocab 3000] [--batches 5] [--warmup 1] [--threads N] [--profile N]
+Each run is made with every attention backend of ``--kernels`` ("plain": the paper's equations,
+what a GPU runs; "cpu": the CPU kernels), side by side, each in a child process whose
+resident-memory rise is printed as ``peak_rss_mb``.
+
+Usage: python benchmarks/beam_speed.py [--runs lite0:cs,lite0:s,paper:cs] [--kernels plain,cpu] [--batch 64]
+       [--beam 5] [--max-length 16] [--vocab 3000] [--batches 5] [--warmup 1] [--threads N] [--profile N]
 
 ``--profile N`` adds a ``profile`` entry: where the time of N more batches goes (torch.profiler
 self CPU time per op, and the share in matmul-like ops; ``common.op_profile``).
@@ -54,30 +57,29 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import SETTINGS, build_captioner, matmul_roofline, op_profile, upper_stages
+from common import SETTINGS, build_captioner, matmul_roofline, op_profile, upper_stages, with_peak_memory
 from sca_caption.data.vocab import Vocab
 from sca_caption.decoding import beam_search
 from sca_caption.models.backbones import build_backbone
 from sca_caption.models.captioner import CaptionState, SCACaptioner, StepOutput
-
-BARS = {("lite0", "cs"): ("roofline_fraction", 0.6), ("lite0", "s"): ("images_per_s", 100.0)}
+from sca_caption.models.sca import ImageMemory
 
 
 class RowCounter:
-    """Forwards ``init_state`` / ``step`` to a captioner, counting steps and rows stepped."""
+    """Forwards ``start`` / ``step`` to a captioner, counting steps and rows stepped."""
 
     def __init__(self, model: SCACaptioner) -> None:
         self.model = model
         self.steps = 0
         self.rows = 0
 
-    def init_state(self, features: Mapping[str, Tensor]) -> CaptionState:
-        return self.model.init_state(features)
+    def start(self, features: Mapping[str, Tensor]) -> tuple[CaptionState, ImageMemory]:
+        return self.model.start(features)
 
-    def step(self, words: Tensor, state: CaptionState) -> StepOutput:
+    def step(self, words: Tensor, state: CaptionState, memory: ImageMemory) -> StepOutput:
         self.steps += 1
         self.rows += words.shape[0]
-        return self.model.step(words, state)
+        return self.model.step(words, state, memory)
 
 
 def random_features(model: SCACaptioner, backbone_name: str, batch: int) -> dict[str, Tensor]:
@@ -130,10 +132,11 @@ def counted_flops(model: SCACaptioner, features: Mapping[str, Tensor], rows: int
     """FlopCounterMode's FLOPs of one step over ``rows`` rows, per row."""
     index = torch.arange(rows) % next(iter(features.values())).shape[0]
     with torch.inference_mode():
-        state = model.init_state(features).select(index)
+        state, memory = model.start(features)
+        state = state.select(index)
         words = torch.full((rows,), Vocab.start, dtype=torch.long)
         with FlopCounterMode(display=False) as counter:
-            model.step(words, state)
+            model.step(words, state, memory)
     return counter.get_total_flops() / rows
 
 
@@ -156,11 +159,11 @@ def decode_speed(
     return (time.perf_counter() - start) / args.batches, counter
 
 
-def run(name: str, order: str, args: argparse.Namespace, gflops: float) -> dict[str, object]:
-    """One benchmark line for ``SETTINGS[name]`` in attention ``order``."""
+def run(name: str, order: str, kernels: str, args: argparse.Namespace, gflops: float) -> dict[str, object]:
+    """One benchmark line for ``SETTINGS[name]`` in attention ``order`` with the ``kernels`` backend."""
     setting = SETTINGS[name]
     torch.manual_seed(0)
-    model = build_captioner(setting, order, args.vocab).eval()
+    model = build_captioner(setting, order, args.vocab, kernels).eval()
     features = random_features(model, setting.backbone, args.batch)
     seconds, counter = decode_speed(model, features, args)
     breakdown, start_flops, elementwise = analytic_flops(model, features, args.vocab)
@@ -172,6 +175,7 @@ def run(name: str, order: str, args: argparse.Namespace, gflops: float) -> dict[
         "benchmark": "beam_search",
         "setting": name,
         "order": order,
+        "kernels": kernels,
         "layers": list(setting.layers),
         "feature_shapes": {tap: list(x.shape[1:]) for tap, x in features.items()},
         "batch": args.batch,
@@ -193,10 +197,6 @@ def run(name: str, order: str, args: argparse.Namespace, gflops: float) -> dict[
         "matmul_gflops": round(gflops, 1),
         "roofline_fraction": round(flops_per_image * images_per_s / (gflops * 1e9), 3),
     }
-    if (name, order) in BARS:
-        key, bar = BARS[(name, order)]
-        result["bar"] = f"{key} >= {bar}"
-        result["meets_bar"] = float(result[key]) >= bar  # type: ignore[arg-type]
     if args.profile:
         settings = search_settings(args)
         result["profile"] = op_profile(lambda: beam_search(model, features, **settings), args.profile)
@@ -206,6 +206,7 @@ def run(name: str, order: str, args: argparse.Namespace, gflops: float) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="lite0:cs,lite0:s,paper:cs", help="comma-separated setting:order")
+    parser.add_argument("--kernels", default="plain,cpu", help="comma-separated attention backends")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--max-length", type=int, default=16)
@@ -225,7 +226,8 @@ def main() -> None:
         name, _, order = spec.partition(":")
         if name not in SETTINGS or not order:
             parser.error(f"--runs: {spec!r} is not setting:order with setting one of {', '.join(SETTINGS)}")
-        print(json.dumps(run(name, order, args, gflops)), flush=True)
+        for kernels in args.kernels.split(","):
+            print(json.dumps(with_peak_memory(lambda: run(name, order, kernels, args, gflops))), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ tanh-map elements evaluated (k·C channel, k·m spatial, per layer and step, for
 
 Settings (random weights; only the shapes matter) from ``common.py``: ``lite0`` (one layer on
 EfficientNet-Lite0's stage7, the issue's CPU configuration) and ``paper`` (the paper's two layers
-on ResNet-152, res5c_branch2b then res5c).
+on ResNet-152, res5c_branch2b then res5c). Each order runs with every attention backend of
+``--kernels`` ("plain": the paper's equations, what a GPU runs; "cpu": the CPU kernels), side by
+side, each in a child process whose resident-memory rise is printed as ``peak_rss_mb``.
 
-Usage: python benchmarks/captioner_speed.py [--settings lite0,paper] [--orders cs,s]
+Usage: python benchmarks/captioner_speed.py [--settings lite0,paper] [--orders cs,s] [--kernels plain,cpu]
        [--batch 64] [--steps 16] [--vocab 3000] [--iterations 10] [--warmup 2] [--bf16] [--profile N]
 
 ``--profile N`` adds a ``profile`` entry: where the time of N more iterations goes (torch.profiler
@@ -30,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from common import SETTINGS, build_captioner, matmul_roofline, op_profile, upper_stages
+from common import SETTINGS, build_captioner, matmul_roofline, op_profile, upper_stages, with_peak_memory
 from sca_caption.models.backbones import build_backbone
 from sca_caption.models.captioner import SCACaptioner
 
@@ -102,7 +104,7 @@ def training_iteration(
     def iteration() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             output = model(features, captions)
-            loss = model.loss(output, captions, pad_id=0).total
+            loss = model.loss(output, captions, pad_id=0).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -126,6 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", default="lite0,paper", help="comma-separated: " + ", ".join(SETTINGS))
     parser.add_argument("--orders", default="cs,s", help="comma-separated attention orders")
+    parser.add_argument("--kernels", default="plain,cpu", help="comma-separated attention backends")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=16, help="decoding steps (caption length - 1)")
     parser.add_argument("--vocab", type=int, default=3000)
@@ -137,45 +140,56 @@ def main() -> None:
 
     roofline = matmul_roofline()
     gflops = float(roofline["gflops"])  # type: ignore[arg-type]
-    threads = torch.get_num_threads()
     print(json.dumps(roofline), flush=True)
     for name in args.settings.split(","):
         setting = SETTINGS[name]
         shapes = feature_shapes(setting.backbone, setting.layers)
         for order in args.orders.split(","):
-            torch.manual_seed(0)
-            model = build_captioner(setting, order, args.vocab)
-            features = random_features(shapes, args.batch)
-            captions = torch.randint(4, args.vocab, (args.batch, args.steps + 1))
-            captions[:, 0] = 1
-            iteration = training_iteration(model, features, captions, args.bf16)
-            seconds = median_seconds(iteration, args.iterations, args.warmup)
-            breakdown, map_elements = flops_per_caption(model, features, args.steps, args.vocab)
-            flops = sum(breakdown.values())
-            rate = args.batch / seconds
-            result: dict[str, object] = {
-                "benchmark": "captioner_train",
-                "setting": name,
-                "order": order,
-                "layers": list(setting.layers),
-                "feature_shapes": {tap: list(shape) for tap, shape in shapes.items()},
-                "batch": args.batch,
-                "steps": args.steps,
-                "vocab": args.vocab,
-                "iterations": args.iterations,
-                "threads": threads,
-                "bf16": args.bf16,
-                "seconds_per_batch": round(seconds, 4),
-                "captions_per_s": round(rate, 1),
-                "flops_per_caption": flops,
-                "flops_breakdown": breakdown,
-                "attention_map_elements_per_caption": map_elements,
-                "matmul_gflops": round(gflops, 1),
-                "roofline_fraction": round(flops * rate / (gflops * 1e9), 3),
-            }
-            if args.profile:
-                result["profile"] = op_profile(iteration, args.profile)
-            print(json.dumps(result), flush=True)
+            for kernels in args.kernels.split(","):
+                measure = lambda: measure_training(name, shapes, order, kernels, args, gflops)  # noqa: E731
+                print(json.dumps(with_peak_memory(measure)), flush=True)
+
+
+def measure_training(
+    name: str, shapes: Shapes, order: str, kernels: str, args: argparse.Namespace, gflops: float
+) -> dict[str, object]:
+    """One benchmark line: setting ``name`` in ``order`` with the ``kernels`` backend."""
+    setting = SETTINGS[name]
+    torch.manual_seed(0)
+    model = build_captioner(setting, order, args.vocab, kernels)
+    features = random_features(shapes, args.batch)
+    captions = torch.randint(4, args.vocab, (args.batch, args.steps + 1))
+    captions[:, 0] = 1
+    iteration = training_iteration(model, features, captions, args.bf16)
+    seconds = median_seconds(iteration, args.iterations, args.warmup)
+    breakdown, map_elements = flops_per_caption(model, features, args.steps, args.vocab)
+    flops = sum(breakdown.values())
+    rate = args.batch / seconds
+    result: dict[str, object] = {
+        "benchmark": "captioner_train",
+        "setting": name,
+        "order": order,
+        "kernels": kernels,
+        "layers": list(setting.layers),
+        "feature_shapes": {tap: list(shape) for tap, shape in shapes.items()},
+        "batch": args.batch,
+        "steps": args.steps,
+        "vocab": args.vocab,
+        "iterations": args.iterations,
+        "threads": torch.get_num_threads(),
+        "bf16": args.bf16,
+        "seconds_per_batch": round(seconds, 4),
+        "captions_per_s": round(rate, 1),
+        "flops_per_caption": flops,
+        "flops_breakdown": breakdown,
+        "attention_map_elements_per_caption": map_elements,
+        "matmul_gflops": round(gflops, 1),
+        "roofline_fraction": round(flops * rate / (gflops * 1e9), 3),
+    }
+    if args.profile:
+        result["profile"] = op_profile(iteration, args.profile)
+    return result
+
 
 if __name__ == "__main__":
     main()

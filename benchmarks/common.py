@@ -13,6 +13,8 @@ Settings (random weights; only the shapes matter):
 
 from __future__ import annotations
 
+import multiprocessing
+import resource
 import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -42,8 +44,9 @@ SETTINGS = {
 }
 
 
-def build_captioner(setting: Setting, order: str, vocab: int) -> SCACaptioner:
-    """A captioner of ``setting``'s sizes attending in ``order``, on a randomly initialised backbone."""
+def build_captioner(setting: Setting, order: str, vocab: int, kernels: str = "auto") -> SCACaptioner:
+    """A captioner of ``setting``'s sizes attending in ``order`` with the attention backend
+    ``kernels`` ("plain" or "cpu"), on a randomly initialised backbone."""
     config = ModelConfig(
         backbone=setting.backbone,
         layers=setting.layers,
@@ -51,6 +54,7 @@ def build_captioner(setting: Setting, order: str, vocab: int) -> SCACaptioner:
         attention_dim=setting.attention_dim,
         hidden_dim=setting.hidden_dim,
         embed_dim=setting.embed_dim,
+        kernels=kernels,
     )
     return SCACaptioner(config, vocab, build_backbone(setting.backbone, weights=None))
 
@@ -120,3 +124,24 @@ def op_profile(run: Callable[[], object], repeats: int, top: int = 12) -> dict[s
         "matmul_share": round(sum(v for k, v in per_op.items() if k in MATMUL_OPS) / total, 3),
         "top_ops_ms": {name: round(per_op[name], 1) for name in largest},
     }
+
+
+def with_peak_memory(run: Callable[[], dict[str, object]]) -> dict[str, object]:
+    """``run()``'s result plus ``peak_rss_mb``: how far the resident memory rose above its level
+    at the start, measured in a forked child process that runs it alone (Linux)."""
+
+    def child(pipe: object) -> None:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with open("/proc/self/statm") as statm:
+            resident_kb = int(statm.read().split()[1]) * resource.getpagesize() // 1024
+        result = run()
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        result["peak_rss_mb"] = round((peak_kb - min(before, resident_kb)) / 1024, 1)
+        pipe.send(result)  # type: ignore[attr-defined]
+
+    receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
+    process = multiprocessing.get_context("fork").Process(target=child, args=(send,))
+    process.start()
+    result = receive.recv()
+    process.join()
+    return result

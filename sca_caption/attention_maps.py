@@ -73,11 +73,8 @@ def render_attention(image: Tensor, caption: Caption, layers: Sequence[str], tit
     """The attention grid of one caption (see the module docstring); a caption of more than
     ``WORDS_PER_BAND`` words continues in further bands of rows below.
 
-    ``image``: (3, S, S) in [0, 1]; ``caption.spatial[t][l]``: α (h_l, w_l) of layer l at word t.
+    ``image``: (3, S, S) in [0, 1]; ``caption.spatial_map(t, l)``: α (h_l, w_l) of layer l at word t.
     """
-    if caption.spatial is None:
-        raise ValueError("the caption carries no spatial attention (decode with attention=True and a spatial order)")
-    spatial = caption.spatial
     font = ImageFont.load_default(size=13)
     pixels = np.asarray(
         Image.fromarray(_to_uint8(image)).resize((TILE, TILE), Image.Resampling.BICUBIC), dtype=np.uint8
@@ -101,7 +98,7 @@ def render_attention(image: Tensor, caption: Caption, layers: Sequence[str], tit
             canvas.paste(Image.fromarray(pixels), (LABEL_WIDTH, tiles_top))
             for column, t in enumerate(band, start=1):
                 left = LABEL_WIDTH + column * (TILE + GAP)
-                alpha = spatial[t][l]
+                alpha = caption.spatial_map(t, l)
                 draw.text((left + 2, top + 4), _fit(draw, caption.words[t], font, TILE - 4), fill=TEXT, font=font)
                 canvas.paste(Image.fromarray(overlay(pixels, alpha)), (left, tiles_top))
                 _outline_peak(draw, alpha, left, tiles_top)

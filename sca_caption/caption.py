@@ -167,7 +167,7 @@ def _run(
                 )
             if args.attention is not None:
                 best = result.captions[0]
-                title = f"{result.path}: {best.text}  (score {best.score:.4f})"
+                title = f"{result.path}: {best.text}  (score {best.hypothesis.score:.4f})"
                 assert result.image is not None
                 render_attention(result.image, best, captioner.layers, title).save(args.attention / names[index])
     return failed, entries
@@ -178,7 +178,7 @@ def _print_captions(result: CaptionedImage, scored: bool) -> None:
         print(f"{result.path}\t{result.captions[0].text}", flush=True)
         return
     for rank, caption in enumerate(result.captions, start=1):
-        print(f"{result.path}\t{rank}\t{caption.score:.4f}\t{caption.text}", flush=True)
+        print(f"{result.path}\t{rank}\t{caption.hypothesis.score:.4f}\t{caption.text}", flush=True)
 
 
 def _json_lines(entries: list[dict[str, Any]]) -> str:

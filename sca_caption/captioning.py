@@ -14,9 +14,10 @@ size the decoder's float32 matrix products may round differently in the last bit
 convolutions round differently from a CPU-built cache, so features can differ in the last float16 bit.
 
 The backbone's weights are not in a checkpoint (only the stages above the lowest attended layer
-are, as part of the model): the backbone is rebuilt by name with the weights its config names
+are, as part of the model): the prefix is rebuilt by name with the weights its config names
 (``data.backbone_weights``, the feature cache's ``--weights``: "imagenet", "none" = random init
-seeded with 0, or a state dict path), and the frozen stages it holds are checked against them.
+seeded with 0, or a state dict path) and checked against the fingerprint the model keeps of the
+prefix it was trained on.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import glob
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -32,20 +33,20 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from sca_caption.checkpoint import CheckpointError, load_checkpoint
+from sca_caption.checkpoint import CheckpointError, check_prefix, load_captioner
 from sca_caption.data.errors import DataError
 from sca_caption.data.feature_extraction import ImageFiles, collate_decoded
 from sca_caption.data.vocab import Vocab
 from sca_caption.decoding import Hypothesis, beam_search
+from sca_caption.evaluation import decoding_limit
 from sca_caption.models.backbones import BackbonePrefix, TappedBackbone, build_cache_backbone
 from sca_caption.models.backbones.base import freeze
-from sca_caption.models.captioner import ModelConfig, SCACaptioner
+from sca_caption.models.captioner import SCACaptioner
 from sca_caption.models.errors import ModelConfigError
+from sca_caption.models.sca import Attention
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
-DEFAULT_CAPTION_WORDS = 20  # the data config's defaults, for checkpoints that lack them
-DEFAULT_BACKBONE_WEIGHTS = "imagenet"
 
 
 class NoImagesError(DataError):
@@ -101,8 +102,8 @@ def image_id_for(path: Path) -> int | str:
 class DecodeSettings:
     """Beam search settings (see ``sca_caption.decoding``).
 
-    ``max_length``: decoding steps, the end token included; None: the checkpoint's caption length
-    plus one. ``attention``: keep every word's attention weights.
+    ``max_length``: decoding steps, the end token included; None: the checkpoint's
+    (``evaluation.decoding_limit``). ``attention``: keep every word's attention weights.
     """
 
     beam_size: int = 5
@@ -115,22 +116,23 @@ class DecodeSettings:
 
 @dataclass(frozen=True)
 class Caption:
-    """One decoded caption, its attention on the CPU when asked for.
-
-    ``spatial[t][l]``: α of attended layer l, shape (h_l, w_l), when ``words[t]`` was emitted;
-    ``channel[t][l]``: β of layer l, (C_l,). Either is None without that attention.
-    """
+    """A decoded caption in words: ``hypothesis`` as beam search returned it (its attention on the
+    CPU, per layer α (T, m_l) and β (T, C_l)); ``grids``: (h_l, w_l) of each attended layer."""
 
     words: list[str]
-    score: float
-    log_prob: float
-    finished: bool
-    spatial: list[list[Tensor]] | None = None
-    channel: list[list[Tensor]] | None = None
+    hypothesis: Hypothesis
+    grids: tuple[tuple[int, int], ...]
 
     @property
     def text(self) -> str:
         return " ".join(self.words)
+
+    def spatial_map(self, t: int, layer: int) -> Tensor:
+        """α of attended layer ``layer`` when ``words[t]`` was emitted, as its (h, w) grid."""
+        attention = self.hypothesis.attention
+        if attention is None or attention.spatial is None:
+            raise ValueError("the caption carries no spatial attention (decode with attention=True and a spatial order)")
+        return attention.spatial[layer][t].view(self.grids[layer])
 
 
 @dataclass(frozen=True)
@@ -153,24 +155,21 @@ class FailedImage:
 class ImageCaptioner:
     """A trained captioner with its backbone prefix: image files or features -> captions."""
 
-    suppressed = (Vocab.pad, Vocab.start, Vocab.unk)  # never emitted
-
     def __init__(
         self,
         model: SCACaptioner,
         prefix: BackbonePrefix,
         vocab: Vocab,
         *,
-        caption_words: int = DEFAULT_CAPTION_WORDS,
+        max_length: int,
         device: str | torch.device = "cpu",
     ) -> None:
-        """``caption_words``: the longest training caption in words (the default decoding length
-        is one more step, for the end token)."""
+        """``max_length``: the default decoding steps (``evaluation.decoding_limit``)."""
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.prefix = prefix.eval().to(self.device)
         self.vocab = vocab
-        self.caption_words = caption_words
+        self.max_length = max_length
         self.layers = model.config.layers
         self.input_size = prefix.backbone.input_size
         self.grids = _layer_grids(prefix.backbone, self.layers, self.device)
@@ -179,33 +178,19 @@ class ImageCaptioner:
     def from_checkpoint(
         cls, path: str | Path, *, device: str | torch.device = "cpu", backbone_weights: str | None = None
     ) -> ImageCaptioner:
-        """Rebuild the model of a training checkpoint. ``backbone_weights`` (as the feature cache's
-        ``--weights``) overrides the checkpoint's ``data.backbone_weights`` (default "imagenet").
+        """The model of a training checkpoint (``checkpoint.load_captioner``) with its backbone
+        prefix, built with ``backbone_weights`` (as the feature cache's ``--weights``; default the
+        checkpoint's ``data.backbone_weights``) and checked against the model's fingerprint.
         Every problem is a one-line ``CheckpointError`` naming the file."""
-        checkpoint = load_checkpoint(path, map_location="cpu")
-        data_config = checkpoint.config.get("data", {})
-        if backbone_weights is None:
-            backbone_weights = str(data_config.get("backbone_weights", DEFAULT_BACKBONE_WEIGHTS))
+        model, vocab, config = load_captioner(path)
+        weights = config.data.backbone_weights if backbone_weights is None else backbone_weights
         try:
-            config = ModelConfig.from_dict(checkpoint.config.get("model", {}))
-            vocab = Vocab(checkpoint.vocab)
-        except (ModelConfigError, ValueError, TypeError) as err:
+            backbone = freeze(build_cache_backbone(config.model.backbone, weights))
+        except (ModelConfigError, ValueError) as err:  # unusable weights (DataError)
             raise CheckpointError(f"{path}: {err}") from None
-        if checkpoint.backbone != config.backbone or list(checkpoint.layers) != list(config.layers):
-            raise CheckpointError(
-                f"{path}: backbone/layers {checkpoint.backbone} {checkpoint.layers} disagree with its model config "
-                f"{config.backbone} {list(config.layers)}"
-            )
-        try:
-            backbone = freeze(build_cache_backbone(config.backbone, backbone_weights))
-            model = SCACaptioner(config, len(vocab), backbone)
-        except (ModelConfigError, ValueError) as err:  # an unknown backbone or layer, unusable weights (DataError)
-            raise CheckpointError(f"{path}: {err}") from None
-        _check_frozen_stages(path, model, checkpoint.model, backbone_weights)
-        _load_model_state(path, model, checkpoint.model)
-        prefix, _ = backbone.split(config.layers)
-        words = data_config.get("max_length", DEFAULT_CAPTION_WORDS)
-        return cls(model, prefix, vocab, caption_words=int(words), device=device)
+        prefix, _ = backbone.split(config.model.layers)
+        check_prefix(path, model, prefix, weights)
+        return cls(model, prefix, vocab, max_length=decoding_limit(config), device=device)
 
     @property
     def has_spatial_attention(self) -> bool:
@@ -228,11 +213,11 @@ class ImageCaptioner:
             start=self.vocab.start,
             end=self.vocab.end,
             beam_size=settings.beam_size,
-            max_length=settings.max_length or self.caption_words + 1,
+            max_length=settings.max_length or self.max_length,
             length_penalty=settings.length_penalty,
             alpha=settings.alpha,
             n_best=settings.n_best,
-            suppress=self.suppressed,
+            suppress=self.vocab.never_emitted,
             return_attention=settings.attention,
         )
         return [[self._caption(h) for h in per_image] for per_image in hypotheses]
@@ -264,54 +249,20 @@ class ImageCaptioner:
             yield from (results[i] for i in sorted(results))
 
     def _caption(self, hypothesis: Hypothesis) -> Caption:
-        spatial = None
-        if hypothesis.spatial is not None:
-            spatial = [[a.cpu().view(self.grids[l]) for l, a in enumerate(step)] for step in hypothesis.spatial]
-        channel = None
-        if hypothesis.channel is not None:
-            channel = [[b.cpu() for b in step] for step in hypothesis.channel]
-        return Caption(
-            words=[self.vocab.words[t] for t in hypothesis.tokens],
-            score=hypothesis.score,
-            log_prob=hypothesis.log_prob,
-            finished=hypothesis.finished,
-            spatial=spatial,
-            channel=channel,
-        )
+        attention = hypothesis.attention
+        if attention is not None:
+            attention = Attention(*(None if maps is None else tuple(a.cpu() for a in maps) for maps in
+                                    (attention.spatial, attention.channel)))
+        words = [self.vocab.words[t] for t in hypothesis.tokens]  # one per attention row
+        return Caption(words, replace(hypothesis, attention=attention), self.grids)
 
 
-def _layer_grids(backbone: TappedBackbone, layers: Sequence[str], device: torch.device) -> list[tuple[int, int]]:
+def _layer_grids(backbone: TappedBackbone, layers: Sequence[str], device: torch.device) -> tuple[tuple[int, int], ...]:
     """(h, w) of each attended layer at the backbone's input size."""
     size = backbone.input_size
     with torch.inference_mode():
         taps = backbone(torch.zeros(1, 3, size, size, device=device), until=layers[-1])
-    return [tuple(taps[name].shape[2:]) for name in layers]  # type: ignore[misc]
-
-
-def _check_frozen_stages(path: str | Path, model: SCACaptioner, state: dict[str, Tensor], weights: str) -> None:
-    """The frozen backbone stages in the checkpoint must equal the rebuilt backbone's: otherwise its
-    features came from other backbone weights and the prefix here would not match them."""
-    if model.config.finetune_upper:
-        return
-    own = model.state_dict()
-    for key, value in state.items():
-        if key.startswith("encoder.upper.") and key in own and not torch.equal(own[key], value):
-            raise CheckpointError(
-                f"{path}: its frozen backbone stages ({key}) differ from {model.config.backbone} with weights "
-                f"{weights!r}; pass the weights its feature cache was built with"
-            )
-
-
-def _load_model_state(path: str | Path, model: SCACaptioner, state: dict[str, Tensor]) -> None:
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # a tensor of the wrong shape
-        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-        raise CheckpointError(f"{path}: model weights do not fit its config ({first})") from None
-    if missing or unexpected:
-        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-        raise CheckpointError(f"{path}: model weights do not fit its config ({'; '.join(parts)})")
+    return tuple((taps[name].shape[2], taps[name].shape[3]) for name in layers)
 
 
 def attention_summary(caption: Caption, layers: Sequence[str], top_channels: int = 5) -> list[dict[str, Any]]:
@@ -323,16 +274,17 @@ def attention_summary(caption: Caption, layers: Sequence[str], top_channels: int
         per_layer = []
         for l, name in enumerate(layers):
             entry: dict[str, Any] = {"layer": name}
-            if caption.spatial is not None:
-                alpha = caption.spatial[t][l]
+            attention = caption.hypothesis.attention
+            if attention is not None and attention.spatial is not None:
+                alpha = caption.spatial_map(t, l)
                 flat = alpha.flatten().double()
                 cell = int(flat.argmax())
                 entry["grid"] = list(alpha.shape)
                 entry["argmax"] = [cell // alpha.shape[1], cell % alpha.shape[1]]
                 entry["weight"] = round(float(flat[cell]), 6)
                 entry["entropy"] = round(float(-torch.special.xlogy(flat, flat).sum()), 6)
-            if caption.channel is not None:
-                beta = caption.channel[t][l]
+            if attention is not None and attention.channel is not None:
+                beta = attention.channel[l][t]
                 weights, channels = beta.topk(min(top_channels, beta.numel()))
                 entry["top_channels"] = [[int(c), round(float(w), 6)] for c, w in zip(channels, weights)]
             per_layer.append(entry)
@@ -347,18 +299,14 @@ def result_entry(
     ``score``, ``log_prob``, ``finished``, the ``n_best`` list when asked for, and per-word
     ``attention`` (see ``attention_summary``) when the captions carry it."""
     best = result.captions[0]
-    entry: dict[str, Any] = {
-        "image_id": image_id_for(result.path),
-        "caption": best.text,
-        "file": str(result.path),
-        "score": best.score,
-        "log_prob": best.log_prob,
-        "finished": best.finished,
-    }
+    entry: dict[str, Any] = {"image_id": image_id_for(result.path), "caption": best.text, "file": str(result.path)}
+    entry.update(_scores(best.hypothesis))
     if n_best:
-        entry["n_best"] = [
-            {"caption": c.text, "score": c.score, "log_prob": c.log_prob, "finished": c.finished} for c in result.captions
-        ]
+        entry["n_best"] = [{"caption": c.text, **_scores(c.hypothesis)} for c in result.captions]
     if attention:
         entry["attention"] = attention_summary(best, layers, top_channels)
     return entry
+
+
+def _scores(hypothesis: Hypothesis) -> dict[str, Any]:
+    return {"score": hypothesis.score, "log_prob": hypothesis.log_prob, "finished": hypothesis.finished}

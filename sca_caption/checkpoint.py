@@ -3,25 +3,27 @@
 The file holds a dict of tensors and plain values only (dict, list, tuple, str, int, float, bool,
 None), so ``torch.load(path, weights_only=True)`` reads it without running pickled code:
 
-    format         "sca-caption-checkpoint/1"
-    model          the model's state dict
+    format         "sca-caption-checkpoint/2"
+    model          the model's state dict (its ``encoder.prefix_fingerprint`` names the features it reads)
     optimizer      the optimizer's state dict
-    scheduler      the LR scheduler's state dict, or None
     epoch, step    the epoch in progress (0-based) and the optimizer steps taken so far
+                   (the learning rate is a function of the step: no scheduler state)
     data_order     (N,) int64: the order in which this epoch visits the training samples
     data_position  how many entries of ``data_order`` have been trained on
     rng            ``capture_rng_state()``: Python, NumPy, torch CPU and CUDA generator states
-    config         the experiment config as a plain nested dict
+    config         the experiment config as a plain nested dict (the model's backbone and layers included)
     vocab          the vocabulary's words in id order
-    backbone       the backbone's registry name; ``layers`` its attended taps
     extra          trainer bookkeeping in plain values (best score, epochs without improvement, ...)
 
-``load_checkpoint`` refuses a file made for another vocabulary, backbone, layers or config with a
-one-line ``CheckpointError`` that names the file and every differing key.
+Everything loads on the CPU (the trainer moves the model and optimizer; the RNG states must stay
+there). ``load_checkpoint`` refuses a file made for another vocabulary or config with a one-line
+``CheckpointError`` that names the file and every differing key; ``load_captioner`` is the one way
+to rebuild a trained model from a file.
 """
 
 from __future__ import annotations
 
+import pickle
 import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -31,10 +33,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sca_caption.config import ExperimentConfig
 from sca_caption.data.errors import DataError
+from sca_caption.data.vocab import Vocab
 from sca_caption.io_utils import atomic_write
+from sca_caption.models.backbones import BackbonePrefix, build_backbone
+from sca_caption.models.captioner import SCACaptioner
+from sca_caption.models.errors import ModelConfigError
 
-FORMAT = "sca-caption-checkpoint/1"
+FORMAT = "sca-caption-checkpoint/2"
 PLAIN_SCALARS = (str, int, float, bool, type(None), torch.dtype, torch.device)
 
 
@@ -48,7 +55,6 @@ class Checkpoint:
 
     model: dict[str, Tensor]
     optimizer: dict[str, Any]
-    scheduler: dict[str, Any] | None
     epoch: int
     step: int
     data_order: Tensor
@@ -56,8 +62,6 @@ class Checkpoint:
     rng: dict[str, Any]
     config: dict[str, Any]
     vocab: list[str]
-    backbone: str
-    layers: list[str]
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,7 +69,7 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     """Write ``checkpoint`` to ``path`` atomically: after a crash, ``path`` holds the previous file."""
     payload: dict[str, Any] = {"format": FORMAT}
     payload.update({f.name: getattr(checkpoint, f.name) for f in fields(checkpoint)})
-    payload["vocab"], payload["layers"] = list(checkpoint.vocab), list(checkpoint.layers)
+    payload["vocab"] = list(checkpoint.vocab)
     _require_plain(payload, path, "checkpoint")
     try:
         with atomic_write(path, "wb") as handle:
@@ -79,24 +83,17 @@ def load_checkpoint(
     *,
     expect_config: Mapping[str, Any] | None = None,
     expect_vocab: Sequence[str] | None = None,
-    expect_backbone: str | None = None,
-    expect_layers: Sequence[str] | None = None,
-    map_location: str | torch.device = "cpu",
 ) -> Checkpoint:
-    """Read a checkpoint and check it is the one this run expects.
+    """Read a checkpoint onto the CPU and check it is the one this run expects.
 
     ``expect_config`` may be partial (e.g. ``{"model": {...}}``): every value in it must equal the
     checkpoint's config at the same key. Each mismatch, corrupt or foreign file is a one-line
     ``CheckpointError`` naming the file.
     """
-    payload = _read(Path(path), map_location)
+    payload = _read(Path(path))
     differences = []
     if expect_vocab is not None and list(expect_vocab) != payload["vocab"]:
         differences.append(_vocab_difference(payload["vocab"], list(expect_vocab)))
-    if expect_backbone is not None and expect_backbone != payload["backbone"]:
-        differences.append(f"backbone is {payload['backbone']!r} there, {expect_backbone!r} here")
-    if expect_layers is not None and list(expect_layers) != payload["layers"]:
-        differences.append(f"layers are {payload['layers']} there, {list(expect_layers)} here")
     if expect_config is not None:
         differences += _config_differences(payload["config"], expect_config)
     if differences:
@@ -139,16 +136,25 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _read(path: Path, map_location: str | torch.device) -> dict[str, Any]:
-    """The checkpoint's dict, checked for format and keys."""
+def _read(path: Path) -> dict[str, Any]:
+    """The checkpoint's dict on the CPU, checked for format and keys."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... here
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # its text advises weights_only=False: never repeat that
+        if "Unsupported global" in str(error):
+            raise CheckpointError(
+                f"{path}: not a checkpoint this project can load safely (it holds pickled Python objects, "
+                "not only tensors and plain values)"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?)") from None
+    except Exception as error:  # torch raises RuntimeError, EOFError, ... here
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {_first_line(error)}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+    found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+    if isinstance(found, str) and found.startswith(FORMAT.rsplit("/", 1)[0] + "/") and found != FORMAT:
+        raise CheckpointError(f"{path}: a checkpoint of another sca-caption version ({found!r}; this one reads {FORMAT!r})")
+    if found != FORMAT:
         raise CheckpointError(f"{path}: not an sca-caption checkpoint (expected format {FORMAT!r}, found {found!r})")
     missing = [f.name for f in fields(Checkpoint) if f.name not in payload]
     if missing:
@@ -223,3 +229,33 @@ def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0] if lines else ''}"
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> tuple[SCACaptioner, Vocab, ExperimentConfig]:
+    """The trained captioner of a checkpoint (eval mode, on ``device``), its vocabulary and its
+    experiment config: the one way ``evaluate``, ``caption`` and the trainer's test scoring
+    rebuild a model. The backbone stages inside the model come with the checkpoint, so the
+    backbone is built without weights. Every problem is a one-line ``CheckpointError``."""
+    checkpoint = load_checkpoint(path)
+    try:
+        config = ExperimentConfig.from_dict(checkpoint.config, source=str(path))
+        vocab = Vocab(checkpoint.vocab)
+        model = SCACaptioner(config.model, len(vocab), build_backbone(config.model.backbone, weights=None))
+    except (DataError, ModelConfigError, ValueError, TypeError) as err:  # a config or backbone this version lacks
+        raise CheckpointError(f"{path}: {err}") from None
+    try:
+        model.load_state_dict(checkpoint.model)
+    except RuntimeError as err:  # missing, unexpected or misshapen tensors
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise CheckpointError(f"{path}: model weights do not fit its config ({first[:200]})") from None
+    return model.eval().to(device), vocab, config
+
+
+def check_prefix(path: str | Path, model: SCACaptioner, prefix: BackbonePrefix, weights: str) -> None:
+    """Refuse a backbone prefix that computes other features than the model was trained on
+    (``weights``: what the prefix was built with, named in the message)."""
+    if bytes(model.encoder.prefix_fingerprint.cpu().tolist()) != prefix.fingerprint():
+        raise CheckpointError(
+            f"{path}: {model.config.backbone} with weights {weights!r} is not the backbone its features came from; "
+            "pass the weights its feature cache was built with"
+        )

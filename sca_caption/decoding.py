@@ -1,11 +1,12 @@
-"""Greedy decoding and batched beam search over any step-wise caption model.
+"""Batched beam search over any step-wise caption model (beam size 1 is greedy decoding).
 
-The model is driven one word at a time through ``StepModel`` (``init_state`` then ``step``), so
-this module never imports the captioner. Beam search keeps every image's beams as rows of one
-tensor (``B·K`` rows) and calls ``model.step`` once per time step for the whole batch; each beam
-runs the model's whole step, because in SCA-CNN the attention depends on the beam's hidden state.
+The model is driven one word at a time through ``StepModel`` (``start`` then ``step``), so this
+module never imports the captioner. Beam search keeps every image's beams as rows of one tensor
+(``B·K`` rows) and calls ``model.step`` once per time step for the whole batch; each beam runs
+the model's whole step, because in SCA-CNN the attention depends on the beam's hidden state.
+The per-image memory is never copied per beam: the state's rows say which image each reads.
 
-Conventions shared by both decoders:
+Conventions:
 
 - Scores are log-softmax log-probabilities. Suppressed ids (e.g. ``<unk>``) get a ``-inf`` logit
   before the softmax, so they are never emitted and the rest of the distribution renormalises.
@@ -17,7 +18,7 @@ Conventions shared by both decoders:
   Length penalties: ``"none"`` (score = log-prob), ``"average"`` (log-prob / length) and ``"wu"``
   (log-prob / ((5 + length) / 6) ** alpha, Wu et al. 2016).
 - Returned tokens exclude ``<start>`` and ``<end>``; returned attention is aligned with them:
-  step t holds the weights the model used when it emitted ``tokens[t]``.
+  row t of each layer's weights is what the model used when it emitted ``tokens[t]``.
 
 Beam search details: the first step runs on one row per image and expands to the K best distinct
 first words. At each step the 2K best extensions of the live beams are ranked; an ``<end>`` among
@@ -37,11 +38,13 @@ stop later, but they never return a different answer than running to ``max_lengt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from sca_caption.models.sca import Attention
 
 LENGTH_PENALTIES = ("none", "average", "wu")
 
@@ -72,25 +75,21 @@ class StepResult(Protocol):
         ...
 
     @property
-    def spatial(self) -> Sequence[Tensor] | None:
-        """Per attended layer (R, m_l) spatial weights summing to 1, or None."""
-        ...
-
-    @property
-    def channel(self) -> Sequence[Tensor] | None:
-        """Per attended layer (R, C_l) channel weights summing to 1, or None."""
+    def attention(self) -> Attention:
+        """Per attended layer (R, m_l) spatial and (R, C_l) channel weights, or None."""
         ...
 
 
 class StepModel(Protocol):
     """A caption model that can be run one word at a time."""
 
-    def init_state(self, features: Mapping[str, Tensor]) -> DecoderState:
-        """Features {tap: (B, C, H, W)} -> the state before the first word (B rows)."""
+    def start(self, features: Mapping[str, Tensor]) -> tuple[DecoderState, Any]:
+        """Features {tap: (B, C, H, W)} -> the state before the first word (B rows) and the
+        per-image memory every step reads."""
         ...
 
-    def step(self, words: Tensor, state: DecoderState) -> StepResult:
-        """Previous words (R,) and state (R rows) -> logits for the next word and the new state."""
+    def step(self, words: Tensor, state: DecoderState, memory: Any) -> StepResult:
+        """Previous words (R,), state (R rows) and memory -> the next word's logits and the new state."""
         ...
 
 
@@ -98,17 +97,16 @@ class StepModel(Protocol):
 class Hypothesis:
     """One decoded caption.
 
-    ``spatial[t][l]`` (m_l,) and ``channel[t][l]`` (C_l,) are the attention weights of layer l
-    when ``tokens[t]`` was emitted; both are None unless asked for or when the model has none.
-    They are inference-mode tensors on the features' device (read them, don't backpropagate).
+    ``attention``: per attended layer α (T, m_l) and β (T, C_l), row t being the weights used
+    when ``tokens[t]`` was emitted; None unless asked for. Inference-mode tensors on the
+    features' device (read them, don't backpropagate).
     """
 
     tokens: list[int]
     log_prob: float
     score: float
     finished: bool
-    spatial: list[list[Tensor]] | None = None
-    channel: list[list[Tensor]] | None = None
+    attention: Attention | None = None
 
 
 @dataclass(frozen=True)
@@ -142,63 +140,6 @@ class LengthPenalty:
         return self(log_prob, max_length)
 
 
-def greedy_decode(
-    model: StepModel,
-    features: Mapping[str, Tensor],
-    *,
-    start: int,
-    end: int,
-    max_length: int,
-    suppress: Sequence[int] = (),
-    return_attention: bool = False,
-) -> list[Hypothesis]:
-    """The most likely next word at every step, for each image of ``features`` {tap: (B, C, H, W)}.
-
-    Returns one hypothesis per image; its ``score`` is its log-prob (no length penalty).
-    """
-    _check_common(start, end, max_length, suppress)
-    with torch.inference_mode():
-        batch = _batch_size(features)
-        state = model.init_state(features)
-        device = _device(features)
-        words = torch.full((batch,), start, dtype=torch.long, device=device)
-        log_prob = torch.zeros(batch, device=device)
-        length = torch.full((batch,), max_length, dtype=torch.long, device=device)
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        emitted: list[Tensor] = []
-        spatial: list[Sequence[Tensor] | None] = []
-        channel: list[Sequence[Tensor] | None] = []
-        for t in range(max_length):
-            out = model.step(words, state)
-            logp = _log_probs(out.logits, suppress, start, end)
-            best_logp, words = logp.max(dim=1)
-            log_prob += best_logp.masked_fill(done, 0.0)
-            emitted.append(words)
-            spatial.append(out.spatial)
-            channel.append(out.channel)
-            ends_now = ~done & (words == end)
-            length.masked_fill_(ends_now, t)
-            done |= ends_now
-            if bool(done.all()):
-                break
-            state = out.state
-        tokens = torch.stack(emitted, dim=1).tolist()
-        lengths, log_probs, finished = length.tolist(), log_prob.tolist(), done.tolist()
-        spatial_maps = _stack_steps(spatial) if return_attention else None
-        channel_maps = _stack_steps(channel) if return_attention else None
-        return [
-            Hypothesis(
-                tokens=tokens[b][: lengths[b]],
-                log_prob=log_probs[b],
-                score=log_probs[b],
-                finished=finished[b],
-                spatial=_history(spatial_maps, b, 0, lengths[b]),
-                channel=_history(channel_maps, b, 0, lengths[b]),
-            )
-            for b in range(batch)
-        ]
-
-
 def beam_search(
     model: StepModel,
     features: Mapping[str, Tensor],
@@ -225,14 +166,14 @@ def beam_search(
     penalty = LengthPenalty(length_penalty, alpha)
     with torch.inference_mode():
         batch = _batch_size(features)
-        state = model.init_state(features)
+        state, memory = model.start(features)
         device = _device(features)
         rows = torch.arange(batch, device=device)
         words = torch.full((batch,), start, dtype=torch.long, device=device)
         live: _Beams | None = None
         kept: _Beams | None = None
         for t in range(max_length):
-            out = model.step(words, state)
+            out = model.step(words, state, memory)
             logp = _log_probs(out.logits, suppress, start, end)
             if live is None:
                 live = _Beams.first(batch, max_length, out, return_attention)
@@ -299,8 +240,8 @@ class _Beams:
             length=torch.zeros(batch, 1, dtype=torch.long, device=device),
             finished=torch.zeros(batch, 1, dtype=torch.bool, device=device),
             tokens=torch.zeros(batch, 1, max_length, dtype=torch.long, device=device),
-            spatial=history(out.spatial),
-            channel=history(out.channel),
+            spatial=history(out.attention.spatial),
+            channel=history(out.attention.channel),
         )
 
     def take(self, index: Tensor) -> "_Beams":
@@ -331,7 +272,7 @@ class _Beams:
         child.length = torch.full_like(child.length, t + 1)
         child.tokens[:, :, t] = token
         rows = torch.arange(parent.shape[0], device=parent.device).unsqueeze(1)
-        for history, maps in ((child.spatial, out.spatial), (child.channel, out.channel)):
+        for history, maps in ((child.spatial, out.attention.spatial), (child.channel, out.attention.channel)):
             for layer, weights in zip(history or [], maps or []):
                 layer[:, :, t] = weights.view(parent.shape[0], -1, weights.shape[1])[rows, parent]
         return child
@@ -390,8 +331,7 @@ class _Beams:
                         log_prob=log_prob[b][s],
                         score=score[b][s],
                         finished=finished[b][s],
-                        spatial=_history(self.spatial, b, s, n),
-                        channel=_history(self.channel, b, s, n),
+                        attention=_history(self.spatial, self.channel, b, s, n),
                     )
                 )
             result.append(hyps)
@@ -442,15 +382,12 @@ def _device(features: Mapping[str, Tensor]) -> torch.device:
     return next(iter(features.values())).device
 
 
-def _stack_steps(steps: list[Sequence[Tensor] | None]) -> list[Tensor] | None:
-    """Per-step attention [t][layer] (B, m_l) -> per layer (B, 1, T, m_l); None if the model has none."""
-    if steps[0] is None:
+def _history(spatial: list[Tensor] | None, channel: list[Tensor] | None, b: int, s: int, length: int) -> Attention | None:
+    """The attention of hypothesis (b, s) over its first ``length`` steps, or None if not kept."""
+    if spatial is None and channel is None:
         return None
-    return [torch.stack(layer, dim=1).unsqueeze(1) for layer in zip(*steps)]
 
+    def rows(maps: list[Tensor] | None) -> tuple[Tensor, ...] | None:
+        return None if maps is None else tuple(layer[b, s, :length] for layer in maps)
 
-def _history(maps: list[Tensor] | None, b: int, s: int, length: int) -> list[list[Tensor]] | None:
-    """Beam attention of hypothesis (b, s) for its first ``length`` steps: [t][layer] -> (m_l,)."""
-    if maps is None:
-        return None
-    return [[layer[b, s, t] for layer in maps] for t in range(length)]
+    return Attention(rows(spatial), rows(channel))

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from sca_caption.checkpoint import load_checkpoint
+from sca_caption.checkpoint import load_captioner
 from sca_caption.data.corpus import SPLITS, records_in_split
 from sca_caption.data.errors import DataError
 from sca_caption.data.features import FeatureCache
-from sca_caption.evaluation import decoding_limit, evaluate_split, model_from_checkpoint, scenes_for
+from sca_caption.evaluation import decoding_limit, evaluate_split, scenes_for
 from sca_caption.metrics import write_coco_results
 from sca_caption.models.errors import ModelConfigError
 from sca_caption.prepare import data_root, ensure_features, load_records
@@ -53,13 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = args.out or args.checkpoint.with_name(f"results_{args.split}_beam{args.beam}.json")
     try:
-        model, vocab, config = model_from_checkpoint(load_checkpoint(args.checkpoint), source=str(args.checkpoint))
+        model, vocab, config = load_captioner(args.checkpoint, device)
         if args.data_root is not None:
             config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_root=str(args.data_root)))
         records = load_records(config)
         cache_path, spec = ensure_features(config, records, progress=not args.no_progress)
         evaluation = evaluate_split(
-            model.to(device), vocab, FeatureCache(cache_path, expect=spec), records_in_split(records, args.split),
+            model, vocab, FeatureCache(cache_path, expect=spec), records_in_split(records, args.split),
             beam_size=args.beam, max_length=decoding_limit(config), device=device, meteor=not args.no_meteor,
             scenes=scenes_for(config.data.dataset, data_root(config), args.split), progress=not args.no_progress,
         )

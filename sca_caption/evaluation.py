@@ -16,7 +16,6 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from sca_caption.checkpoint import Checkpoint
 from sca_caption.config import ExperimentConfig
 from sca_caption.data.corpus import ImageRecord
 from sca_caption.data.features import FeatureCache
@@ -24,7 +23,6 @@ from sca_caption.data.shapes import DATASET_FILE, Scene, load_scenes, shapes_acc
 from sca_caption.data.vocab import Vocab
 from sca_caption.decoding import beam_search
 from sca_caption.metrics import score_captions
-from sca_caption.models.backbones import build_backbone
 from sca_caption.models.captioner import SCACaptioner
 
 DECODE_BATCH = 50
@@ -50,7 +48,8 @@ def scenes_for(dataset: str, root: Path, split: str) -> dict[str, Scene] | None:
 
 
 def decoding_limit(config: ExperimentConfig) -> int:
-    """Decoding steps: the longest training caption's words plus ``<end>``."""
+    """The default decoding steps (validation, evaluate, caption): the longest training caption's
+    words plus ``<end>``."""
     return config.data.max_length + 1
 
 
@@ -68,7 +67,6 @@ def caption_images(
 ) -> dict[str, str]:
     """The best beam's caption of each image (features from ``cache``), in ``image_ids`` order."""
     model.eval()
-    suppress = (vocab.pad, vocab.start, vocab.unk)
     captions: dict[str, str] = {}
     batches = [image_ids[i : i + DECODE_BATCH] for i in range(0, len(image_ids), DECODE_BATCH)]
     for batch in tqdm(batches, desc="captioning", unit="batch", disable=not progress, leave=False):
@@ -77,7 +75,7 @@ def caption_images(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             beams = beam_search(
                 model, features, start=vocab.start, end=vocab.end, beam_size=beam_size,
-                max_length=max_length, suppress=suppress,
+                max_length=max_length, suppress=vocab.never_emitted,
             )
         for image_id, hypotheses in zip(batch, beams):
             captions[image_id] = " ".join(vocab.decode(hypotheses[0].tokens))
@@ -123,16 +121,3 @@ def evaluate_split(
         bf16=bf16, progress=progress,
     )
     return SplitEvaluation(captions, score_split(captions, records, meteor=meteor, scenes=scenes), missing)
-
-
-def model_from_checkpoint(checkpoint: Checkpoint, source: str = "checkpoint") -> tuple[SCACaptioner, Vocab, ExperimentConfig]:
-    """The trained captioner (eval mode, on the CPU), its vocabulary and experiment config.
-
-    The backbone stages inside the model come with the checkpoint's weights, so it is built
-    without any. ``source`` names the checkpoint in error messages.
-    """
-    config = ExperimentConfig.from_dict(checkpoint.config, source=source)
-    vocab = Vocab(checkpoint.vocab)
-    model = SCACaptioner(config.model, len(vocab), build_backbone(config.model.backbone, weights=None))
-    model.load_state_dict(checkpoint.model)
-    return model.eval(), vocab, config

@@ -8,17 +8,17 @@ One run writes into its output folder:
     test_scores.json  the best checkpoint's scores on the test split, at the end
     events.*        TensorBoard scalars, where ``torch.utils.tensorboard`` imports
 
-Exact resumption: the sample order of an epoch is a function of (seed, epoch), dropout masks are
-drawn from a generator seeded with (seed, step, rank) at every step, and the learning rate is a
-function of the step. So a run resumed from ``last.pt`` (which stores the step, the epoch's order
+Exact resumption: the sample order of an epoch is a function of (seed, epoch), the global torch
+RNG (which draws the dropout masks) is reseeded with (seed, step, rank) before every step, and the
+learning rate is a function of the step. So a run resumed from ``last.pt`` (which stores the step, the epoch's order
 and the position in it) trains on exactly the batches, with exactly the masks and learning
 rates, that the interrupted run would have, and ends with the same weights.
 
 Data parallel (see ``distributed``): ``data.batch_size`` is the global batch, shared out among the
-processes sample by sample. Each process divides its summed word losses by the token count of
-the global batch (and per-image terms by the global batch size) and multiplies by the number of
-processes, because DDP averages the gradients: the average is then the gradient of the
-global-batch mean, the same as one process computes.
+processes sample by sample. ``SCACaptioner.loss`` returns sums; each process divides its summed
+word losses by the token count of the global batch (and its per-image terms by the global batch
+size) and multiplies by the number of processes, because DDP averages the gradients: the average
+is then the gradient of the global-batch mean, the same as one process computes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from sca_caption.checkpoint import (
     Checkpoint,
     CheckpointError,
     capture_rng_state,
+    load_captioner,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -54,21 +54,16 @@ from sca_caption.distributed import Processes
 from sca_caption.evaluation import SplitEvaluation, decoding_limit, evaluate_split, scenes_for
 from sca_caption.io_utils import atomic_write_json, atomic_write_text
 from sca_caption.models.backbones import build_cache_backbone
-from sca_caption.models.captioner import CaptionLoss, SCACaptioner
+from sca_caption.models.captioner import SCACaptioner
 from sca_caption.models.tag_head import tag_targets, tag_vocabulary
 from sca_caption.prepare import PreparedData
-
-# Test hook: "step:K" makes the trainer sleep after optimizer step K (after any checkpoint of
-# that step), so a test can SIGKILL it at a known point in the middle of an epoch.
-PAUSE_ENV = "SCA_CAPTION_TRAIN_PAUSE"
-PAUSE_MESSAGE = "pausing (test hook)"
 
 # Settings that do not change what the weights become, so a resumed run may change them.
 RESUMABLE_CHANGES = frozenset(
     {
         "data.data_root", "data.feature_cache", "data.num_workers",
         "train.patience", "train.log_every", "train.eval_every", "train.beam_size", "train.meteor",
-        "train.checkpoint_every",
+        "train.checkpoint_every", "model.kernels",
     }
 )
 LOG_COLUMNS = (
@@ -125,7 +120,7 @@ class TrainResult:
 
 def learning_rate(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based): linear warm-up over
-    ``warmup_steps``, then constant, cosine (to 0 at the last step) or step-wise decay."""
+    ``warmup_steps``, then constant, cosine (falling to 0 one step after the last) or step-wise decay."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     if config.schedule == "cosine":
@@ -149,22 +144,6 @@ def build_model(config: ExperimentConfig, vocab_size: int, backbone_weights: str
     backbone = build_cache_backbone(config.model.backbone, backbone_weights)
     torch.manual_seed(config.train.seed)
     return SCACaptioner(config.model, vocab_size, backbone)
-
-
-def global_loss(
-    terms: CaptionLoss, model: SCACaptioner, local_tokens: int, global_tokens: int, local_size: int,
-    global_size: int, world: int,
-) -> Tensor:
-    """This process's share of the global-batch loss (see the module docstring).
-
-    ``terms`` are means over this process's tokens (words) and images (the other terms).
-    """
-    words = terms.words * (local_tokens * world / global_tokens)
-    per_image = local_size * world / global_size
-    config = model.config
-    return words + per_image * (
-        config.doubly_stochastic * terms.doubly_stochastic + config.tag_loss_weight * terms.tags
-    )
 
 
 def check_training_settings(config: ExperimentConfig) -> None:
@@ -193,8 +172,11 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         log: Callable[[str], None] = print,
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_step(step)`` runs after each optimizer step (and any checkpoint of that step)."""
         self.config = config
+        self.on_step = on_step
         self.data = data
         self.out = Path(out)
         self.proc = processes
@@ -266,7 +248,6 @@ class Trainer:
             num_workers=data.num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        pause_after = _pause_step()
         bar = tqdm(
             total=self.steps_per_epoch, initial=self.steps_per_epoch - len(batches), unit="step",
             desc=f"epoch {self.at.epoch + 1}/{train.epochs}", disable=not self.progress, dynamic_ncols=True,
@@ -290,9 +271,8 @@ class Trainer:
                 mid_epoch = self.at.done < len(self.at.order)
                 if train.checkpoint_every and self.at.step % train.checkpoint_every == 0 and mid_epoch:
                     self._save(self.out / "last.pt")
-                if self.at.step == pause_after:
-                    print(PAUSE_MESSAGE, flush=True)
-                    time.sleep(3600)
+                if self.on_step is not None:
+                    self.on_step(self.at.step)
         self.books.epoch_seconds += time.perf_counter() - started
 
     def _train_step(self, global_batch: list[int], batch: CaptionBatch) -> float:
@@ -306,13 +286,10 @@ class Trainer:
         local = shard(global_batch, self.proc.rank, self.proc.world)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=train.bf16):
             output = self.ddp(batch.features, batch.captions)
-            terms = self.model.loss(output, batch.captions, self.vocab.pad, batch.tags)
-        loss = global_loss(
-            terms, self.model,
-            local_tokens=self.train_samples.target_count(local),
-            global_tokens=self.train_samples.target_count(global_batch),
-            local_size=len(local), global_size=len(global_batch), world=self.proc.world,
-        )
+            sums = self.model.loss(output, batch.captions, self.vocab.pad, batch.tags)
+        # DDP averages the processes' gradients: scaled by the world size, the average is the
+        # gradient of the global batch's mean (module docstring)
+        loss = sums.mean(self.train_samples.target_count(global_batch), len(global_batch)) * self.proc.world
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train.grad_clip is not None:
@@ -354,10 +331,9 @@ class Trainer:
             batch = self.val_samples[indices].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.bf16):
                 output = self.model(batch.features, batch.captions)
-                words = self.model.loss(output, batch.captions, self.vocab.pad, batch.tags).words
-            count = self.val_samples.target_count(indices)
-            total += float(words) * count
-            tokens += count
+                sums = self.model.loss(output, batch.captions, self.vocab.pad, batch.tags)
+            total += float(sums.words)
+            tokens += sums.tokens
         return total / max(tokens, 1)
 
     def _epoch_row(self, evaluation: SplitEvaluation | None) -> dict[str, float]:
@@ -414,11 +390,10 @@ class Trainer:
         """Scores of the best checkpoint (or the last weights, if none was kept) on the test split."""
         config = self.config
         best = self.out / "best.pt"
-        if best.exists():
-            self.model.load_state_dict(load_checkpoint(best).model)
+        model = load_captioner(best, self.device)[0] if best.exists() else self.model
         split = config.data.test_split
         evaluation = evaluate_split(
-            self.model, self.vocab, self.cache, records_in_split(self.data.records, split),
+            model, self.vocab, self.cache, records_in_split(self.data.records, split),
             beam_size=config.train.beam_size, max_length=decoding_limit(config), device=self.device,
             meteor=config.train.meteor, scenes=scenes_for(config.data.dataset, self.data.data_root, split),
             bf16=config.train.bf16, progress=self.progress,
@@ -436,7 +411,6 @@ class Trainer:
             Checkpoint(
                 model=self.model.state_dict(),
                 optimizer=self.optimizer.state_dict(),
-                scheduler=None,  # the learning rate is a function of ``step`` (``learning_rate``)
                 epoch=self.at.epoch,
                 step=self.at.step,
                 data_order=self.at.order,
@@ -444,8 +418,6 @@ class Trainer:
                 rng=capture_rng_state(),
                 config=self.config.to_dict(),
                 vocab=list(self.vocab.words),
-                backbone=self.config.model.backbone,
-                layers=list(self.config.model.layers),
                 extra=extra,
             ),
         )
@@ -457,14 +429,7 @@ class Trainer:
         for name in RESUMABLE_CHANGES:
             section, key = name.split(".")
             del expected[section][key]
-        checkpoint = load_checkpoint(
-            path,
-            expect_config=expected,
-            expect_vocab=self.vocab.words,
-            expect_backbone=self.config.model.backbone,
-            expect_layers=self.config.model.layers,
-            map_location=self.device,
-        )
+        checkpoint = load_checkpoint(path, expect_config=expected, expect_vocab=self.vocab.words)  # on the CPU
         if len(checkpoint.data_order) != len(self.train_samples):
             raise CheckpointError(
                 f"{path}: checkpoint does not match this run: it orders {len(checkpoint.data_order)} "
@@ -476,7 +441,7 @@ class Trainer:
         extra = dict(checkpoint.extra)
         extra.pop("tags", None)
         self.books = Bookkeeping(**extra)
-        self.at = Position(checkpoint.epoch, checkpoint.step, checkpoint.data_order.cpu(), checkpoint.data_position)
+        self.at = Position(checkpoint.epoch, checkpoint.step, checkpoint.data_order, checkpoint.data_position)
         self.log(f"resuming {path}: epoch {self.at.epoch + 1}, step {self.at.step}, {self.at.done} captions into the epoch")
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -491,12 +456,6 @@ class Trainer:
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
-
-
-def _pause_step() -> int:
-    """The step after which the test hook ``PAUSE_ENV`` pauses training, or -1."""
-    name, _, count = os.environ.get(PAUSE_ENV, "").partition(":")
-    return int(count) if name == "step" and count.isdigit() else -1
 
 
 def _summary(row: dict[str, float], metric: str, improved: bool) -> str:

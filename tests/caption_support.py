@@ -25,16 +25,18 @@ CAPTION_WORDS = 6
 LAYERS = ("stage6", "stage7")
 
 
-def tiny_model_config(order: str = "cs") -> ModelConfig:
+def tiny_model_config(order: str = "cs", layers: tuple[str, ...] = LAYERS) -> ModelConfig:
     return ModelConfig(
-        backbone="efficientnet_lite0", layers=LAYERS, order=order, attention_dim=8, hidden_dim=16, embed_dim=8, dropout=0.0
+        backbone="efficientnet_lite0", layers=layers, order=order, attention_dim=8, hidden_dim=16, embed_dim=8, dropout=0.0
     )
 
 
-def save_tiny_checkpoint(path: Path, order: str = "cs", seed: int = 0, backbone_weights: str = "imagenet") -> Path:
+def save_tiny_checkpoint(
+    path: Path, order: str = "cs", seed: int = 0, backbone_weights: str = "imagenet", layers: tuple[str, ...] = LAYERS
+) -> Path:
     """A checkpoint whose SCA and LSTM weights are random, drawn from ``seed``, over the backbone
     as the feature cache builds it with ``backbone_weights``; returns ``path``."""
-    config = tiny_model_config(order)
+    config = tiny_model_config(order, layers)
     backbone = freeze(build_cache_backbone(config.backbone, backbone_weights))
     torch.manual_seed(seed)
     model = SCACaptioner(config, len(VOCAB), backbone)
@@ -43,7 +45,6 @@ def save_tiny_checkpoint(path: Path, order: str = "cs", seed: int = 0, backbone_
         Checkpoint(
             model=model.state_dict(),
             optimizer={},
-            scheduler=None,
             epoch=0,
             step=0,
             data_order=torch.arange(4),
@@ -54,8 +55,6 @@ def save_tiny_checkpoint(path: Path, order: str = "cs", seed: int = 0, backbone_
                 "model": config.to_dict(),
             },
             vocab=VOCAB,
-            backbone=config.backbone,
-            layers=list(LAYERS),
         ),
     )
     return path

@@ -72,7 +72,7 @@ def test_n_best_prints_ranked_scored_lines(capsys, checkpoint, captioner, photos
     status, out, _ = run(capsys, "--checkpoint", str(checkpoint), "--workers", "0", "--beam", "4", "--n-best", "3", str(path))
     (want,) = expected_captions(captioner, [path], DecodeSettings(beam_size=4, n_best=3))
     assert status == 0 and len(want) == 3
-    assert out == [f"{path}\t{rank}\t{c.score:.4f}\t{c.text}" for rank, c in enumerate(want, start=1)]
+    assert out == [f"{path}\t{rank}\t{c.hypothesis.score:.4f}\t{c.text}" for rank, c in enumerate(want, start=1)]
     scores = [float(line.split("\t")[2]) for line in out]
     assert scores == sorted(scores, reverse=True)
 
@@ -85,9 +85,9 @@ def test_length_penalty_and_max_length_reach_the_search(capsys, checkpoint, capt
     settings = DecodeSettings(beam_size=3, n_best=3, max_length=4, length_penalty="wu", alpha=1.5)
     (want,) = expected_captions(captioner, [path], settings)
     assert status == 0
-    assert out == [f"{path}\t{rank}\t{c.score:.4f}\t{c.text}" for rank, c in enumerate(want, start=1)]
+    assert out == [f"{path}\t{rank}\t{c.hypothesis.score:.4f}\t{c.text}" for rank, c in enumerate(want, start=1)]
     assert all(len(c.words) <= 4 for c in want)
-    assert any(c.score != c.log_prob for c in want)
+    assert any(c.hypothesis.score != c.hypothesis.log_prob for c in want)
 
 
 def test_batched_with_workers_equals_one_at_a_time(capsys, checkpoint, photos):
@@ -119,13 +119,13 @@ def test_json_holds_coco_results_with_scores_n_best_and_attention(capsys, tmp_pa
     want = expected_captions(captioner, [coco, flickr], DecodeSettings(beam_size=3, n_best=2, attention=True))
     assert [e["image_id"] for e in entries] == [391895, "1000268201_693b08cb0e"]
     for entry, captions in zip(entries, want):
-        assert entry["caption"] == captions[0].text and entry["score"] == captions[0].score
+        assert entry["caption"] == captions[0].text and entry["score"] == captions[0].hypothesis.score
         assert [n["caption"] for n in entry["n_best"]] == [c.text for c in captions]
         assert [w["word"] for w in entry["attention"]] == captions[0].words
         for t, word in enumerate(entry["attention"]):
             assert [layer["layer"] for layer in word["layers"]] == list(LAYERS)
             for l, layer in enumerate(word["layers"]):
-                alpha, beta = captions[0].spatial[t][l], captions[0].channel[t][l]
+                alpha, beta = captions[0].spatial_map(t, l), captions[0].hypothesis.attention.channel[l][t]
                 row, col = layer["argmax"]
                 assert layer["grid"] == [7, 7] and alpha[row, col] == alpha.max()
                 assert [c for c, _ in layer["top_channels"]] == beta.topk(4).indices.tolist()
@@ -219,13 +219,14 @@ def test_image_ids_follow_coco_and_flickr_conventions():
     assert image_id_for(Path("1000268201_693b08cb0e.jpg")) == "1000268201_693b08cb0e"
 
 
-def test_backbone_is_rebuilt_with_the_weights_the_checkpoint_names(tmp_path):
-    random_backbone = save_tiny_checkpoint(tmp_path / "none.pt", backbone_weights="none")
+@pytest.mark.parametrize("layers", [("stage7",), ("stage6", "stage7")])  # one layer: no upper stage to compare
+def test_backbone_is_rebuilt_with_the_weights_the_checkpoint_names(tmp_path, layers):
+    random_backbone = save_tiny_checkpoint(tmp_path / "none.pt", backbone_weights="none", layers=layers)
     captioner = ImageCaptioner.from_checkpoint(random_backbone)
     rebuilt = build_cache_backbone("efficientnet_lite0", "none").state_dict()
     prefix = captioner.prefix.backbone.state_dict()
     assert all(torch.equal(prefix[k], rebuilt[k]) for k in rebuilt if k.startswith("stages.stem."))
-    with pytest.raises(CheckpointError, match="frozen backbone stages .* differ .* 'imagenet'"):
+    with pytest.raises(CheckpointError, match="with weights 'imagenet' is not the backbone its features came from"):
         ImageCaptioner.from_checkpoint(random_backbone, backbone_weights="imagenet")
 
 

@@ -60,9 +60,11 @@ def test_captions_from_files_equal_captions_from_the_cache(captioner, cached):
     from_files = list(captioner.caption_files(paths, SETTINGS, batch_size=3, workers=0))
     assert all(isinstance(r, CaptionedImage) for r in from_files)
     for cached_captions, result in zip(from_cache, from_files):
-        assert [(c.words, c.score, c.log_prob, c.finished) for c in result.captions] == [
-            (c.words, c.score, c.log_prob, c.finished) for c in cached_captions
-        ]
+        def fields(c):
+            return c.words, c.hypothesis.score, c.hypothesis.log_prob, c.hypothesis.finished
+
+        assert [fields(c) for c in result.captions] == [fields(c) for c in cached_captions]
         for ours, theirs in zip(result.captions, cached_captions):
-            for step_ours, step_theirs in zip(ours.spatial, theirs.spatial):
-                assert all(torch.equal(a, b) for a, b in zip(step_ours, step_theirs))
+            spatial_ours, spatial_theirs = ours.hypothesis.attention.spatial, theirs.hypothesis.attention.spatial
+            assert len(spatial_ours) == len(spatial_theirs) == 2
+            assert all(torch.equal(a, b) for a, b in zip(spatial_ours, spatial_theirs))

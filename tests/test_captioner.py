@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from tiny_backbone import NAME, build_tiny_backbone, tiny_features
 
+from sca_caption.decoding import beam_search
 from sca_caption.models.captioner import CaptionState, ModelConfig, SCACaptioner
 from sca_caption.models.errors import ModelConfigError
 from sca_caption.models.sca import ORDERS
@@ -44,7 +45,8 @@ def test_forward_shapes_and_attention_sums(order: str, layers: tuple[str, ...]) 
     out = model(tiny_features(layers), caps)
     assert out.logits.shape == (3, 5, VOCAB)
     assert out.tag_logits is None
-    for weights, orders, size in ((out.spatial, ("cs", "sc", "s"), 1), (out.channel, ("cs", "sc", "c"), 0)):
+    attention = out.attention
+    for weights, orders, size in ((attention.spatial, ("cs", "sc", "s"), 1), (attention.channel, ("cs", "sc", "c"), 0)):
         if order not in orders:
             assert weights is None
             continue
@@ -61,11 +63,12 @@ def test_teacher_forcing_equals_stepping(order: str, layers: tuple[str, ...]) ->
     caps = captions()
     with torch.no_grad():
         out = model(features, caps)
-        state = model.init_state(features)
+        state, memory = model.start(features)
         for t in range(caps.shape[1] - 1):
-            step = model.step(caps[:, t], state)
+            step = model.step(caps[:, t], state, memory)
             torch.testing.assert_close(step.logits, out.logits[:, t], rtol=1e-10, atol=1e-10)
-            for per_step, whole in ((step.spatial, out.spatial), (step.channel, out.channel)):
+            pairs = ((step.attention.spatial, out.attention.spatial), (step.attention.channel, out.attention.channel))
+            for per_step, whole in pairs:
                 assert (per_step is None) == (whole is None)
                 for a, b in zip(per_step or [], whole or []):
                     torch.testing.assert_close(a, b[:, t], rtol=1e-10, atol=1e-10)
@@ -76,19 +79,19 @@ def test_step_shapes_and_state_select() -> None:
     model = build(config()).eval()
     features = tiny_features(("conv3", "conv4"))
     with torch.no_grad():
-        state = model.init_state(features)
+        state, memory = model.start(features)
         assert isinstance(state, CaptionState)
         assert state.h.shape == state.c.shape == (3, 7)
         words = torch.tensor([START, 5, 7])
-        full = model.step(words, state)
+        full = model.step(words, state, memory)
         assert full.logits.shape == (3, VOCAB)
-        assert [a.shape for a in full.spatial] == [(3, 16), (3, 16)]
-        assert [b.shape for b in full.channel] == [(3, 8), (3, 6)]
+        assert [a.shape for a in full.attention.spatial] == [(3, 16), (3, 16)]
+        assert [b.shape for b in full.attention.channel] == [(3, 8), (3, 6)]
         index = torch.tensor([2, 0, 2, 1])  # reorder and repeat rows, as beam search does
-        picked = model.step(words[index], state.select(index))
+        picked = model.step(words[index], state.select(index), memory)
         torch.testing.assert_close(picked.logits, full.logits[index])
         torch.testing.assert_close(picked.state.h, full.state.h[index])
-        torch.testing.assert_close(picked.spatial[1], full.spatial[1][index])
+        torch.testing.assert_close(picked.attention.spatial[1], full.attention.spatial[1][index])
 
 
 def trainable_model(order: str, finetune: bool = False) -> SCACaptioner:
@@ -111,7 +114,7 @@ def test_gradients_reach_every_learning_parameter_and_no_frozen_one(order: str) 
     caps = captions()
     out = model(tiny_features(model.config.layers), caps)
     tags = torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 0], [0, 0, 0, 1]])
-    model.loss(out, caps, PAD, tags).total.backward()
+    model.loss(out, caps, PAD, tags).mean().backward()
     upper = {id(p) for p in model.encoder.upper.parameters()}
     assert upper
     for name, p in model.named_parameters():
@@ -125,7 +128,7 @@ def test_finetuning_trains_the_upper_stages() -> None:
     model = trainable_model("cs", finetune=True)
     caps = captions()
     out = model(tiny_features(model.config.layers), caps)
-    model.loss(out, caps, PAD, torch.ones(3, 4)).total.backward()
+    model.loss(out, caps, PAD, torch.ones(3, 4)).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.upper.parameters())
 
 
@@ -152,14 +155,16 @@ def test_loss_terms_by_hand() -> None:
     targets = caps[:, 1:]
     real = targets != PAD
     log_probs = F.log_softmax(out.logits, dim=2).gather(2, targets.unsqueeze(2)).squeeze(2)
-    torch.testing.assert_close(loss.words, -(log_probs[real]).mean())
+    assert (loss.tokens, loss.images) == (int(real.sum()), 3)
+    torch.testing.assert_close(loss.words, -(log_probs[real]).sum())
     penalty = 0.0
-    for alpha in out.spatial:  # Σ_i (1 − Σ_t α_ti)² over the real (non-pad) steps, mean over images
+    for alpha in out.attention.spatial:  # Σ_i (1 − Σ_t α_ti)² over the real (non-pad) steps, mean over images
         coverage = (alpha * real.unsqueeze(2)).sum(dim=1)
         penalty = penalty + ((1 - coverage) ** 2).sum(dim=1).mean()
-    torch.testing.assert_close(loss.doubly_stochastic, penalty)
-    torch.testing.assert_close(loss.tags, F.binary_cross_entropy_with_logits(out.tag_logits, tags))
-    torch.testing.assert_close(loss.total, loss.words + 0.5 * penalty + 0.25 * loss.tags)
+    tag_bce = F.binary_cross_entropy_with_logits(out.tag_logits, tags)
+    torch.testing.assert_close(loss.per_image, 3 * (0.5 * penalty + 0.25 * tag_bce))
+    torch.testing.assert_close(loss.mean(), -(log_probs[real]).mean() + 0.5 * penalty + 0.25 * tag_bce)
+    torch.testing.assert_close(loss.mean(tokens=20, images=6), loss.words / 20 + loss.per_image / 6)
     with pytest.raises(ModelConfigError, match="needs tag targets"):
         model.loss(out, caps, PAD)
 
@@ -182,7 +187,7 @@ def test_bfloat16_autocast_trains_and_matches_float32(order: str, layers: tuple[
     for bf16 in (False, True):
         model = build(config(layers, order, dropout=0.0))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model.loss(model(features, caps), caps, PAD).total
+            loss = model.loss(model(features, caps), caps, PAD).mean()
         loss.backward()
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
@@ -192,10 +197,9 @@ def test_bfloat16_autocast_trains_and_matches_float32(order: str, layers: tuple[
 
 
 def test_greedy_decoding_scores_equal_teacher_forced_scores() -> None:
-    decoding = pytest.importorskip("sca_caption.decoding")
     model = build(config(), dtype=torch.float64).eval()
     features = {name: x.double() for name, x in tiny_features(("conv3", "conv4")).items()}
-    hypotheses = decoding.greedy_decode(model, features, start=START, end=END, max_length=5)
+    hypotheses = [h[0] for h in beam_search(model, features, start=START, end=END, beam_size=1, max_length=5)]
     for b, hyp in enumerate(hypotheses):
         tokens = [START, *hyp.tokens] + ([END] if hyp.finished else [])
         caps = torch.tensor([tokens])

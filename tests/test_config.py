@@ -151,7 +151,7 @@ def test_model_error_names_the_source_of_the_offending_key(config_dir):
     assert str(caught.value) == "override 'model.dropout=1.0': model config: dropout must be in [0, 1); got 1.0"
 
 
-@dataclass
+@dataclass(frozen=True)
 class PickyModelConfig(ModelConfig):
     """A model config with a check on a combination of keys."""
 

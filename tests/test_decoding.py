@@ -1,4 +1,4 @@
-"""Greedy and beam search against exhaustive search, greedy, single-image runs and replays."""
+"""Beam search against exhaustive search, a hand-written greedy and beam search, single-image runs and replays."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sca_caption import decoding
-from sca_caption.decoding import LENGTH_PENALTIES, DecodingError, Hypothesis, beam_search, greedy_decode
+from sca_caption.decoding import LENGTH_PENALTIES, DecodingError, Hypothesis, beam_search
 from sca_caption.models.captioner import ModelConfig, SCACaptioner
-from sca_caption.models.sca import ORDERS
+from sca_caption.models.sca import ORDERS, Attention
 from tiny_backbone import build_tiny_backbone, tiny_features
 
 START, END, UNK = 0, 1, 2
@@ -38,8 +38,7 @@ class TinyState:
 class TinyOutput(NamedTuple):
     logits: Tensor
     state: TinyState
-    spatial: list[Tensor] | None
-    channel: list[Tensor] | None
+    attention: Attention
 
 
 class TinyCaptioner(nn.Module):
@@ -69,12 +68,12 @@ class TinyCaptioner(nn.Module):
         self.end_gate = nn.Linear(channels, 1)
         self.register_buffer("logit_bias", torch.zeros(vocab))
 
-    def init_state(self, features: Mapping[str, Tensor]) -> TinyState:
+    def start(self, features: Mapping[str, Tensor]) -> tuple[TinyState, None]:
         feats = features[TAP].flatten(2)
         h, c = torch.tanh(self.init(feats.mean(2))).chunk(2, dim=1)
-        return TinyState(h, c, feats, torch.zeros(feats.shape[0]))
+        return TinyState(h, c, feats, torch.zeros(feats.shape[0])), None
 
-    def step(self, words: Tensor, state: TinyState) -> TinyOutput:
+    def step(self, words: Tensor, state: TinyState, memory: None) -> TinyOutput:
         v = state.feats
         beta = torch.softmax(4.0 * self.channel_h(state.h) + v.mean(2), dim=1)  # (R, C)
         weighted = v * beta.unsqueeze(2)
@@ -87,7 +86,7 @@ class TinyCaptioner(nn.Module):
         logits = logits + self.logit_bias
         maps = self.attention
         state = TinyState(h, c, v, state.steps + 1)
-        return TinyOutput(logits, state, [alpha] if maps else None, [beta] if maps else None)
+        return TinyOutput(logits, state, Attention((alpha,) if maps else None, (beta,) if maps else None))
 
 
 class CountingModel:
@@ -97,12 +96,12 @@ class CountingModel:
         self.model = model
         self.steps = 0
 
-    def init_state(self, features: Mapping[str, Tensor]) -> TinyState:
-        return self.model.init_state(features)
+    def start(self, features: Mapping[str, Tensor]) -> tuple[TinyState, None]:
+        return self.model.start(features)
 
-    def step(self, words: Tensor, state: TinyState) -> TinyOutput:
+    def step(self, words: Tensor, state: TinyState, memory: None) -> TinyOutput:
         self.steps += 1
-        return self.model.step(words, state)
+        return self.model.step(words, state, memory)
 
 
 def make_model(vocab: int, seed: int = 0, **settings: float) -> TinyCaptioner:
@@ -120,8 +119,8 @@ def one(features: dict[str, Tensor], b: int) -> dict[str, Tensor]:
     return {TAP: features[TAP][b : b + 1]}
 
 
-def step_log_probs(model, words: Tensor, state, suppress: tuple[int, ...]):
-    out = model.step(words, state)
+def step_log_probs(model, words: Tensor, state, memory, suppress: tuple[int, ...]):
+    out = model.step(words, state, memory)
     logits = out.logits.clone()
     logits[:, list(suppress)] = float("-inf")
     return F.log_softmax(logits.double(), dim=1)[0], out
@@ -132,7 +131,7 @@ def every_caption(model, features: dict[str, Tensor], max_length: int, suppress:
     found: list[Caption] = []
 
     def walk(prefix: list[int], state, word: int, total: float) -> None:
-        logp, out = step_log_probs(model, torch.tensor([word]), state, suppress)
+        logp, out = step_log_probs(model, torch.tensor([word]), state, memory, suppress)
         for token in range(logp.shape[0]):
             if token in suppress:
                 continue
@@ -145,7 +144,8 @@ def every_caption(model, features: dict[str, Tensor], max_length: int, suppress:
                 walk(prefix + [token], out.state, token, score)
 
     with torch.no_grad():
-        walk([], model.init_state(features), START, 0.0)
+        state, memory = model.start(features)
+        walk([], state, START, 0.0)
     return found
 
 
@@ -165,14 +165,14 @@ def replay(model, features: dict[str, Tensor], hyp: Hypothesis, suppress: tuple[
     [t][layer] (None where the model has none)."""
     words = [START, *hyp.tokens]
     targets = hyp.tokens + ([END] if hyp.finished else [])
-    state = model.init_state(features)
+    state, memory = model.start(features)
     total, spatial, channel = 0.0, [], []
     with torch.no_grad():
         for word, target in zip(words, targets):
-            logp, out = step_log_probs(model, torch.tensor([word]), state, suppress)
+            logp, out = step_log_probs(model, torch.tensor([word]), state, memory, suppress)
             total += logp[target].item()
-            spatial.append(None if out.spatial is None else [x[0] for x in out.spatial])
-            channel.append(None if out.channel is None else [x[0] for x in out.channel])
+            spatial.append(None if out.attention.spatial is None else [x[0] for x in out.attention.spatial])
+            channel.append(None if out.attention.channel is None else [x[0] for x in out.attention.channel])
             state = out.state
     n = len(hyp.tokens)
     return total, None if spatial[0] is None else spatial[:n], None if channel[0] is None else channel[:n]
@@ -183,19 +183,27 @@ def assert_attention_replays(model, features: dict[str, Tensor], hyp: Hypothesis
     Returns the number of attention maps checked."""
     log_prob, spatial, channel = replay(model, features, hyp, suppress)
     assert hyp.log_prob == pytest.approx(log_prob, abs=1e-5)
+    if spatial is None and channel is None:
+        assert hyp.attention is None
+        return 0
     checked = 0
-    for got, want in ((hyp.spatial, spatial), (hyp.channel, channel)):
+    for got, want in ((hyp.attention.spatial, spatial), (hyp.attention.channel, channel)):
         if want is None:
             assert got is None
             continue
-        assert got is not None and len(got) == len(hyp.tokens)
-        for got_step, want_step in zip(got, want):
-            assert len(got_step) == len(want_step)
-            for got_map, want_map in zip(got_step, want_step):
-                assert float(got_map.sum()) == pytest.approx(1.0, abs=1e-5)
-                torch.testing.assert_close(got_map, want_map)
+        assert got is not None and all(layer.shape[0] == len(hyp.tokens) for layer in got)
+        for t, want_step in enumerate(want):
+            assert len(got) == len(want_step)
+            for layer, want_map in zip(got, want_step):
+                assert float(layer[t].sum()) == pytest.approx(1.0, abs=1e-5)
+                torch.testing.assert_close(layer[t], want_map)
                 checked += 1
     return checked
+
+
+def greedy(model, features: dict[str, Tensor], **settings) -> list[Hypothesis]:
+    """Beam search of width 1 (greedy decoding), one hypothesis per image."""
+    return [hyps[0] for hyps in beam_search(model, features, start=START, end=END, beam_size=1, **settings)]
 
 
 def exhaustive_test_model() -> TinyCaptioner:
@@ -237,56 +245,50 @@ def test_the_exhaustive_test_model_needs_search_and_feels_the_penalty() -> None:
         ]
         for kind in LENGTH_PENALTIES
     }
-    greedy = greedy_decode(model, features, start=START, end=END, max_length=4, suppress=(UNK,))
-    assert [g.tokens for g in greedy] != best["none"]
+    assert [g.tokens for g in greedy(model, features, max_length=4, suppress=(UNK,))] != best["none"]
     assert len({repr(captions) for captions in best.values()}) == len(LENGTH_PENALTIES)
 
 
-def test_beam_of_one_is_greedy() -> None:
+@pytest.mark.parametrize("end_bias", [0.0, 1.5])
+def test_beam_of_one_takes_the_most_likely_word_each_step(end_bias: float) -> None:
     model = make_model(12, seed=3)
+    model.logit_bias[END] = end_bias
     features = make_features(16, seed=4)
-    greedy = greedy_decode(model, features, start=START, end=END, max_length=8, suppress=(UNK,))
-    beam = beam_search(model, features, start=START, end=END, beam_size=1, max_length=8, suppress=(UNK,))
-    assert {g.finished for g in greedy} == {True, False}
-    for g, [b] in zip(greedy, beam):
-        assert b.tokens == g.tokens
-        assert b.finished == g.finished
-        assert b.log_prob == pytest.approx(g.log_prob, abs=1e-5)
-        assert b.score == pytest.approx(g.score, abs=1e-5)
-
-
-def test_greedy_takes_the_most_likely_word_each_step() -> None:
-    model = make_model(12, seed=3)
-    model.logit_bias[END] = 1.5
-    features = make_features(4, seed=4)
-    for b, hyp in enumerate(greedy_decode(model, features, start=START, end=END, max_length=8, suppress=(UNK,))):
-        state, word, total = model.init_state(one(features, b)), START, 0.0
-        expected = []
+    found = greedy(model, features, max_length=8, suppress=(UNK,))
+    if end_bias == 0.0:
+        assert {g.finished for g in found} == {True, False}
+    for b, hyp in enumerate(found):
+        state, memory = model.start(one(features, b))
+        word, total, expected, finished = START, 0.0, [], False
         with torch.no_grad():
             for _ in range(8):
-                logp, out = step_log_probs(model, torch.tensor([word]), state, (UNK,))
+                logp, out = step_log_probs(model, torch.tensor([word]), state, memory, (UNK,))
                 word = int(logp.argmax())
                 total += logp[word].item()
                 if word == END:
+                    finished = True
                     break
                 expected.append(word)
                 state = out.state
         assert hyp.tokens == expected
+        assert hyp.finished == finished
         assert hyp.log_prob == pytest.approx(total, abs=1e-5)
+        assert hyp.score == pytest.approx(total, abs=1e-5)
 
 
 def reference_beam_search(model, features: dict[str, Tensor], beam_size: int, max_length: int, n_best: int, kind: str):
     """The documented search for one image, one beam at a time in plain Python: each step ranks
     every extension of every live beam; an <end> ranked in the first ``beam_size`` finishes a
     caption, the ``beam_size`` best other extensions live on; survivors are cut at max_length."""
-    live: list[tuple[list[int], float, object]] = [([], 0.0, model.init_state(features))]
+    first, memory = model.start(features)
+    live: list[tuple[list[int], float, object]] = [([], 0.0, first)]
     finished: list[Caption] = []
     with torch.no_grad():
         for t in range(max_length):
             extensions = []
             for tokens, total, state in live:
                 word = tokens[-1] if tokens else START
-                logp, out = step_log_probs(model, torch.tensor([word]), state, (UNK,))
+                logp, out = step_log_probs(model, torch.tensor([word]), state, memory, (UNK,))
                 extensions += [(total + logp[w].item(), tokens, w, out.state) for w in range(logp.shape[0]) if w != UNK]
             extensions.sort(key=lambda e: -e[0])
             finished += [(tokens, total, True) for rank, (total, tokens, w, _) in enumerate(extensions)
@@ -354,13 +356,12 @@ def test_attention_is_tracked_through_beam_reordering() -> None:
     features = make_features(3, seed=10)
     beams = beam_search(model, features, start=START, end=END, beam_size=3, max_length=6, n_best=3,
                         suppress=(UNK,), return_attention=True)
-    greedy = greedy_decode(model, features, start=START, end=END, max_length=6, suppress=(UNK,),
-                           return_attention=True)
+    widths_one = greedy(model, features, max_length=6, suppress=(UNK,), return_attention=True)
     checked = 0
     for b in range(3):
-        for hyp in [*beams[b], greedy[b]]:
-            assert hyp.spatial is not None and hyp.channel is not None
-            assert all(step[0].shape == (4,) for step in hyp.spatial + hyp.channel)
+        for hyp in [*beams[b], widths_one[b]]:
+            assert hyp.attention.spatial is not None and hyp.attention.channel is not None
+            assert all(layer.shape == (len(hyp.tokens), 4) for layer in hyp.attention.spatial + hyp.attention.channel)
             checked += assert_attention_replays(model, one(features, b), hyp, (UNK,))
     assert checked > 40
 
@@ -368,12 +369,11 @@ def test_attention_is_tracked_through_beam_reordering() -> None:
 def test_no_attention_asked_or_available_gives_none() -> None:
     features = make_features(2)
     plain = beam_search(make_model(6), features, start=START, end=END, beam_size=2, max_length=3)
-    assert all(h.spatial is None and h.channel is None for hyps in plain for h in hyps)
+    assert all(h.attention is None for hyps in plain for h in hyps)
     blind = make_model(6, attention=False)
     asked = beam_search(blind, features, start=START, end=END, beam_size=2, max_length=3, return_attention=True)
-    assert all(h.spatial is None and h.channel is None for hyps in asked for h in hyps)
-    greedy = greedy_decode(blind, features, start=START, end=END, max_length=3, return_attention=True)
-    assert all(h.spatial is None and h.channel is None for h in greedy)
+    assert all(h.attention is None for hyps in asked for h in hyps)
+    assert all(h.attention is None for h in greedy(blind, features, max_length=3, return_attention=True))
 
 
 def test_n_best_are_sorted_and_distinct() -> None:
@@ -416,8 +416,7 @@ def test_suppressed_unk_never_appears() -> None:
     assert any(UNK in h.tokens for hyps in loose for h in hyps), "the model never says <unk>: nothing to suppress"
     strict = beam_search(model, features, beam_size=3, n_best=3, suppress=(UNK,), **settings)
     assert all(UNK not in h.tokens for hyps in strict for h in hyps)
-    greedy = greedy_decode(model, features, suppress=(UNK,), **settings)
-    assert all(UNK not in h.tokens for h in greedy)
+    assert all(UNK not in h.tokens for h in greedy(model, features, max_length=5, suppress=(UNK,)))
 
 
 @pytest.mark.parametrize(
@@ -440,7 +439,7 @@ def test_bad_settings_raise_one_clear_error(settings: dict, message: str) -> Non
 
 def test_empty_features_raise_one_clear_error() -> None:
     with pytest.raises(DecodingError, match="features is empty"):
-        greedy_decode(make_model(6), {}, start=START, end=END, max_length=3)
+        beam_search(make_model(6), {}, start=START, end=END, beam_size=1, max_length=3)
 
 
 def test_length_penalty_scores_are_as_documented() -> None:

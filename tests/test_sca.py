@@ -1,4 +1,5 @@
-"""SCA attention modules against the paper's equations written out by hand, and the multi-layer encoder."""
+"""SCA attention modules against the paper's equations written out by hand, and the multi-layer
+encoder; every layer test runs both backends ("plain" equations and the "cpu" kernels)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from tiny_backbone import build_tiny_backbone, tiny_features
 
-from sca_caption.models import sca
+from sca_caption.models import kernels
 from sca_caption.models.errors import ModelConfigError
 from sca_caption.models.sca import ORDERS, ChannelAttention, SCAEncoder, SCALayer, SpatialAttention
 
@@ -64,8 +65,23 @@ def test_channel_attention_matches_the_equation_and_its_gradient() -> None:
         torch.testing.assert_close(g, w)
 
 
+def test_channel_kernel_matches_the_equation_and_its_gradient() -> None:
+    attention = randomise(ChannelAttention(C, K))
+    pooled = torch.randn(B, C, dtype=torch.float64, requires_grad=True)
+    query = torch.randn(B, K, dtype=torch.float64, requires_grad=True)
+    beta = kernels.channel_weights(attention, pooled, query)
+    expected = hand_channel(attention, pooled, query)
+    torch.testing.assert_close(beta, expected)
+    upstream = torch.randn(B, C, dtype=torch.float64)
+    tensors = [pooled, query, *attention.parameters()]
+    got = torch.autograd.grad((beta * upstream).sum(), tensors)
+    want = torch.autograd.grad((expected * upstream).sum(), tensors)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 def test_channel_scores_gradcheck_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sca, "_CHUNK_ELEMENTS", 2 * C * K)  # two images per chunk, three chunks
+    monkeypatch.setattr(kernels, "_CHUNK_ELEMENTS", 2 * C * K)  # two images per chunk, three chunks
     torch.manual_seed(0)
     args = (
         torch.randn(5, C, dtype=torch.float64, requires_grad=True),
@@ -73,17 +89,20 @@ def test_channel_scores_gradcheck_across_chunks(monkeypatch: pytest.MonkeyPatch)
         torch.randn(K, dtype=torch.float64, requires_grad=True),
         torch.randn(K, dtype=torch.float64, requires_grad=True),
     )
-    assert len(sca._row_chunks(5, C * K, sca._CHUNK_ELEMENTS)) == 3
-    assert torch.autograd.gradcheck(sca._ChannelScores.apply, args)
+    assert len(kernels._row_chunks(5, C * K, kernels._CHUNK_ELEMENTS)) == 3
+    assert torch.autograd.gradcheck(kernels._ChannelScores.apply, args)
 
 
 def test_spatial_attention_matches_the_equation() -> None:
     attention = randomise(SpatialAttention(C, K))
     maps, queries = inputs()
-    alpha = attention(attention.keys(maps), queries[:, :K])
+    alpha = attention(maps, queries[:, :K])
     assert alpha.shape == (B, M)
-    torch.testing.assert_close(alpha, hand_spatial(attention, maps, queries[:, :K]))
+    expected = hand_spatial(attention, maps, queries[:, :K])
+    torch.testing.assert_close(alpha, expected)
     torch.testing.assert_close(alpha.sum(dim=1), torch.ones(B, dtype=torch.float64))
+    torch.testing.assert_close(attention(maps, queries[:, :K], keys=attention.key(maps)), expected)
+    torch.testing.assert_close(kernels.spatial_weights(attention, attention.key(maps), queries[:, :K], None), expected)
 
 
 def expected_layer(layer: SCALayer, maps: torch.Tensor, queries: torch.Tensor) -> tuple:
@@ -111,45 +130,57 @@ def expected_layer(layer: SCALayer, maps: torch.Tensor, queries: torch.Tensor) -
     return x, x.sum(dim=1) / s_s, alpha, beta
 
 
+BACKENDS = ("plain", "cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("order", ORDERS)
-def test_layer_matches_hand_composition(order: str, rescale: bool) -> None:
-    layer = randomise(SCALayer(C, K, order, rescale))
+def test_layer_matches_hand_composition(order: str, rescale: bool, backend: str) -> None:
+    layer = randomise(SCALayer(C, K, order, rescale, backend))
     maps, queries = inputs()
     queries = queries[:, : layer.query_dim]
     x, z, alpha, beta = expected_layer(layer, maps, queries)
-    attended = layer(maps, queries)
-    context = layer(maps, queries, top=True)
-    torch.testing.assert_close(attended.output, x)
-    torch.testing.assert_close(context.output, z)
-    for got, want in ((attended.spatial, alpha), (attended.channel, beta)):
+    attended, got_alpha, got_beta = layer(maps, queries)
+    context = layer(maps, queries, top=True)[0]
+    torch.testing.assert_close(attended, x)
+    torch.testing.assert_close(context, z)
+    for got, want in ((got_alpha, alpha), (got_beta, beta)):
         assert (got is None) == (want is None)
         if want is not None:
             torch.testing.assert_close(got, want)
             torch.testing.assert_close(got.sum(dim=1), torch.ones(B, dtype=torch.float64))
-    # the per-image part computed once gives the same step
-    prepared = layer.prepare(maps)
-    torch.testing.assert_close(layer(maps, queries, prepared).output, x)
+    # the image-only term computed once gives the same step
+    torch.testing.assert_close(layer(maps, queries, terms=layer.first_terms(maps))[0], x)
 
 
-def test_rescaled_uniform_attention_leaves_the_map_unchanged() -> None:
-    layer = randomise(SCALayer(C, K, "cs", rescale=True))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rescaled_uniform_attention_leaves_the_map_unchanged(backend: str) -> None:
+    layer = randomise(SCALayer(C, K, "cs", True, backend))
     with torch.no_grad():
         layer.channel.score.zero_()
         layer.spatial.score.zero_()
     maps, queries = inputs()
-    out = layer(maps, queries)
-    torch.testing.assert_close(out.output, maps)
-    torch.testing.assert_close(out.spatial, torch.full((B, M), 1 / M, dtype=torch.float64))
-    torch.testing.assert_close(layer(maps, queries, top=True).output, maps.mean(dim=1))
+    out, alpha, _ = layer(maps, queries)
+    torch.testing.assert_close(out, maps)
+    torch.testing.assert_close(alpha, torch.full((B, M), 1 / M, dtype=torch.float64))
+    torch.testing.assert_close(layer(maps, queries, top=True)[0], maps.mean(dim=1))
 
 
-def test_orders_cs_and_sc_differ_as_documented() -> None:
-    cs = randomise(SCALayer(C, K, "cs", True))
-    sc = SCALayer(C, K, "sc", True).double()
+class Named:
+    """A layer's (X, α, β) by name."""
+
+    def __init__(self, result: tuple) -> None:
+        self.output, self.spatial, self.channel = result
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_orders_cs_and_sc_differ_as_documented(backend: str) -> None:
+    cs = randomise(SCALayer(C, K, "cs", True, backend))
+    sc = SCALayer(C, K, "sc", True, backend).double()
     sc.load_state_dict(cs.state_dict())
     maps, queries = inputs()
-    a_cs, a_sc = cs(maps, queries), sc(maps, queries)
+    a_cs, a_sc = Named(cs(maps, queries)), Named(sc(maps, queries))
     assert not torch.allclose(a_cs.output, a_sc.output)
     # C-S: β reads V alone, so the spatial parameters cannot change it; α depends on β.
     # S-C: α reads V alone, so the channel parameters cannot change it; β depends on α.
@@ -157,7 +188,7 @@ def test_orders_cs_and_sc_differ_as_documented() -> None:
         for layer in (cs, sc):
             layer.spatial.key.weight.add_(1.0)
             layer.channel.weight.mul_(-2.0)
-    b_cs, b_sc = cs(maps, queries), sc(maps, queries)
+    b_cs, b_sc = Named(cs(maps, queries)), Named(sc(maps, queries))
     torch.testing.assert_close(b_cs.channel, hand_channel(cs.channel, maps.mean(dim=1), queries[:, :K]))
     assert not torch.allclose(b_cs.spatial, a_cs.spatial)
     torch.testing.assert_close(b_sc.spatial, hand_spatial(sc.spatial, maps, queries[:, K:]))
@@ -166,27 +197,32 @@ def test_orders_cs_and_sc_differ_as_documented() -> None:
     with torch.no_grad():
         cs.channel.weight.div_(-2.0)
         sc.channel.weight.div_(-2.0)
-    assert not torch.allclose(cs(maps, queries).spatial, b_cs.spatial)
-    torch.testing.assert_close(sc(maps, queries).spatial, b_sc.spatial)
+    assert not torch.allclose(cs(maps, queries)[1], b_cs.spatial)
+    torch.testing.assert_close(sc(maps, queries)[1], b_sc.spatial)
 
 
 def test_unknown_order_is_a_config_error() -> None:
     with pytest.raises(ModelConfigError, match="order must be one of"):
         SCALayer(C, K, "xs", True)
+    with pytest.raises(ModelConfigError, match="kernels must be one of"):
+        SCALayer(C, K, "cs", True, "fast")
 
 
-def encoder(layers: tuple[str, ...], order: str = "cs", finetune: bool = False) -> SCAEncoder:
+def encoder(layers: tuple[str, ...], order: str = "cs", finetune: bool = False, backend: str = "auto") -> SCAEncoder:
     torch.manual_seed(0)
-    return SCAEncoder(build_tiny_backbone(), layers, 4, order, rescale=True, finetune_upper=finetune).double()
+    return SCAEncoder(
+        build_tiny_backbone(), layers, 4, order, rescale=True, finetune_upper=finetune, kernels=backend
+    ).double()
 
 
 def double(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: x.double() for name, x in features.items()}
 
 
-def test_two_layer_encoder_feeds_the_attended_map_through_the_upper_stage() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_layer_encoder_feeds_the_attended_map_through_the_upper_stage(backend: str) -> None:
     layers = ("conv3", "conv4")
-    enc = encoder(layers)
+    enc = encoder(layers, backend=backend)
     features = double(tiny_features(layers))
     assert enc.inputs == ("conv3", "conv2")  # the shortcut conv2 is cached with the attended conv3
     memory, top = enc.remember(features, torch.float64)
@@ -194,16 +230,16 @@ def test_two_layer_encoder_feeds_the_attended_map_through_the_upper_stage() -> N
     torch.testing.assert_close(top, stage(features["conv3"], features))
     torch.manual_seed(3)
     queries = torch.randn(3, enc.query_dim, dtype=torch.float64)
-    step = enc(memory, queries)
+    context, attention = enc(memory, queries)
     # by hand: attend conv3, run the conv4 stage (with conv2 as its shortcut) on X, attend conv4
     v0 = features["conv3"].flatten(2).transpose(1, 2)
-    first = enc.layers[0](v0, queries[:, :8])
+    first = Named(enc.layers[0](v0, queries[:, :8]))
     x0 = first.output.transpose(1, 2).reshape(features["conv3"].shape)
     v1 = stage(x0, features).flatten(2).transpose(1, 2)
-    second = enc.layers[1](v1, queries[:, 8:], top=True)
-    torch.testing.assert_close(step.context, second.output)
-    torch.testing.assert_close(step.spatial[0], first.spatial)
-    torch.testing.assert_close(step.channel[1], second.channel)
+    second = Named(enc.layers[1](v1, queries[:, 8:], top=True))
+    torch.testing.assert_close(context, second.output)
+    torch.testing.assert_close(attention.spatial[0], first.spatial)
+    torch.testing.assert_close(attention.channel[1], second.channel)
 
 
 @pytest.mark.parametrize("layers", [("conv3",), ("conv3", "conv4"), ("conv3", "conv4", "conv5")])
@@ -211,17 +247,17 @@ def test_two_layer_encoder_feeds_the_attended_map_through_the_upper_stage() -> N
 def test_encoder_runs_every_order_and_depth(order: str, layers: tuple[str, ...]) -> None:
     enc = encoder(layers, order)
     memory, top = enc.remember(double(tiny_features(layers)), torch.float64)
-    step = enc(memory, torch.randn(3, enc.query_dim, dtype=torch.float64))
-    assert step.context.shape == (3, enc.context_dim) == (3, top.shape[1])
+    context, attention = enc(memory, torch.randn(3, enc.query_dim, dtype=torch.float64))
+    assert context.shape == (3, enc.context_dim) == (3, top.shape[1])
     sizes = {"conv3": 16, "conv4": 16, "conv5": 4}
     if order in ("cs", "sc", "s"):
-        assert [a.shape for a in step.spatial] == [(3, sizes[name]) for name in layers]
+        assert [a.shape for a in attention.spatial] == [(3, sizes[name]) for name in layers]
     else:
-        assert step.spatial is None
+        assert attention.spatial is None
     if order in ("cs", "sc", "c"):
-        assert [b.shape[1] for b in step.channel] == list(enc.channels)
+        assert [b.shape[1] for b in attention.channel] == list(enc.channels)
     else:
-        assert step.channel is None
+        assert attention.channel is None
 
 
 @pytest.mark.parametrize("finetune", [False, True])
@@ -231,7 +267,7 @@ def test_upper_stage_frozen_unless_finetuned(finetune: bool) -> None:
     enc.train()
     assert not any(m.training for m in enc.upper.modules())  # batch-norm statistics stay fixed
     memory, _ = enc.remember(double(tiny_features(layers)), torch.float64)
-    enc(memory, torch.randn(3, enc.query_dim, dtype=torch.float64)).context.sum().backward()
+    enc(memory, torch.randn(3, enc.query_dim, dtype=torch.float64))[0].sum().backward()
     upper = list(enc.upper.parameters())
     assert upper
     if finetune:
@@ -263,10 +299,10 @@ def test_coordinate_channels_hold_x_then_y_from_minus_one_to_one() -> None:
 def test_context_carries_the_attended_position() -> None:
     enc = coord_encoder(("conv3",), "s")
     memory, _ = enc.remember(double(tiny_features(("conv3",))), torch.float64)
-    step = enc(memory, torch.randn(3, enc.query_dim, dtype=torch.float64))
+    context, attention = enc(memory, torch.randn(3, enc.query_dim, dtype=torch.float64))
     positions = memory.maps[:, :, :, 8:].flatten(1, 2)  # (B, m, 2)
-    expected = torch.einsum("bm,bmp->bp", step.spatial[0], positions)
-    torch.testing.assert_close(step.context[:, 8:], expected)
+    expected = torch.einsum("bm,bmp->bp", attention.spatial[0], positions)
+    torch.testing.assert_close(context[:, 8:], expected)
 
 
 def test_coordinate_channels_stay_out_of_the_upper_stages() -> None:
@@ -278,14 +314,14 @@ def test_coordinate_channels_stay_out_of_the_upper_stages() -> None:
     torch.testing.assert_close(top[:, :6], stage(features["conv3"], features))
     torch.manual_seed(3)
     queries = torch.randn(3, enc.query_dim, dtype=torch.float64)
-    step = enc(memory, queries)
+    context, _ = enc(memory, queries)
     v0 = memory.maps.flatten(1, 2)  # conv3 and its coordinates
-    first = enc.layers[0](v0, queries[:, :8])
-    x0 = first.output[..., :8].transpose(1, 2).reshape(features["conv3"].shape)
+    first = enc.layers[0](v0, queries[:, :8])[0]
+    x0 = first[..., :8].transpose(1, 2).reshape(features["conv3"].shape)
     v1 = torch.cat([stage(x0, features).flatten(2).transpose(1, 2), v0[:, :, 8:]], dim=2)  # same 4x4 grid
-    second = enc.layers[1](v1, queries[:, 8:], top=True)
-    torch.testing.assert_close(step.context, second.output)
-    assert step.context.shape == (3, enc.context_dim) == (3, 6 + 2)
+    second = enc.layers[1](v1, queries[:, 8:], top=True)[0]
+    torch.testing.assert_close(context, second)
+    assert context.shape == (3, enc.context_dim) == (3, 6 + 2)
 
 
 def test_encoder_rejects_missing_or_misshapen_features() -> None:

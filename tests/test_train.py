@@ -12,16 +12,15 @@ import pytest
 import torch
 
 from sca_caption import train
-from sca_caption.checkpoint import load_checkpoint
+from sca_caption.checkpoint import load_captioner, load_checkpoint
 from sca_caption.config import ExperimentConfig, TrainConfig, load_config
 from sca_caption.data.caption_dataset import CaptionSamples, epoch_order, global_batches, shard
 from sca_caption.data.corpus import records_in_split
 from sca_caption.data.features import FeatureCache
 from sca_caption.data.vocab import Vocab
-from sca_caption.evaluation import model_from_checkpoint
 from sca_caption.models.captioner import ModelConfig, SCACaptioner
 from sca_caption.prepare import prepare
-from sca_caption.trainer import global_loss, learning_rate
+from sca_caption.trainer import learning_rate
 from tiny_backbone import build_tiny_backbone, tiny_features
 from train_support import TinyShapes, tiny_shapes  # noqa: F401
 
@@ -79,14 +78,11 @@ def _tiny_captioner() -> SCACaptioner:
 def _gradients(model, features, captions, tags, rows, world, normalise=True) -> list[torch.Tensor]:
     model.zero_grad()
     picked = {tap: x[rows] for tap, x in features.items()}
-    terms = model.loss(model(picked, captions[rows]), captions[rows], 0, tags[rows])
-    if normalise:
-        targets = (captions[:, 1:] != 0).sum(dim=1)
-        loss = global_loss(
-            terms, model, int(targets[rows].sum()), int(targets.sum()), len(rows), len(captions), world
-        )
+    sums = model.loss(model(picked, captions[rows]), captions[rows], 0, tags[rows])
+    if normalise:  # as the trainer does: the global batch's counts, times the world size
+        loss = sums.mean(int((captions[:, 1:] != 0).sum()), len(captions)) * world
     else:
-        loss = terms.total
+        loss = sums.mean()
     loss.backward()
     return [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
@@ -145,7 +141,7 @@ def test_a_run_writes_checkpoints_log_and_test_scores(trained, capsys):
     checkpoint = load_checkpoint(out / "last.pt")  # weights_only loading
     config = load_config("shapes", overrides=settings)
     assert ExperimentConfig.from_dict(checkpoint.config) == config
-    assert (checkpoint.backbone, checkpoint.layers) == ("efficientnet_lite0", ["stage7"])
+    assert (config.model.backbone, config.model.layers) == ("efficientnet_lite0", ("stage7",))
     assert (checkpoint.epoch, checkpoint.step, checkpoint.data_position) == (1, 4, 0)
     data = prepare(config, progress=False, log=lambda _: None)
     train_records = records_in_split(data.records, "train")
@@ -153,7 +149,9 @@ def test_a_run_writes_checkpoints_log_and_test_scores(trained, capsys):
     next_epoch = epoch_order(samples.targets, config.train.seed, 1, config.data.batch_size)
     assert torch.equal(checkpoint.data_order, next_epoch)
     assert checkpoint.vocab == list(Vocab.load(data.vocab_path).words)
-    model, _, _ = model_from_checkpoint(checkpoint)
+    model, vocab, loaded_config = load_captioner(out / "last.pt")
+    assert loaded_config == config and list(vocab.words) == checkpoint.vocab and not model.training
+    assert model.state_dict().keys() == checkpoint.model.keys()
     assert all(torch.equal(v, checkpoint.model[k]) for k, v in model.state_dict().items())
     with open(out / "log.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -6,12 +6,13 @@ from __future__ import annotations
 import csv
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from sca_caption.trainer import PAUSE_ENV, PAUSE_MESSAGE
+from paused_train import PAUSED
 from train_support import TinyShapes, run_train, subprocess_env, tiny_shapes, train_command  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -39,13 +40,14 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tiny_shapes: TinyShap
     settings = tiny_shapes.overrides(train__checkpoint_every=2, train__eval_every=2, model__dropout=0.3)
     run_train("--out", "whole", *settings, cwd=tmp_path)
 
+    command = [sys.executable, str(Path(__file__).with_name("paused_train.py")), "--pause-after", "7"]
     killed = subprocess.Popen(
-        train_command("--out", "split", *settings), cwd=tmp_path, env=subprocess_env(**{PAUSE_ENV: "step:7"}),
+        command + train_command("--out", "split", *settings)[3:], cwd=tmp_path, env=subprocess_env(),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     assert killed.stdout is not None
     try:
-        paused = any(PAUSE_MESSAGE in line for line in killed.stdout)  # stops reading at the pause
+        paused = any(PAUSED in line for line in killed.stdout)  # stops reading at the pause
     finally:
         killed.send_signal(signal.SIGKILL)
         killed.wait(timeout=60)

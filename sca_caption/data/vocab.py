@@ -27,6 +27,7 @@ class Vocab:
     start = 1
     end = 2
     unk = 3
+    never_emitted = (pad, start, unk)  # the ids decoding suppresses
 
     def __init__(self, words: Sequence[str]) -> None:
         """words: every entry in id order, the four specials first."""

@@ -1,7 +1,7 @@
 """SCA-CNN captioner: the multi-layer SCA encoder, the LSTM decoder and an optional CSRA tag head.
 
 The model reads the cached backbone prefix outputs ({tap: (B, C, H, W)}, named by
-``feature_names``), never images. Decoding drives it one word at a time (``init_state`` then
+``feature_names``), never images. Decoding drives it one word at a time (``start`` then
 ``step``); training uses ``forward`` (teacher forcing), which runs exactly the same step
 computation, so the scores beam search sees are the scores training optimised.
 """
@@ -12,17 +12,17 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from sca_caption.models.backbones import TappedBackbone, build_backbone
 from sca_caption.models.decoder import LSTMDecoder
 from sca_caption.models.errors import ModelConfigError
-from sca_caption.models.sca import ORDERS, EncoderMemory, EncoderStep, SCAEncoder
+from sca_caption.models.sca import KERNELS, ORDERS, Attention, ImageMemory, SCAEncoder
 from sca_caption.models.tag_head import TagHead, tag_loss
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Model settings; plain types only, saved in checkpoints as ``to_dict()``.
 
@@ -34,7 +34,8 @@ class ModelConfig:
     ``tag_loss_weight``. ``coord_channels`` appends each location's x and y (from -1 to 1) to
     every attended map, as CoordConv does (Liu et al., 2018): not in SCA-CNN, whose convolutional
     features say what is at a location far better than where it is; the shapes captions, which
-    are about positions, need it.
+    are about positions, need it. ``kernels``: the attention's backend, one of ``KERNELS``
+    ("auto": the CPU kernels on a CPU, the plain equations elsewhere; see ``sca``).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -52,9 +53,12 @@ class ModelConfig:
     tag_lambda: float = 0.1
     tag_loss_weight: float = 0.0
     coord_channels: bool = False
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
-        self.layers = tuple(self.layers)
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if self.kernels not in KERNELS:
+            raise ModelConfigError(f"model config: kernels must be one of {', '.join(KERNELS)}; got {self.kernels!r}")
         if self.order not in ORDERS:
             raise ModelConfigError(f"model config: order must be one of {', '.join(ORDERS)}; got {self.order!r}")
         if not 1 <= len(self.layers) <= 3:
@@ -84,62 +88,60 @@ class ModelConfig:
         return cls(**dict(data))
 
 
-@dataclass
+@dataclass(frozen=True)
 class CaptionState:
-    """The decoder state between steps; every tensor has the batch (rows) on dim 0.
+    """The decoder state between steps, one row per caption being decoded.
 
-    ``h``, ``c``: LSTM state (B, H); ``memory``: the encoder's per-image tensors and the image
-    of each row.
+    ``h``, ``c``: the LSTM's hidden state and cell (R, H); ``image``: (R,) the image (row of the
+    ``ImageMemory``) each row reads, or None when row r reads image r.
     """
 
     h: Tensor
     c: Tensor
-    memory: EncoderMemory
+    image: Tensor | None = None
 
     def select(self, index: Tensor) -> "CaptionState":
-        """Rows ``index`` (N,), in that order (beam reorder or repeat); the memory's per-image
-        tensors are shared, not copied."""
-        return CaptionState(self.h.index_select(0, index), self.c.index_select(0, index), self.memory.select(index))
+        """Rows ``index`` (R',), in that order (beam reorder or repeat); per-image tensors are
+        never copied, only the row-to-image index follows."""
+        image = index if self.image is None else self.image.index_select(0, index)
+        return CaptionState(self.h.index_select(0, index), self.c.index_select(0, index), image)
 
 
 class StepOutput(NamedTuple):
-    """One decoding step.
-
-    ``logits``: (B, V) unnormalised next-word scores; ``state``: the state after the step;
-    ``spatial``: per attended layer α (B, m_l), None when the order has no spatial attention
-    ("c", "none"); ``channel``: per layer β (B, C_l), None without channel attention ("s", "none").
-    Weights sum to 1 over locations / channels.
-    """
+    """One decoding step: ``logits`` (R, V) unnormalised next-word scores, the ``state`` after
+    the step and the ``attention`` the step used (per layer α (R, m_l), β (R, C_l))."""
 
     logits: Tensor
     state: CaptionState
-    spatial: list[Tensor] | None
-    channel: list[Tensor] | None
+    attention: Attention
 
 
-@dataclass
-class CaptionerOutput:
-    """Teacher-forced outputs for captions (B, T).
-
-    ``logits`` (B, T-1, V) predict ``captions[:, 1:]``; ``spatial`` / ``channel``: per attended
-    layer (B, T-1, m_l) / (B, T-1, C_l), None as in ``StepOutput``; ``tag_logits`` (B, K) or None
-    without a tag head.
-    """
+class CaptionerOutput(NamedTuple):
+    """Teacher-forced outputs for captions (B, T): ``logits`` (B, T-1, V) predict
+    ``captions[:, 1:]``; ``attention`` per layer (B, T-1, m_l) / (B, T-1, C_l); ``tag_logits``
+    (B, K), or None without a tag head."""
 
     logits: Tensor
-    spatial: list[Tensor] | None
-    channel: list[Tensor] | None
+    attention: Attention
     tag_logits: Tensor | None
 
 
 class CaptionLoss(NamedTuple):
-    """``total`` = ``words`` + doubly_stochastic · ``doubly_stochastic`` + tag_loss_weight · ``tags``
-    (scalars; a term whose part of the model is absent is 0)."""
+    """A batch's loss as sums and their counts, so that shares of a batch (DDP) add up exactly.
 
-    total: Tensor
+    ``words``: Σ −log p(target) over the non-pad targets, ``tokens`` of them; ``per_image``: Σ over
+    the ``images`` of doubly_stochastic · Σ_l Σ_i (1 − Σ_t α_ti)² + tag_loss_weight · (mean tag BCE).
+    """
+
     words: Tensor
-    doubly_stochastic: Tensor
-    tags: Tensor
+    per_image: Tensor
+    tokens: int
+    images: int
+
+    def mean(self, tokens: int | None = None, images: int | None = None) -> Tensor:
+        """words / tokens + per_image / images, over this batch's counts or the given ones (a
+        global batch's, when this is one process's share)."""
+        return self.words / (tokens or self.tokens) + self.per_image / (images or self.images)
 
 
 class SCACaptioner(nn.Module):
@@ -148,6 +150,11 @@ class SCACaptioner(nn.Module):
     ``backbone``: the backbone named by ``config.backbone``, built with its default (pretrained)
     weights when None. Only its stages above the lowest attended layer are kept (and frozen unless
     ``config.finetune_upper``: this freezes them in the given backbone object too).
+
+    Decoding: ``start(features)`` gives the state before the first word and the per-image memory;
+    ``step(words, state, memory)`` is the one decoding step (embedding, the queries of every
+    attended layer, the encoder, the LSTM and the output layer). Teacher forcing (``forward``) runs
+    the same step for every position of the captions.
     """
 
     def __init__(self, config: ModelConfig, vocab_size: int, backbone: TappedBackbone | None = None) -> None:
@@ -161,7 +168,7 @@ class SCACaptioner(nn.Module):
         self.config = config
         self.encoder = SCAEncoder(
             backbone, config.layers, config.attention_dim, config.order, config.rescale, config.finetune_upper,
-            config.coord_channels,
+            config.coord_channels, config.kernels,
         )
         self.decoder = LSTMDecoder(
             vocab_size,
@@ -182,127 +189,92 @@ class SCACaptioner(nn.Module):
         """The cached prefix outputs the model reads (what the feature cache must store)."""
         return self.encoder.inputs
 
-    def init_state(self, features: Mapping[str, Tensor]) -> CaptionState:
-        """Cached features {tap: (B, C, H, W)} -> the state before the first word."""
-        return self._start(features)[0]
+    def start(self, features: Mapping[str, Tensor]) -> tuple[CaptionState, ImageMemory]:
+        """Cached features {tap: (N, C, H, W)} -> the state before the first word (N rows) and
+        the images' memory."""
+        state, memory, _ = self._start(features)
+        return state, memory
 
-    def step(self, words: Tensor, state: CaptionState) -> StepOutput:
-        """Previous words (B,) and state -> next-word logits (B, V), new state and attention."""
+    def step(self, words: Tensor, state: CaptionState, memory: ImageMemory) -> StepOutput:
+        """Previous words (R,), state and memory -> next-word logits (R, V), new state, attention."""
         embedded = self.decoder.embed(words)
-        h, c, attended = self._advance(self.decoder.input_gates(embedded), state.h, state.c, state.memory)
-        logits = self.decoder.logits(embedded, h, attended.context)
-        return StepOutput(logits, CaptionState(h, c, state.memory), attended.spatial, attended.channel)
+        h, c, context, attention = self._advance(self.decoder.input_gates(embedded), state, memory)
+        logits = self.decoder.logits(embedded, h, context)
+        return StepOutput(logits, CaptionState(h, c, state.image), attention)
 
     def forward(self, features: Mapping[str, Tensor], captions: Tensor) -> CaptionerOutput:
-        """Teacher forcing: captions (B, T) starting with ``<start>`` -> outputs for steps 1..T-1."""
+        """Teacher forcing: captions (B, T) starting with ``<start>`` -> outputs for steps 1..T-1.
+
+        The step of ``step``, with the word projections and the output layer of all positions
+        computed at once (one large matmul each instead of T - 1 small ones)."""
         if captions.dim() != 2 or captions.shape[1] < 2:
             raise ModelConfigError(f"captions must be (B, T) with T >= 2; got {tuple(captions.shape)}")
-        state, top = self._start(features)
+        state, memory, top = self._start(features)
         if state.h.shape[0] != captions.shape[0]:
             raise ModelConfigError(f"{state.h.shape[0]} images but {captions.shape[0]} captions")
-        words = captions[:, :-1].t()
-        embedded = self.decoder.embed(words)
-        h, c = state.h, state.c
+        embedded = self.decoder.embed(captions[:, :-1].t())
         hiddens: list[Tensor] = []
         contexts: list[Tensor] = []
-        steps: list[EncoderStep] = []
+        attentions: list[Attention] = []
         # unbind, not indexing: its backward stacks the step gradients once instead of adding
         # each into a zero tensor of all steps
         for word_gates in self.decoder.input_gates(embedded).unbind(0):
-            h, c, attended = self._advance(word_gates, h, c, state.memory)
+            h, c, context, attention = self._advance(word_gates, state, memory)
+            state = CaptionState(h, c)
             hiddens.append(h)
-            contexts.append(attended.context)
-            steps.append(attended)
+            contexts.append(context)
+            attentions.append(attention)
         logits = self.decoder.logits(
             embedded.transpose(0, 1), torch.stack(hiddens, dim=1), torch.stack(contexts, dim=1)
         )
-        return CaptionerOutput(
-            logits=logits,
-            spatial=_stack_layers([s.spatial for s in steps]),
-            channel=_stack_layers([s.channel for s in steps]),
-            tag_logits=self.tag_head(top) if self.tag_head is not None else None,
-        )
+        tag_logits = self.tag_head(top) if self.tag_head is not None else None
+        return CaptionerOutput(logits, _stack_steps(attentions), tag_logits)
 
     def loss(
         self, output: CaptionerOutput, captions: Tensor, pad_id: int, tag_targets: Tensor | None = None
     ) -> CaptionLoss:
-        """Word cross-entropy over the non-pad targets ``captions[:, 1:]``, plus the weighted
-        doubly-stochastic and tag terms; ``tag_targets`` (B, K) is needed when the tag loss counts."""
+        """Summed word cross-entropy over the non-pad targets ``captions[:, 1:]`` and the summed,
+        weighted per-image terms; ``tag_targets`` (B, K) is needed when the tag loss counts."""
         targets = captions[:, 1:]
-        logits = output.logits.reshape(-1, output.logits.shape[-1])
-        words = _WordCrossEntropy.apply(logits, targets.reshape(-1), pad_id)
-        zero = words.new_zeros(())
-        coverage_penalty = zero
-        if output.spatial is not None:
+        words = F.cross_entropy(
+            output.logits.reshape(-1, output.logits.shape[-1]).float(), targets.reshape(-1),
+            ignore_index=pad_id, reduction="sum",
+        )
+        per_image = words.new_zeros(())
+        config = self.config
+        if output.attention.spatial is not None and config.doubly_stochastic > 0:
             mask = (targets != pad_id).to(words.dtype).unsqueeze(2)
-            coverage_penalty = sum(
-                ((1.0 - (alpha * mask).sum(dim=1)) ** 2).sum(dim=1).mean() for alpha in output.spatial
-            )
-        tags = zero
-        if output.tag_logits is not None and self.config.tag_loss_weight > 0:
+            coverage = sum(((1.0 - (alpha * mask).sum(dim=1)) ** 2).sum() for alpha in output.attention.spatial)
+            per_image = per_image + config.doubly_stochastic * coverage
+        if output.tag_logits is not None and config.tag_loss_weight > 0:
             if tag_targets is None:
                 raise ModelConfigError("tag_loss_weight > 0 needs tag targets for the loss")
-            tags = tag_loss(output.tag_logits, tag_targets)
-        total = words + self.config.doubly_stochastic * coverage_penalty + self.config.tag_loss_weight * tags
-        return CaptionLoss(total, words, coverage_penalty, tags)
+            per_image = per_image + config.tag_loss_weight * tag_loss(output.tag_logits, tag_targets) * len(captions)
+        return CaptionLoss(words, per_image, int((targets != pad_id).sum()), len(captions))
 
-    def _start(self, features: Mapping[str, Tensor]) -> tuple[CaptionState, Tensor]:
-        """The initial state and the top layer's unattended map (B, C_top, H, W)."""
+    def _start(self, features: Mapping[str, Tensor]) -> tuple[CaptionState, ImageMemory, Tensor]:
+        """The initial state, the memory and the top layer's unattended map (B, C_top, H, W)."""
         memory, top = self.encoder.remember(features, self.decoder.embedding.weight.dtype)
         h, c = self.decoder.initial_state(top.mean(dim=(2, 3)))
-        return CaptionState(h, c, memory), top
+        return CaptionState(h, c), memory, top
 
     def _advance(
-        self, word_gates: Tensor, h: Tensor, c: Tensor, memory: EncoderMemory
-    ) -> tuple[Tensor, Tensor, EncoderStep]:
-        """One step shared by ``step`` and ``forward``: word gates (B, 4H), h_{t-1}, c_{t-1}
-        -> h_t, c_t and the encoder's attention (computed from h_{t-1})."""
-        recurrent, queries = self.decoder.project_hidden(h)
-        attended = self.encoder(memory, queries)
-        h, c = self.decoder.cell(word_gates + recurrent, attended.context, c)
-        return h, c, attended
+        self, word_gates: Tensor, state: CaptionState, memory: ImageMemory
+    ) -> tuple[Tensor, Tensor, Tensor, Attention]:
+        """The step's recurrence: word gates (R, 4H) and the state at t-1 -> h_t, c_t, the context
+        z_t and the attention, both computed from h_{t-1}."""
+        recurrent, queries = self.decoder.project_hidden(state.h)
+        context, attention = self.encoder(memory, queries, state.image)
+        h, c = self.decoder.cell(word_gates + recurrent, context, state.c)
+        return h, c, context, attention
 
 
-_LOG_SOFTMAX_ROWS = 32  # rows of logits normalised at once (their log-probabilities stay in cache)
+def _stack_steps(steps: list[Attention]) -> Attention:
+    """Per step the attention (R, n) of every layer -> per layer (R, T, n); None stays None."""
 
+    def stack(per_step: list[tuple[Tensor, ...] | None]) -> tuple[Tensor, ...] | None:
+        if per_step[0] is None:
+            return None
+        return tuple(torch.stack(layer, dim=1) for layer in zip(*per_step))  # type: ignore[arg-type]
 
-class _WordCrossEntropy(torch.autograd.Function):
-    """Mean of −log softmax(logits)[target] over the rows whose target is not ``ignore``:
-    ``F.cross_entropy(logits, targets, ignore_index=ignore)`` for logits (N, V) and targets (N,).
-
-    It never builds the (N, V) log-probabilities or a zero-filled gradient: the forward normalises
-    ``_LOG_SOFTMAX_ROWS`` rows at a time and keeps only the targets' log-probabilities, and the
-    backward writes (softmax − one-hot) · weight straight into the one gradient buffer. Each (N, V)
-    buffer is fresh memory the size of the logits, so fewer of them is most of the saving.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, logits: Tensor, targets: Tensor, ignore: int) -> Tensor:
-        dtype = torch.promote_types(logits.dtype, torch.float32)  # bfloat16 -> float32
-        kept = targets != ignore
-        picked = targets.masked_fill(~kept, 0).unsqueeze(1)  # any valid id for the ignored rows
-        log_probs = [
-            torch.log_softmax(part, dim=1, dtype=dtype).gather(1, ids)
-            for part, ids in zip(logits.split(_LOG_SOFTMAX_ROWS), picked.split(_LOG_SOFTMAX_ROWS))
-        ]
-        keep = kept.to(dtype)
-        count = keep.sum()
-        ctx.save_for_backward(logits, picked, keep, count)
-        return -(torch.cat(log_probs).squeeze(1) * keep).sum() / count
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        logits, picked, keep, count = ctx.saved_tensors
-        g_logits = torch.softmax(logits, dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
-        g_logits.scatter_add_(1, picked, g_logits.new_full(picked.shape, -1.0))
-        g_logits.mul_((keep * (grad / count)).unsqueeze(1))
-        return g_logits.to(logits.dtype), None, None
-
-
-def _stack_layers(per_step: list[list[Tensor] | None]) -> list[Tensor] | None:
-    """Per step a list of per-layer (B, n) weights -> per layer (B, T, n); None stays None."""
-    first = per_step[0] if per_step else None
-    if first is None:
-        return None
-    return [torch.stack([step[layer] for step in per_step if step is not None], dim=1) for layer in range(len(first))]
+    return Attention(stack([a.spatial for a in steps]), stack([a.channel for a in steps]))

@@ -64,9 +64,9 @@ class LSTMDecoder(nn.Module):
         projected = self.recurrent(hidden)
         return projected[:, : 4 * self.hidden_dim], projected[:, 4 * self.hidden_dim :]
 
-    def cell(self, gates: Tensor, context: Tensor, memory: Tensor) -> tuple[Tensor, Tensor]:
-        """One LSTM step: word and recurrent gates (B, 4H), context z_t (B, C), c_{t-1} (B, H)
-        -> h_t, c_t (B, H)."""
+    def cell(self, gates: Tensor, context: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
+        """One LSTM step: word and recurrent gates (B, 4H), context z_t (B, C), the cell c_{t-1}
+        (B, H) -> h_t, c_t (B, H)."""
         gates = torch.addmm(gates, context, self.context_gates.weight.t())
         hidden_dim = self.hidden_dim
         sigmoid = torch.sigmoid(gates[:, : 3 * hidden_dim])
@@ -74,8 +74,8 @@ class LSTMDecoder(nn.Module):
         input_gate = sigmoid[:, :hidden_dim]
         forget_gate = sigmoid[:, hidden_dim : 2 * hidden_dim]
         output_gate = sigmoid[:, 2 * hidden_dim :]
-        memory = torch.addcmul(forget_gate * memory, input_gate, candidate)
-        return output_gate * torch.tanh(memory), memory
+        cell = torch.addcmul(forget_gate * cell, input_gate, candidate)
+        return output_gate * torch.tanh(cell), cell
 
     def logits(self, embedded: Tensor, hidden: Tensor, context: Tensor) -> Tensor:
         """Deep output: E y_{t-1} (..., E), h_t (..., H), z_t (..., C) -> word logits (..., V)."""

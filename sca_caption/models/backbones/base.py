@@ -14,6 +14,7 @@ splits into:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -145,6 +146,19 @@ class BackbonePrefix(nn.Module):
         """(B, 3, H, W) in [0, 1] -> {tap name: (B, C, h, w)} for each name in ``outputs``."""
         taps = self.backbone(self.backbone.normalization(images), until=self._until)
         return {name: taps[name] for name in self.outputs}
+
+    def fingerprint(self) -> bytes:
+        """The sha256 digest (32 bytes) of everything the prefix computes with: the weights and
+        buffers of the stages it runs, its normalisation, input size and outputs. Two prefixes
+        with the same fingerprint give the same features."""
+        digest = hashlib.sha256()
+        norm = self.backbone.normalization
+        digest.update(repr((self.backbone.name, norm.mean, norm.std, self.backbone.input_size, self.outputs)).encode())
+        for name in self.backbone.taps[: self.backbone.taps.index(self._until) + 1]:
+            for key, value in sorted(self.backbone.stages[name].state_dict().items()):
+                digest.update(f"{name}.{key}".encode())
+                digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.digest()
 
 
 class UpperChain(nn.Module):
