@@ -328,3 +328,17 @@ def test_a_part_file_already_complete_is_not_downloaded_again(server, tmp_path: 
     fetch(root, [checked])
     assert served.requests == [("/caption_datasets.zip", f"bytes={len(data)}-")]
     assert (root / "dataset_flickr8k.json").read_bytes() == karpathy_json()
+
+
+def test_train_download_fetches_nothing_already_in_place_and_explains_flickr30k_images(tmp_path: Path, capsys):
+    from sca_caption import train
+
+    root = tmp_path / "flickr30k"
+    root.mkdir()
+    (root / "dataset_flickr30k.json").write_bytes(karpathy_json())
+    argv = ["--dataset", "flickr30k", "--data-root", str(root), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    assert train.main([*argv, "--download", "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert f"{root}: dataset_flickr30k.json already in place" in captured.out
+    assert captured.err.startswith(f"error: {root}: dataset_flickr30k.json is in place, but not the images; ")
+    assert FLICKR30K_FORM in captured.err and captured.err.count("\n") == 1
