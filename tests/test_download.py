@@ -329,6 +329,15 @@ def test_a_part_file_already_complete_is_not_downloaded_again(server, tmp_path: 
     assert served.requests == [("/caption_datasets.zip", f"bytes={len(data)}-")]
     assert (root / "dataset_flickr8k.json").read_bytes() == karpathy_json()
 
+    (root / "dataset_flickr8k.json").unlink()  # a part file longer than the server's file: fetched again
+    (root / DOWNLOAD_FOLDER).mkdir()
+    (root / DOWNLOAD_FOLDER / "caption_datasets.zip.part").write_bytes(data + b"trailing junk")
+    served.requests.clear()
+    lines = fetch(root, [checked])
+    assert served.requests == [("/caption_datasets.zip", f"bytes={len(data) + 13}-"), ("/caption_datasets.zip", None)]
+    assert any(f"the server has nothing past byte {len(data) + 13} (HTTP 416)" in line for line in lines)
+    assert (root / "dataset_flickr8k.json").read_bytes() == karpathy_json()
+
 
 def test_train_download_fetches_nothing_already_in_place_and_explains_flickr30k_images(tmp_path: Path, capsys):
     from sca_caption import train

@@ -190,7 +190,8 @@ def _fetch(
             kept = part.stat().st_size if part.exists() else 0
             if attempt == attempts:
                 resume = f"; {part} keeps the {kept} bytes received and the same command resumes from there" if kept else ""
-                raise DataError(f"{source.url}: {error} (tried {attempts} times){resume}") from None
+                tries = f" (tried {attempts} times)" if attempts > 1 else ""
+                raise DataError(f"{source.url}: {error}{tries}{resume}") from None
             log(f"{source.file}: {error}; trying again from byte {kept} ({attempt + 1} of {attempts})")
     _check(part, source, log)
     os.replace(part, archive)
@@ -215,7 +216,7 @@ def _download_once(source: Source, part: Path, *, progress: bool, log: Callable[
             if _range_total(error.headers.get("Content-Range")) == have:
                 return
             part.unlink()
-            raise _Interrupted("the part file does not match the server's file; starting over") from None
+            raise _Interrupted(f"the server has nothing past byte {have} (HTTP 416); removed the part file") from None
         raise DataError(f"{source.url}: HTTP {error.code} {error.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         raise _Interrupted(f"cannot connect ({getattr(error, 'reason', error)})") from None
