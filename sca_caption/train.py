@@ -19,10 +19,11 @@ from pathlib import Path
 
 from sca_caption.config import ExperimentConfig, load_config, write_config
 from sca_caption.data.datasets import CORPORA
+from sca_caption.data.download import download_dataset
 from sca_caption.data.errors import DataError
 from sca_caption.distributed import start_processes, stop_processes
 from sca_caption.models.errors import ModelConfigError
-from sca_caption.prepare import prepare
+from sca_caption.prepare import data_root, prepare
 from sca_caption.trainer import Trainer, TrainResult, check_training_settings
 
 DEFAULT_DATASET = "shapes"
@@ -38,6 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder (default data/<dataset>)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default checkpoints/<dataset>)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    parser.add_argument("--download", action="store_true", help="first fetch the dataset's public files (preprocess/download.py)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-3 model.layers=[stage6,stage7]")
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         progress = not args.no_progress
         try:
             if processes.is_main:
+                if args.download:
+                    download_dataset(config.data.dataset, data_root(config), progress=progress)
                 data = prepare(config, progress=progress)
             processes.barrier()
             if not processes.is_main:

@@ -10,7 +10,7 @@ import pytest
 
 from sca_caption.data import image_listing
 from sca_caption.data.coco import read_coco_captions
-from sca_caption.data.datasets import load_corpus
+from sca_caption.data.datasets import FLICKR30K_FORM, load_corpus
 from sca_caption.data.errors import BadInputReport, DataError
 from sca_caption.data.flickr8k import SPLIT_FILES, TOKEN_FILE, read_flickr8k
 from sca_caption.data.karpathy import read_karpathy
@@ -294,10 +294,14 @@ def test_load_corpus_missing_dataset_says_what_it_looked_for(tmp_path: Path, mon
     message = str(info.value)
     assert message.startswith(f"no flickr8k dataset in {tmp_path}: looked for dataset_flickr8k.json")
     assert TOKEN_FILE in message and SPLIT_FILES["train"] in message
-    with pytest.raises(DataError, match="captions_train2014.json"):
+    assert message.endswith(f"get it with `python preprocess/download.py --dataset flickr8k --root {tmp_path}` (or train with --download)")
+    with pytest.raises(DataError, match="captions_train2014.json.*preprocess/download.py --dataset coco"):
         load_corpus("coco", tmp_path)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match=r"no flickr30k dataset in data/flickr30k: looked for dataset_flickr30k.json"):
+    with pytest.raises(DataError, match=r"no flickr30k dataset in data/flickr30k: looked for dataset_flickr30k.json") as info:
         load_corpus("flickr30k")
+    message = str(info.value)
+    assert "python preprocess/download.py --dataset flickr30k --root data/flickr30k" in message
+    assert FLICKR30K_FORM in message and "data/flickr30k/flickr30k-images/" in message and "\n" not in message
     with pytest.raises(DataError, match="unknown dataset 'mnist'"):
         load_corpus("mnist", tmp_path)

@@ -2,11 +2,13 @@
 
 A Karpathy split file ``dataset_<name>.json`` under the data root is preferred; otherwise the
 dataset's native files are read (Flickr8k token and split files; COCO caption annotations).
-``shapes`` is generated into its data root the first time it is asked for.
+``shapes`` is generated into its data root the first time it is asked for. Every "no dataset"
+error ends with ``how_to_get``: the download command, and for Flickr30k where its images come from.
 """
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +23,7 @@ COCO_ANNOTATIONS = {  # year -> split -> (annotation file under annotations/, im
     "2014": {"train": ("captions_train2014.json", "train2014"), "val": ("captions_val2014.json", "val2014")},
     "2017": {"train": ("captions_train2017.json", "train2017"), "val": ("captions_val2017.json", "val2017")},
 }
+FLICKR30K_FORM = "https://shannon.cs.illinois.edu/DenotationGraph/"  # Flickr30k's images: a request form
 
 
 def default_data_root(name: str) -> Path:
@@ -31,6 +34,22 @@ def default_data_root(name: str) -> Path:
 def karpathy_file(name: str, data_root: Path) -> Path:
     """Where the Karpathy split file of the corpus ``name`` is looked for."""
     return data_root / f"dataset_{name}.json"
+
+
+def how_to_get(name: str, data_root: Path) -> str:
+    """How to get dataset ``name`` into ``data_root``: the end of every "no dataset" error."""
+    command = f"`python preprocess/download.py --dataset {name} --root {shlex.quote(str(data_root))}`"
+    if name == "flickr30k":
+        return f"{command} fetches {karpathy_file(name, data_root).name}; {flickr30k_images_hint(data_root)}"
+    return f"get it with {command} (or train with --download)"
+
+
+def flickr30k_images_hint(data_root: Path) -> str:
+    """Where Flickr30k's images come from (they cannot be downloaded automatically) and where they go."""
+    return (
+        f"Flickr30k's images are only given out through the request form at {FLICKR30K_FORM}: "
+        f"put the .jpg files in {data_root / FLICKR30K_IMAGE_FOLDERS[0]}/, beside {karpathy_file('flickr30k', data_root).name}"
+    )
 
 
 def load_corpus(
@@ -65,23 +84,24 @@ def load_corpus(
         return _load_native_flickr8k(root, on_bad, report)
     if name == "coco":
         return _load_native_coco(root, on_bad, report)
-    raise DataError(f"no {name} dataset in {root}: looked for {karpathy.name}")
+    raise DataError(f"no {name} dataset in {root}: looked for {karpathy.name}; {how_to_get(name, root)}")
 
 
 def _karpathy_image_root(name: str, root: Path) -> Path:
     """The folder a Karpathy file's image paths are relative to (COCO and shapes name a subfolder)."""
     if name == "flickr8k":
-        return _first_folder(root, flickr8k.IMAGE_FOLDERS)
+        return _first_folder(name, root, flickr8k.IMAGE_FOLDERS)
     if name == "flickr30k":
-        return _first_folder(root, FLICKR30K_IMAGE_FOLDERS)
+        return _first_folder(name, root, FLICKR30K_IMAGE_FOLDERS)
     return root
 
 
-def _first_folder(root: Path, candidates: tuple[str, ...]) -> Path:
+def _first_folder(name: str, root: Path, candidates: tuple[str, ...]) -> Path:
     for folder in candidates:
         if (root / folder).is_dir():
             return root / folder
-    raise DataError(f"{root}: no image folder (looked for {', '.join(candidates)})")
+    hint = flickr30k_images_hint(root) if name == "flickr30k" else how_to_get(name, root)
+    raise DataError(f"{root}: no image folder (looked for {', '.join(candidates)}); {hint}")
 
 
 def _load_native_flickr8k(root: Path, on_bad: str, report: BadInputReport | None) -> list[ImageRecord]:
@@ -89,10 +109,10 @@ def _load_native_flickr8k(root: Path, on_bad: str, report: BadInputReport | None
     if not all((root / f).is_file() for f in needed):
         raise DataError(
             f"no flickr8k dataset in {root}: looked for {karpathy_file('flickr8k', root).name}, "
-            f"or {', '.join(needed)}"
+            f"or {', '.join(needed)}; {how_to_get('flickr8k', root)}"
         )
     split_files = {split: root / f for split, f in flickr8k.SPLIT_FILES.items()}
-    image_dir = _first_folder(root, flickr8k.IMAGE_FOLDERS)
+    image_dir = _first_folder("flickr8k", root, flickr8k.IMAGE_FOLDERS)
     return flickr8k.read_flickr8k(root / flickr8k.TOKEN_FILE, split_files, image_dir, on_bad=on_bad, report=report)
 
 
@@ -108,4 +128,7 @@ def _load_native_coco(root: Path, on_bad: str, report: BadInputReport | None) ->
                 )
             return records
     looked_for = [f"annotations/{a}" for splits in COCO_ANNOTATIONS.values() for a, _ in splits.values()]
-    raise DataError(f"no coco dataset in {root}: looked for {karpathy_file('coco', root).name}, or {', '.join(looked_for)}")
+    raise DataError(
+        f"no coco dataset in {root}: looked for {karpathy_file('coco', root).name}, or {', '.join(looked_for)}; "
+        f"{how_to_get('coco', root)}"
+    )

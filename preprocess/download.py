@@ -1,0 +1,36 @@
+"""Download the public files of a caption dataset into its data folder (resumable).
+
+    python preprocess/download.py --dataset flickr8k                 # into data/flickr8k
+    python preprocess/download.py --dataset coco --root /big/disk/coco
+
+Stopped at any moment, the same command carries on where it stopped; a dataset folder holds the
+readers' files only once they are complete. Flickr30k's images are not public: the error says where
+to ask for them and where to put them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sca_caption.data.download import SOURCES, download_dataset
+from sca_caption.data.errors import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True, choices=list(SOURCES))
+    parser.add_argument("--root", type=Path, default=None, help="dataset folder (default: data/<dataset>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        download_dataset(args.dataset, args.root, progress=not args.no_progress)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
