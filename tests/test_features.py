@@ -151,6 +151,16 @@ def test_unfinished_unreadable_and_absent_caches_are_refused(
         del f["taps/stage6"]
         f.create_dataset("taps/stage6", data=data, chunks=data.shape, compression="gzip")
     assert "not a feature cache (ValueError: /taps/stage6 is not float16" in _refusal(compressed, spec)
+    # uncompressed but filtered, one image per chunk: raw chunk bytes would be shuffled or checksummed
+    for name, options in (("shuffled", {"shuffle": True}), ("checksummed", {"fletcher32": True})):
+        filtered = tmp_path / f"{name}.h5"
+        filtered.write_bytes(out.read_bytes())
+        with h5py.File(filtered, "a") as f:
+            data = f["taps/stage6"][()]
+            del f["taps/stage6"]
+            f.create_dataset("taps/stage6", data=data, chunks=(1, *data.shape[1:]), **options)
+        message = _refusal(filtered, spec)
+        assert "not a feature cache (ValueError: /taps/stage6 is not float16" in message and "without filters" in message, name
 
 
 @pytest.mark.parametrize(

@@ -239,11 +239,13 @@ def _read_meta(f: h5py.File) -> dict[str, Any]:
 
 def _checked_shape(dataset: h5py.Dataset) -> tuple[int, int, int]:
     """(C, H, W) of a tap dataset laid out as the extractor writes it (float16, one image per
-    unfiltered chunk, which ``read_batch`` relies on); ValueError otherwise."""
+    chunk, no HDF5 filter: ``read_batch`` reads the chunks' raw bytes, which any filter, shuffle
+    and fletcher32 included, would change); ValueError otherwise."""
     shape = tuple(dataset.shape[1:])
-    one_image_chunks = dataset.chunks == (1, *shape) and dataset.compression is None
-    if dataset.dtype != np.float16 or len(shape) != 3 or not one_image_chunks:
-        raise ValueError(f"{dataset.name} is not float16 (N, C, H, W) chunked one image per chunk")
+    one_image_chunks = dataset.chunks == (1, *shape)
+    filters = dataset.id.get_create_plist().get_nfilters()
+    if dataset.dtype != np.float16 or len(shape) != 3 or not one_image_chunks or filters:
+        raise ValueError(f"{dataset.name} is not float16 (N, C, H, W) chunked one image per chunk without filters")
     return shape  # type: ignore[return-value]
 
 
