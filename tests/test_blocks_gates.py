@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from block_support import bn, randomise_norms
 from sca_caption.models.blocks import (
     BAM,
     CBAM,
@@ -22,25 +23,6 @@ from sca_caption.models.blocks import (
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
-
-
-def randomise_norms(module: nn.Module) -> nn.Module:
-    """Give every BatchNorm/LayerNorm non-trivial affine parameters and running statistics, then eval()."""
-    for m in module.modules():
-        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.normal_(m.bias, std=0.3)
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(std=0.3)
-            m.running_var.uniform_(0.5, 2.0)
-    return module.eval()
-
-
-def bn(x: Tensor, m: nn.BatchNorm2d) -> Tensor:
-    """Eval-mode BatchNorm written out: (x - mean) / sqrt(var + eps) * gamma + beta, per channel."""
-    shape = (1, -1, 1, 1)
-    scale = (m.running_var + m.eps).rsqrt() * m.weight
-    return (x - m.running_mean.view(shape)) * scale.view(shape) + m.bias.view(shape)
 
 
 def fc(z: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -134,6 +116,10 @@ def test_bam_spatial_branch_uses_dilation_four() -> None:
 def test_eca_kernel_size_follows_the_formula(channels: int, k: int) -> None:
     assert eca_kernel_size(channels) == k
     assert ECA(channels).conv.kernel_size == (k,)
+
+
+def test_eca_kernel_size_can_be_fixed_as_in_the_released_eca_resnets() -> None:
+    assert ECA(256, kernel_size=3).conv.kernel_size == (3,)  # the formula would give 5
 
 
 def test_eca_is_a_zero_padded_1d_conv_over_pooled_channels() -> None:
