@@ -1,4 +1,4 @@
-"""SE, CBAM, BAM, ECA, GC and GSoP against their equations, written out with functional ops."""
+"""SE, CBAM, BAM, ECA, GC, GSoP and triplet attention against their equations, written out with functional ops."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sca_caption.models.blocks import (
     GSoP,
     GlobalContext,
     SqueezeExcitation,
+    TripletAttention,
     centred_covariance,
     eca_kernel_size,
 )
@@ -187,3 +188,42 @@ def test_gsop_gate_is_rowwise_conv_of_the_covariance() -> None:
     rowwise = torch.einsum("iqj,bij->biq", kernel, rows).reshape(2, 8) + gsop.row_conv.bias
     weights = torch.sigmoid(fc(torch.relu(rowwise), gsop.expand))
     torch.testing.assert_close(gsop(x), x * weights[:, :, None, None])
+
+
+# --- triplet attention ------------------------------------------------------------------------
+
+
+def plane_gate(gate: nn.Module, pooled_max: Tensor, pooled_mean: Tensor) -> Tensor:
+    """sigmoid(BN(conv([max; mean]))) for one (B, P, Q) plane pair -> (B, P, Q)."""
+    z = torch.stack([pooled_max, pooled_mean], dim=1)
+    k = gate.conv.kernel_size[0]
+    return torch.sigmoid(bn(F.conv2d(z, gate.conv.weight, padding=k // 2), gate.bn))[:, 0]
+
+
+def triplet_by_hand(block: TripletAttention, x: Tensor, zpool_order: str = "max_mean") -> Tensor:
+    """The three branches with the Z-pools taken by explicit loops over the pooled axis."""
+    b, c, h, w = x.shape
+
+    def pools(values: list[Tensor]) -> tuple[Tensor, Tensor]:
+        top = values[0]
+        for v in values[1:]:
+            top = torch.maximum(top, v)
+        mean = sum(values) / len(values)
+        return (top, mean) if zpool_order == "max_mean" else (mean, top)
+
+    cw = plane_gate(block.cw, *pools([x[:, :, i, :] for i in range(h)]))  # (B, C, W): pooled over H
+    hc = plane_gate(block.hc, *pools([x[:, :, :, j].transpose(1, 2) for j in range(w)]))  # (B, H, C)
+    hw = plane_gate(block.hw, *pools([x[:, k] for k in range(c)]))  # (B, H, W)
+    y = torch.zeros_like(x)
+    for i in range(h):
+        for j in range(w):
+            y[:, :, i, j] = x[:, :, i, j] * (cw[:, :, j] + hc[:, i, :] + hw[:, i, j][:, None]) / 3
+    return y
+
+
+def test_triplet_attention_averages_the_three_plane_gates() -> None:
+    block = randomise_norms(TripletAttention(4, kernel_size=3))
+    x = torch.randn(2, 4, 5, 6)
+    torch.testing.assert_close(block(x), triplet_by_hand(block, x))
+    # mutation: a Z-pool that stacks the mean before the max is a different block
+    assert (block(x) - triplet_by_hand(block, x, zpool_order="mean_max")).abs().max() > 1e-2
