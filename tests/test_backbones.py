@@ -277,6 +277,28 @@ def test_cbam_sits_on_the_residual_branch_before_the_addition() -> None:
         ("attention92", 51.3, 0.025),
         ("se_resnet50", 28.09, 0.005),  # Hu et al. 2018; Woo et al. 2018 for CBAM
         ("cbam_resnet50", 28.09, 0.005),
+        # CBAM paper (Woo et al. 2018), ImageNet table (Table 4), ResNet101 + SE and + CBAM rows;
+        # quoted, the table not re-read for this test (our counts: 49.327M, 49.330M)
+        ("se_resnet101", 49.33, 0.01),
+        ("cbam_resnet101", 49.33, 0.01),
+        # GCNet (Cao et al. 2019), ImageNet table, ResNet-50 + GC (c3-c5, r16) row; quoted, not
+        # re-read (our count 28.079M; GC in c2-c5 too would give 28.105M)
+        ("gc_resnet50", 28.08, 0.01),
+        # Misra et al. 2021, Table 1 (the authors' README lists the same 25.56 M, k = 7)
+        ("triplet_resnet50", 25.56, 0.01),
+        # GSoP-Net1 ResNet-50 as compared in Gao et al. 2019 and in the ECA paper's Table 2;
+        # quoted from memory, not re-read (our count 28.285M)
+        ("gsop_resnet50", 28.29, 0.01),
+        # Park et al. 2018, ImageNet table, ResNet50 + BAM row; quoted, not re-read (our count
+        # 25.916M; a 24.07M figure also quoted for this row is not what these layers count)
+        ("bam_resnet50", 25.92, 0.01),
+        # SKNet (Li et al. 2019) Table 2, as reproduced in the authors' README: SKNet-50 27.5M,
+        # SKNet-101 48.9M (ours 48.74M, 0.3 % below: the paper does not say where the rest is)
+        ("sknet50", 27.5, 0.01),
+        ("sknet101", 48.9, 0.01),
+        # ResNeSt (Zhang et al. 2020), ImageNet comparison of ResNet variants, ResNeSt-50 27.5M;
+        # quoted, not re-read (our count 27.483M with the paper's deep stem and shortcuts)
+        ("resnest50", 27.5, 0.01),
     ],
 )
 def test_parameter_counts_with_the_1000_way_classifier_match_the_papers(
@@ -285,3 +307,14 @@ def test_parameter_counts_with_the_1000_way_classifier_match_the_papers(
     with torch.device("meta"):
         model = attention_model(name) if name.startswith("attention") else resnet_model(name)
     assert count_parameters(model) == pytest.approx(millions * 1e6, rel=tolerance)
+
+
+@pytest.mark.parametrize(("name", "added"), [("eca_resnet50", 80), ("eca_resnet101", 3 * 3 + 4 * 3 + 23 * 5 + 3 * 7)])
+def test_eca_resnets_add_one_kernel_per_bottleneck(name: str, added: int) -> None:
+    # Wang et al. 2020 count 80 ECA parameters in ECA-Net50 (kernels 3, 5, 5, 7 per stage); their
+    # tables give 24.37M for ECA-Net50 and the plain ResNet-50 alike, below the 25.56M torchvision
+    # and He et al. count for the same layers, so only the increment is checked against them.
+    with torch.device("meta"):
+        plain = resnet_model(name.replace("eca_", ""))
+        eca = resnet_model(name)
+    assert count_parameters(eca) - count_parameters(plain) == added

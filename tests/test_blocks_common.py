@@ -13,6 +13,7 @@ from sca_caption.models.blocks import (
     CBAM,
     CSRA,
     ECA,
+    CrissCrossAttention,
     GSoP,
     AttentionModule,
     BlockConfigError,
@@ -21,7 +22,10 @@ from sca_caption.models.blocks import (
     MultiHeadCSRA,
     NonLocal,
     ResidualUnit,
+    SelectiveKernel,
+    SplitAttention,
     SqueezeExcitation,
+    TripletAttention,
 )
 
 C = 32
@@ -37,6 +41,11 @@ SHAPE_KEEPING: dict[str, Callable[[], nn.Module]] = {
     "non_local": lambda: NonLocal(C),
     "residual_attention": lambda: AttentionModule(C, skips=1),
     "residual_unit": lambda: ResidualUnit(C, C),
+    "selective_kernel": lambda: SelectiveKernel(C, C, groups=4, reduction=4, min_dim=4),
+    "split_attention": lambda: SplitAttention(C, C),
+    "split_attention_radix1": lambda: SplitAttention(C, C, radix=1, cardinality=2),
+    "triplet": lambda: TripletAttention(C),
+    "criss_cross": lambda: CrissCrossAttention(C),
 }
 CLASSIFIERS: dict[str, Callable[[], nn.Module]] = {
     "csra_softmax": lambda: CSRA(C, 5, temperature=2, lam=0.3),
@@ -102,6 +111,14 @@ def test_wrong_channel_count_is_a_one_line_block_error(name: str) -> None:
         (lambda: AttentionModule(8, skips=-1), "AttentionModule: need channels"),
         (lambda: ResidualUnit(8, 2), "ResidualUnit: need"),
         (lambda: CSRA(8, 3, temperature=0), "CSRA: in_channels"),
+        (lambda: ECA(8, kernel_size=4), "ECA: the kernel size must be a positive odd number"),
+        (lambda: SelectiveKernel(8, 8, groups=3), "SelectiveKernel: groups \\(3\\) must divide"),
+        (lambda: SelectiveKernel(8, 8, branches=0), "SelectiveKernel: channels, stride"),
+        (lambda: SplitAttention(6, 8, radix=4), "SplitAttention: radix x cardinality \\(4x1\\)"),
+        (lambda: SplitAttention(8, 8, radix=0), "SplitAttention: channels, stride"),
+        (lambda: TripletAttention(8, kernel_size=2), "TripletAttention: kernel_size must be a positive odd"),
+        (lambda: CrissCrossAttention(4, reduction=8), "CrissCrossAttention: channels \\(4\\) must be at least"),
+        (lambda: CrissCrossAttention(8, recurrence=0), "CrissCrossAttention: reduction"),
     ],
 )
 def test_impossible_settings_raise_block_errors(build: Callable[[], nn.Module], message: str) -> None:

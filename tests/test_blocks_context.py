@@ -1,4 +1,4 @@
-"""A^2 double attention, non-local and residual attention blocks against their equations."""
+"""A^2 double attention, non-local, criss-cross and residual attention blocks against their equations."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sca_caption.models.blocks import AttentionModule, DoubleAttention, NonLocal, ResidualUnit
+from sca_caption.models.blocks import AttentionModule, CrissCrossAttention, DoubleAttention, NonLocal, ResidualUnit
 
 
 @pytest.fixture(autouse=True)
@@ -83,6 +83,54 @@ def test_non_local_output_is_residual_of_batchnormed_projection() -> None:
     normed = (wy - bn.running_mean[:, None]) / (bn.running_var[:, None] + bn.eps).sqrt()
     expected = flat + normed * bn.weight[:, None] + bn.bias[:, None]
     torch.testing.assert_close(block(x), expected.view(2, 8, 3, 3))
+
+
+# --- criss-cross ------------------------------------------------------------------------------
+
+
+def criss_cross_pass_by_hand(block: CrissCrossAttention, x: torch.Tensor, self_twice: bool = False) -> torch.Tensor:
+    """One pass, position by position: softmax over u's column (u left out) and u's row (u kept)."""
+    b, _, h, w = x.shape
+    q, k, v = (conv1x1(x.flatten(2), conv).view(b, -1, h, w) for conv in (block.query, block.key, block.value))
+    y = x.clone()
+    for i in range(h):
+        for j in range(w):
+            column = [(i2, j) for i2 in range(h) if i2 != i or self_twice]
+            omega = column + [(i, j2) for j2 in range(w)]
+            energy = torch.stack([(q[:, :, i, j] * k[:, :, p, r]).sum(dim=1) for p, r in omega], dim=1)
+            weights = torch.softmax(energy, dim=1)  # (B, |omega|)
+            gathered = sum(weights[:, n, None] * v[:, :, p, r] for n, (p, r) in enumerate(omega))
+            y[:, :, i, j] = block.gamma * gathered + x[:, :, i, j]
+    return y
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fresh_criss_cross_is_the_identity(train: bool) -> None:
+    block = CrissCrossAttention(8).train(train)
+    x = torch.randn(2, 8, 4, 3)
+    assert torch.equal(block(x), x)
+
+
+def test_criss_cross_is_two_shared_passes_over_row_and_column() -> None:
+    block = CrissCrossAttention(8, reduction=2)
+    with torch.no_grad():
+        block.gamma.fill_(0.7)
+    x = torch.randn(2, 8, 3, 4)
+    once = criss_cross_pass_by_hand(block, x)
+    torch.testing.assert_close(block(x), criss_cross_pass_by_hand(block, once))
+    # mutations: one pass only, or u counted in both its row and its column, are different blocks
+    assert (block(x) - once).abs().max() > 1e-2
+    twice = criss_cross_pass_by_hand(block, criss_cross_pass_by_hand(block, x, True), True)
+    assert (block(x) - twice).abs().max() > 1e-2
+
+
+def test_criss_cross_weights_cover_row_and_column_once() -> None:
+    block = CrissCrossAttention(8, reduction=2)
+    column, row = block.attention(torch.randn(2, 8, 3, 4))
+    assert column.shape == (2, 3, 4, 3) and row.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(column.sum(dim=3) + row.sum(dim=3), torch.ones(2, 3, 4))
+    own = column[:, torch.arange(3), :, torch.arange(3)]  # column weight of u itself
+    assert torch.equal(own, torch.zeros_like(own))
 
 
 # --- residual attention -----------------------------------------------------------------------

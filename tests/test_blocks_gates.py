@@ -1,4 +1,4 @@
-"""SE, CBAM, BAM, ECA, GC and GSoP against their equations, written out with functional ops."""
+"""SE, CBAM, BAM, ECA, GC, GSoP and triplet attention against their equations, written out with functional ops."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from block_support import bn, randomise_norms
 from sca_caption.models.blocks import (
     BAM,
     CBAM,
@@ -14,6 +15,7 @@ from sca_caption.models.blocks import (
     GSoP,
     GlobalContext,
     SqueezeExcitation,
+    TripletAttention,
     centred_covariance,
     eca_kernel_size,
 )
@@ -22,25 +24,6 @@ from sca_caption.models.blocks import (
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
-
-
-def randomise_norms(module: nn.Module) -> nn.Module:
-    """Give every BatchNorm/LayerNorm non-trivial affine parameters and running statistics, then eval()."""
-    for m in module.modules():
-        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.normal_(m.bias, std=0.3)
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(std=0.3)
-            m.running_var.uniform_(0.5, 2.0)
-    return module.eval()
-
-
-def bn(x: Tensor, m: nn.BatchNorm2d) -> Tensor:
-    """Eval-mode BatchNorm written out: (x - mean) / sqrt(var + eps) * gamma + beta, per channel."""
-    shape = (1, -1, 1, 1)
-    scale = (m.running_var + m.eps).rsqrt() * m.weight
-    return (x - m.running_mean.view(shape)) * scale.view(shape) + m.bias.view(shape)
 
 
 def fc(z: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -136,6 +119,10 @@ def test_eca_kernel_size_follows_the_formula(channels: int, k: int) -> None:
     assert ECA(channels).conv.kernel_size == (k,)
 
 
+def test_eca_kernel_size_can_be_fixed_as_in_the_released_eca_resnets() -> None:
+    assert ECA(256, kernel_size=3).conv.kernel_size == (3,)  # the formula would give 5
+
+
 def test_eca_is_a_zero_padded_1d_conv_over_pooled_channels() -> None:
     eca = ECA(8)  # log2(8) = 3, (3 + 1) / 2 = 2 -> k = 3
     assert eca.kernel_size == 3
@@ -201,3 +188,42 @@ def test_gsop_gate_is_rowwise_conv_of_the_covariance() -> None:
     rowwise = torch.einsum("iqj,bij->biq", kernel, rows).reshape(2, 8) + gsop.row_conv.bias
     weights = torch.sigmoid(fc(torch.relu(rowwise), gsop.expand))
     torch.testing.assert_close(gsop(x), x * weights[:, :, None, None])
+
+
+# --- triplet attention ------------------------------------------------------------------------
+
+
+def plane_gate(gate: nn.Module, pooled_max: Tensor, pooled_mean: Tensor) -> Tensor:
+    """sigmoid(BN(conv([max; mean]))) for one (B, P, Q) plane pair -> (B, P, Q)."""
+    z = torch.stack([pooled_max, pooled_mean], dim=1)
+    k = gate.conv.kernel_size[0]
+    return torch.sigmoid(bn(F.conv2d(z, gate.conv.weight, padding=k // 2), gate.bn))[:, 0]
+
+
+def triplet_by_hand(block: TripletAttention, x: Tensor, zpool_order: str = "max_mean") -> Tensor:
+    """The three branches with the Z-pools taken by explicit loops over the pooled axis."""
+    b, c, h, w = x.shape
+
+    def pools(values: list[Tensor]) -> tuple[Tensor, Tensor]:
+        top = values[0]
+        for v in values[1:]:
+            top = torch.maximum(top, v)
+        mean = sum(values) / len(values)
+        return (top, mean) if zpool_order == "max_mean" else (mean, top)
+
+    cw = plane_gate(block.cw, *pools([x[:, :, i, :] for i in range(h)]))  # (B, C, W): pooled over H
+    hc = plane_gate(block.hc, *pools([x[:, :, :, j].transpose(1, 2) for j in range(w)]))  # (B, H, C)
+    hw = plane_gate(block.hw, *pools([x[:, k] for k in range(c)]))  # (B, H, W)
+    y = torch.zeros_like(x)
+    for i in range(h):
+        for j in range(w):
+            y[:, :, i, j] = x[:, :, i, j] * (cw[:, :, j] + hc[:, i, :] + hw[:, i, j][:, None]) / 3
+    return y
+
+
+def test_triplet_attention_averages_the_three_plane_gates() -> None:
+    block = randomise_norms(TripletAttention(4, kernel_size=3))
+    x = torch.randn(2, 4, 5, 6)
+    torch.testing.assert_close(block(x), triplet_by_hand(block, x))
+    # mutation: a Z-pool that stacks the mean before the max is a different block
+    assert (block(x) - triplet_by_hand(block, x, zpool_order="mean_max")).abs().max() > 1e-2

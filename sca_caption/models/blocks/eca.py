@@ -1,6 +1,7 @@
 """Efficient Channel Attention (Wang et al., CVPR 2020).
 
-Signature: ``ECA(channels: int, gamma: int = 2, b: int = 1)``; ``(B, C, H, W) -> (B, C, H, W)``.
+Signature: ``ECA(channels: int, gamma: int = 2, b: int = 1, kernel_size: int | None = None)``;
+``(B, C, H, W) -> (B, C, H, W)``.
 
     k = |log2(C)/gamma + b/gamma|_odd                 nearest odd number, ties upwards
     w = sigmoid(conv1d_k(GAP(x)))                      1-D conv across the C pooled channels, no bias
@@ -8,7 +9,8 @@ Signature: ``ECA(channels: int, gamma: int = 2, b: int = 1)``; ``(B, C, H, W) ->
 
 For t = log2(C)/gamma + b/gamma the nearest odd number is 2*floor(t/2) + 1, which is what the
 authors' code computes (truncate, then add one if even): C = 64, 128, 256, 512, 2048 give
-k = 3, 5, 5, 5, 7.
+k = 3, 5, 5, 5, 7. ``kernel_size`` fixes k instead: the authors' released ECA-ResNets set it per
+stage by hand (ECA-Net50 uses 3, 5, 5, 7 on its 256-, 512-, 1024- and 2048-channel stages).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
 class ECA(nn.Module):
     """Channel gate from a 1-D convolution over the globally pooled channel vector."""
 
-    def __init__(self, channels: int, gamma: int = 2, b: int = 1) -> None:
+    def __init__(self, channels: int, gamma: int = 2, b: int = 1, kernel_size: int | None = None) -> None:
         super().__init__()
         positive = channels > 0 and gamma > 0
         require(positive, "ECA", f"channels ({channels}) and gamma ({gamma}) must be positive")
         self.channels = channels
-        self.kernel_size = eca_kernel_size(channels, gamma, b)
-        require(self.kernel_size > 0, "ECA", f"gamma={gamma}, b={b} give kernel size {self.kernel_size}")
+        self.kernel_size = eca_kernel_size(channels, gamma, b) if kernel_size is None else kernel_size
+        odd = self.kernel_size > 0 and self.kernel_size % 2 == 1
+        require(odd, "ECA", f"the kernel size must be a positive odd number, got {self.kernel_size}")
         self.conv = nn.Conv1d(1, 1, self.kernel_size, padding=self.kernel_size // 2, bias=False)
 
     def gate(self, x: Tensor) -> Tensor:
