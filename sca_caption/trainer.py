@@ -283,7 +283,6 @@ class Trainer:
             group["lr"] = learning_rate(self.at.step, train, self.steps_per_epoch)
         torch.manual_seed(step_seed(train.seed, self.at.step, self.proc.rank))
         batch = batch.to(self.device)
-        local = shard(global_batch, self.proc.rank, self.proc.world)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=train.bf16):
             output = self.ddp(batch.features, batch.captions)
             sums = self.model.loss(output, batch.captions, self.vocab.pad, batch.tags)
