@@ -61,13 +61,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or glob pattern")
     parser.add_argument("--checkpoint", type=Path, default=None, help=f"default: {DEFAULT_CHECKPOINT}")
-    parser.add_argument("--beam", type=int, default=5, help="beam size (default 5)")
+    parser.add_argument("--beam", type=int, default=None, help="beam size (default: the checkpoint's decode.beam_size)")
     parser.add_argument("--n-best", type=int, default=None, metavar="K", help="K lines per image: PATH, RANK, SCORE, CAPTION (tab-separated)")
     parser.add_argument("--max-length", type=int, default=None, metavar="N",
                         help="decoding steps, the end token included (default: the checkpoint's caption length + 1)")
-    parser.add_argument("--length-penalty", choices=LENGTH_PENALTIES, default="none",
-                        help="rank by log-prob (none), log-prob per step (average) or Wu et al.'s (wu)")
-    parser.add_argument("--length-alpha", type=float, default=0.7, help="exponent of the wu penalty (default 0.7)")
+    parser.add_argument("--length-penalty", choices=LENGTH_PENALTIES, default=None,
+                        help="rank by log-prob (none), log-prob per step (average) or Wu et al.'s (wu); "
+                             "default: the checkpoint's")
+    parser.add_argument("--length-alpha", type=float, default=None, help="exponent of the wu penalty (default: the checkpoint's)")
+    parser.add_argument("--min-length", type=int, default=None, metavar="N", help="at least N words (default: the checkpoint's)")
+    parser.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=None,
+                        help="never repeat a trigram (default: the checkpoint's)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write COCO-format results here")
     parser.add_argument("--attention", type=Path, default=None, metavar="DIR", help="write attention PNGs here")
     parser.add_argument("--top-channels", type=int, default=5, help="channels per word and layer in --json (default 5)")
@@ -79,9 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "built with (default: those its config names)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.beam < 1 or args.batch_size < 1 or args.workers < 0 or args.top_channels < 1:
+    if (args.beam is not None and args.beam < 1) or args.batch_size < 1 or args.workers < 0 or args.top_channels < 1:
         parser.error("--beam, --batch-size and --top-channels must be positive, --workers not negative")
-    if args.n_best is not None and not 1 <= args.n_best <= args.beam:
+    if args.n_best is not None and args.beam is not None and not 1 <= args.n_best <= args.beam:
         parser.error(f"--n-best must be between 1 and --beam ({args.beam})")
     if args.max_length is not None and args.max_length < 1:
         parser.error("--max-length must be positive")
@@ -117,12 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.attention is not None and not captioner.has_spatial_attention:
         _error(f"{checkpoint}: its model (order {captioner.model.config.order!r}) has no spatial attention to draw")
         return 2
-    settings = DecodeSettings(
+    settings = captioner.settings(
         beam_size=args.beam,
-        n_best=args.n_best or 1,
-        max_length=args.max_length,
         length_penalty=args.length_penalty,
         alpha=args.length_alpha,
+        min_length=args.min_length,
+        block_trigrams=args.block_trigrams,
+        n_best=args.n_best,
+        max_length=args.max_length,
         attention=args.json is not None or args.attention is not None,
     )
     many = any(Path(p).is_dir() or GLOB_CHARACTERS.search(p) for p in args.paths)

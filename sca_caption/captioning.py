@@ -37,7 +37,7 @@ from sca_caption.checkpoint import CheckpointError, check_prefix, load_captioner
 from sca_caption.data.errors import DataError
 from sca_caption.data.feature_extraction import ImageFiles, collate_decoded
 from sca_caption.data.vocab import Vocab
-from sca_caption.decoding import Hypothesis, beam_search
+from sca_caption.decoding import DecodeConfig, Hypothesis, beam_search
 from sca_caption.evaluation import decoding_limit
 from sca_caption.models.backbones import BackbonePrefix, TappedBackbone, build_cache_backbone
 from sca_caption.models.backbones.base import freeze
@@ -99,18 +99,13 @@ def image_id_for(path: Path) -> int | str:
 
 
 @dataclass(frozen=True)
-class DecodeSettings:
-    """Beam search settings (see ``sca_caption.decoding``).
+class DecodeSettings(DecodeConfig):
+    """A checkpoint's ``decode`` settings (``DecodeConfig``) and what a caller adds: ``n_best``
+    captions per image; ``max_length`` decoding steps, the end token included (None: the
+    checkpoint's, ``evaluation.decoding_limit``); ``attention``: keep every word's weights."""
 
-    ``max_length``: decoding steps, the end token included; None: the checkpoint's
-    (``evaluation.decoding_limit``). ``attention``: keep every word's attention weights.
-    """
-
-    beam_size: int = 5
     n_best: int = 1
     max_length: int | None = None
-    length_penalty: str = "none"
-    alpha: float = 0.0
     attention: bool = False
 
 
@@ -162,14 +157,17 @@ class ImageCaptioner:
         vocab: Vocab,
         *,
         max_length: int,
+        decode: DecodeConfig = DecodeConfig(),
         device: str | torch.device = "cpu",
     ) -> None:
-        """``max_length``: the default decoding steps (``evaluation.decoding_limit``)."""
+        """``max_length``: the default decoding steps (``evaluation.decoding_limit``); ``decode``: the
+        checkpoint's decoding settings, the defaults of ``settings``."""
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.prefix = prefix.eval().to(self.device)
         self.vocab = vocab
         self.max_length = max_length
+        self.decode = decode
         self.layers = model.config.layers
         self.input_size = prefix.backbone.input_size
         self.grids = _layer_grids(prefix.backbone, self.layers, self.device)
@@ -190,7 +188,12 @@ class ImageCaptioner:
             raise CheckpointError(f"{path}: {err}") from None
         prefix, _ = backbone.split(config.model.layers)
         check_prefix(path, model, prefix, weights)
-        return cls(model, prefix, vocab, max_length=decoding_limit(config), device=device)
+        return cls(model, prefix, vocab, max_length=decoding_limit(config), decode=config.decode, device=device)
+
+    def settings(self, **changes: Any) -> DecodeSettings:
+        """The checkpoint's decoding settings with ``changes`` (None values leave a setting as it is)."""
+        base = {name: getattr(self.decode, name) for name in DecodeConfig.__dataclass_fields__}
+        return DecodeSettings(**{**base, **{k: v for k, v in changes.items() if v is not None}})
 
     @property
     def has_spatial_attention(self) -> bool:
@@ -212,12 +215,10 @@ class ImageCaptioner:
             features,
             start=self.vocab.start,
             end=self.vocab.end,
-            beam_size=settings.beam_size,
             max_length=settings.max_length or self.max_length,
-            length_penalty=settings.length_penalty,
-            alpha=settings.alpha,
             n_best=settings.n_best,
             suppress=self.vocab.never_emitted,
+            **settings.search_arguments(),
             return_attention=settings.attention,
         )
         return [[self._caption(h) for h in per_image] for per_image in hypotheses]

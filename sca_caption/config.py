@@ -1,7 +1,8 @@
 """Typed experiment configuration, merged from defaults, YAML files and ``key=value`` overrides.
 
-An experiment is three sections, each a dataclass: ``data`` (``DataConfig``), ``train``
-(``TrainConfig``) and ``model`` (``ModelConfig``, defined with the captioner). ``load_config``
+An experiment is four sections, each a dataclass: ``data`` (``DataConfig``), ``train``
+(``TrainConfig``), ``model`` (``ModelConfig``, defined with the captioner) and ``decode``
+(``DecodeConfig``, defined with beam search). ``load_config``
 merges, later winning over earlier:
 
 1. the dataclass defaults,
@@ -34,6 +35,7 @@ import yaml
 from sca_caption.data.corpus import SPLITS
 from sca_caption.data.datasets import CORPORA
 from sca_caption.data.errors import DataError
+from sca_caption.decoding import DecodeConfig
 from sca_caption.io_utils import atomic_write_text
 from sca_caption.models.captioner import ModelConfig
 
@@ -82,21 +84,21 @@ class TrainConfig:
     seed: int = 0
     log_every: int = field(default=50, metadata={"min": 1})  # optimizer steps between log lines
     eval_every: int = field(default=1, metadata={"min": 1})  # epochs between validations
-    beam_size: int = field(default=3, metadata={"min": 1})  # validation decoding
     meteor: bool = True  # METEOR in validation and test scores (each costs a ~6 s Java start)
     checkpoint_every: int | None = field(default=200, metadata={"min": 1})  # steps between mid-epoch last.pt saves; None: epoch ends only
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "model": ModelConfig}
+SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "model": ModelConfig, "decode": DecodeConfig}
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole experiment: ``data``, ``train`` and ``model`` sections."""
+    """A whole experiment: ``data``, ``train``, ``model`` and ``decode`` sections."""
 
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def feature_cache_path(self) -> Path:
         """``data.feature_cache``, else ``data/features/<dataset>_<backbone>_<layer>-<layer>.h5``

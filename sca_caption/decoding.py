@@ -37,7 +37,7 @@ stop later, but they never return a different answer than running to ``max_lengt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
 import torch
@@ -51,6 +51,23 @@ LENGTH_PENALTIES = ("none", "average", "wu")
 
 class DecodingError(ValueError):
     """Impossible decoding settings; the message is one line naming the setting and the problem."""
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How captions are decoded (``beam_search``'s settings): the ``decode`` section of an experiment
+    config, so every checkpoint records it. Validation and test scoring use it, and so do
+    ``evaluate``, ``caption`` and the service unless told otherwise."""
+
+    beam_size: int = field(default=3, metadata={"min": 1})
+    length_penalty: str = field(default="none", metadata={"choices": LENGTH_PENALTIES})
+    alpha: float = field(default=0.0, metadata={"min": 0.0})  # the "wu" penalty's exponent
+    min_length: int = field(default=0, metadata={"min": 0})  # words before <end> may come
+    block_trigrams: bool = False  # no word that repeats a trigram of the caption
+
+    def search_arguments(self) -> dict[str, Any]:
+        """These settings as ``beam_search`` keyword arguments."""
+        return {f: getattr(self, f) for f in DecodeConfig.__dataclass_fields__}
 
 
 class DecoderState(Protocol):
@@ -152,13 +169,20 @@ def beam_search(
     alpha: float = 0.0,
     n_best: int = 1,
     suppress: Sequence[int] = (),
+    min_length: int = 0,
+    block_trigrams: bool = False,
     return_attention: bool = False,
 ) -> list[list[Hypothesis]]:
     """Beam search for each image of ``features`` {tap: (B, C, H, W)}, all images and beams at once.
 
     Returns, per image, its ``n_best`` (or fewer, if fewer exist) hypotheses, best score first.
+    Constraints (applied to the log-probs after the softmax, so a hypothesis's ``log_prob`` stays
+    the model's): ``min_length`` words before ``<end>`` may come; ``block_trigrams``: no word that
+    would repeat a trigram already in the hypothesis.
     """
     _check_common(start, end, max_length, suppress)
+    if not 0 <= min_length < max_length:
+        raise DecodingError(f"min_length must be between 0 and max_length - 1 ({max_length - 1}); got {min_length}")
     if beam_size < 1:
         raise DecodingError(f"beam_size must be >= 1; got {beam_size}")
     if not 1 <= n_best <= beam_size:
@@ -177,6 +201,10 @@ def beam_search(
             logp = _log_probs(out.logits, suppress, start, end)
             if live is None:
                 live = _Beams.first(batch, max_length, out, return_attention)
+            if t < min_length:
+                logp[:, end] = float("-inf")
+            if block_trigrams and t >= 3:
+                logp.masked_fill_(_repeated_trigrams(live.tokens.flatten(0, 1)[:, :t], logp.shape[1]), float("-inf"))
             parents, vocab = live.log_prob.shape[1], logp.shape[1]
             totals = (live.log_prob.unsqueeze(2) + logp.view(batch, parents, vocab)).view(batch, -1)
             top_logp, top_index = totals.topk(min(2 * beam_size, totals.shape[1]), dim=1)
@@ -342,6 +370,16 @@ def _done(live: _Beams, kept: _Beams, n_best: int, penalty: LengthPenalty, max_l
     """(B,) images whose live beams can no longer place among their ``n_best`` kept hypotheses."""
     bound = penalty.best_reachable(live.log_prob.max(dim=1).values, max_length)
     return bound <= kept.score[:, n_best - 1]
+
+
+def _repeated_trigrams(tokens: Tensor, vocab: int) -> Tensor:
+    """(R, V) True for each word x that would make (h_{t-2}, h_{t-1}, x) a trigram already in the
+    row's tokens h_0..h_{t-1} (R, t), t >= 3."""
+    t = tokens.shape[1]
+    match = (tokens[:, : t - 2] == tokens[:, t - 2 : t - 1]) & (tokens[:, 1 : t - 1] == tokens[:, t - 1 :])
+    blocked = torch.zeros(tokens.shape[0], vocab + 1, dtype=torch.bool, device=tokens.device)
+    blocked.scatter_(1, tokens[:, 2:].masked_fill(~match, vocab), True)  # column V: no match
+    return blocked[:, :vocab]
 
 
 def _log_probs(logits: Tensor, suppress: Sequence[int], start: int, end: int) -> Tensor:

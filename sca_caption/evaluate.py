@@ -23,6 +23,7 @@ from sca_caption.checkpoint import load_captioner
 from sca_caption.data.corpus import SPLITS, records_in_split
 from sca_caption.data.errors import DataError
 from sca_caption.data.features import FeatureCache
+from sca_caption.decoding import DecodeConfig, DecodingError
 from sca_caption.evaluation import decoding_limit, evaluate_split, scenes_for
 from sca_caption.metrics import write_coco_results
 from sca_caption.models.errors import ModelConfigError
@@ -36,14 +37,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="a best.pt or last.pt of a training run")
     parser.add_argument("--split", choices=SPLITS, default="test")
-    parser.add_argument("--beam", type=int, default=5, help="beam size (1: greedy)")
+    parser.add_argument("--beam", type=int, default=None, help="beam size (1: greedy; default: the checkpoint's decode.beam_size)")
+    parser.add_argument("--min-length", type=int, default=None, metavar="N", help="at least N words (default: the checkpoint's)")
+    parser.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=None,
+                        help="never repeat a trigram (default: the checkpoint's)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: results_<split>_beam<k>.json beside the checkpoint)")
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder (default: the checkpoint's)")
     parser.add_argument("--no-meteor", action="store_true", help="leave METEOR out (saves a Java start)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.beam < 1:
+    if args.beam is not None and args.beam < 1:
         parser.error("--beam must be at least 1")
     return args
 
@@ -51,29 +55,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = args.out or args.checkpoint.with_name(f"results_{args.split}_beam{args.beam}.json")
     try:
         model, vocab, config = load_captioner(args.checkpoint, device)
+        changes = {"beam_size": args.beam, "min_length": args.min_length, "block_trigrams": args.block_trigrams}
+        decode = dataclasses.replace(config.decode, **{k: v for k, v in changes.items() if v is not None})
         if args.data_root is not None:
             config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_root=str(args.data_root)))
         records = load_records(config)
         cache_path, spec = ensure_features(config, records, progress=not args.no_progress)
         evaluation = evaluate_split(
             model, vocab, FeatureCache(cache_path, expect=spec), records_in_split(records, args.split),
-            beam_size=args.beam, max_length=decoding_limit(config), device=device, meteor=not args.no_meteor,
+            decode=decode, max_length=decoding_limit(config), device=device, meteor=not args.no_meteor,
             scenes=scenes_for(config.data.dataset, data_root(config), args.split), progress=not args.no_progress,
         )
-    except (DataError, ModelConfigError) as error:
+    except (DataError, ModelConfigError, DecodingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    out = args.out or args.checkpoint.with_name(f"results_{args.split}_beam{decode.beam_size}.json")
     write_coco_results(out, evaluation.captions)
-    print(f"{out}: {len(evaluation.captions)} captions of the {args.split} split, beam {args.beam}")
+    print(f"{out}: {len(evaluation.captions)} captions of the {args.split} split, {_describe(decode)}")
     if evaluation.missing:
         print(f"note: {len(evaluation.missing)} image(s) of the split are not in the feature cache and were not scored")
     for name, value in evaluation.scores.items():
         print(f"{name:>16} {100 * value:6.2f}")
     print(json.dumps(evaluation.scores))
     return 0
+
+
+def _describe(decode: DecodeConfig) -> str:
+    """"beam 3", plus the constraints and penalty that are on."""
+    parts = [f"beam {decode.beam_size}"]
+    if decode.length_penalty != "none":
+        parts.append(f"length penalty {decode.length_penalty} (alpha {decode.alpha})")
+    if decode.min_length:
+        parts.append(f"at least {decode.min_length} words")
+    if decode.block_trigrams:
+        parts.append("trigrams blocked")
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The references of an image are all its captions in the dataset (as written, ``ImageRecord.raw``);
 the candidates are the best beam per image, words joined by spaces. Scores are pycocoevalcap's
-(``sca_caption.metrics``) on the 0-1 scale, plus ``shapes_accuracy`` for the shapes dataset (the
+(``sca_caption.metrics``) on the 0-1 scale, plus ``dangling_end`` (the share of captions that end
+in a word like "a" or "of", or are empty) and ``shapes_accuracy`` for the shapes dataset (the
 share of images whose caption parses with the generator's grammar and matches the scene).
 Images the feature cache lacks (skipped at extraction) are neither captioned nor scored.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -21,7 +22,7 @@ from sca_caption.data.corpus import ImageRecord
 from sca_caption.data.features import FeatureCache
 from sca_caption.data.shapes import DATASET_FILE, Scene, load_scenes, shapes_accuracy
 from sca_caption.data.vocab import Vocab
-from sca_caption.decoding import beam_search
+from sca_caption.decoding import DecodeConfig, beam_search
 from sca_caption.metrics import score_captions
 from sca_caption.models.captioner import SCACaptioner
 
@@ -59,7 +60,7 @@ def caption_images(
     cache: FeatureCache,
     image_ids: Sequence[str],
     *,
-    beam_size: int,
+    decode: DecodeConfig,
     max_length: int,
     device: torch.device,
     bf16: bool = False,
@@ -74,12 +75,25 @@ def caption_images(
         features = {tap: x.to(device) for tap, x in features.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             beams = beam_search(
-                model, features, start=vocab.start, end=vocab.end, beam_size=beam_size,
-                max_length=max_length, suppress=vocab.never_emitted,
+                model, features, start=vocab.start, end=vocab.end, max_length=max_length,
+                suppress=vocab.never_emitted, **decode.search_arguments(),
             )
         for image_id, hypotheses in zip(batch, beams):
             captions[image_id] = " ".join(vocab.decode(hypotheses[0].tokens))
     return captions
+
+
+DANGLING_WORDS = frozenset(
+    "a an the of in on at to with and or for from by into onto over under near his her their its is are".split()
+)
+
+
+def dangling_share(captions: Iterable[str]) -> float:
+    """The share of captions that are empty or end in a word that cannot end an English caption
+    (an article, a preposition, a conjunction, a possessive or a verb like "is": ``DANGLING_WORDS``)."""
+    texts = list(captions)
+    dangling = sum(1 for text in texts if not text.split() or text.split()[-1] in DANGLING_WORDS)
+    return dangling / max(len(texts), 1)
 
 
 def score_split(
@@ -93,6 +107,7 @@ def score_split(
     plus ``shapes_accuracy`` over the same images when ``scenes`` are given."""
     refs = {image_id: texts for image_id, texts in references(records).items() if image_id in captions}
     scores = dict(score_captions(captions, refs, meteor=meteor, spice=False))
+    scores["dangling_end"] = dangling_share(captions.values())
     if scenes is not None:
         scores["shapes_accuracy"] = shapes_accuracy(captions, {i: scenes[i] for i in refs})
     return scores
@@ -104,7 +119,7 @@ def evaluate_split(
     cache: FeatureCache,
     records: Sequence[ImageRecord],
     *,
-    beam_size: int,
+    decode: DecodeConfig,
     max_length: int,
     device: torch.device,
     meteor: bool,
@@ -117,7 +132,7 @@ def evaluate_split(
     present = [r.image_id for r in records if r.image_id in cached]
     missing = [r.image_id for r in records if r.image_id not in cached]
     captions = caption_images(
-        model, vocab, cache, present, beam_size=beam_size, max_length=max_length, device=device,
+        model, vocab, cache, present, decode=decode, max_length=max_length, device=device,
         bf16=bf16, progress=progress,
     )
     return SplitEvaluation(captions, score_split(captions, records, meteor=meteor, scenes=scenes), missing)

@@ -50,6 +50,7 @@ from sca_caption.config import ExperimentConfig, TrainConfig
 from sca_caption.data.caption_dataset import CaptionBatch, CaptionSamples, epoch_order, global_batches, shard
 from sca_caption.data.corpus import records_in_split
 from sca_caption.data.errors import DataError
+from sca_caption.decoding import DecodeConfig
 from sca_caption.distributed import Processes
 from sca_caption.evaluation import SplitEvaluation, decoding_limit, evaluate_split, scenes_for
 from sca_caption.io_utils import atomic_write_json, atomic_write_text
@@ -62,8 +63,9 @@ from sca_caption.prepare import PreparedData
 RESUMABLE_CHANGES = frozenset(
     {
         "data.data_root", "data.feature_cache", "data.num_workers",
-        "train.patience", "train.log_every", "train.eval_every", "train.beam_size", "train.meteor",
+        "train.patience", "train.log_every", "train.eval_every", "train.meteor",
         "train.checkpoint_every", "model.kernels",
+        *(f"decode.{name}" for name in DecodeConfig.__dataclass_fields__),  # validation decoding
     }
 )
 LOG_COLUMNS = (
@@ -313,7 +315,7 @@ class Trainer:
         train = self.config.train
         evaluation = evaluate_split(
             self.model, self.vocab, self.cache, self.val_records,
-            beam_size=train.beam_size, max_length=decoding_limit(self.config), device=self.device,
+            decode=self.config.decode, max_length=decoding_limit(self.config), device=self.device,
             meteor=train.meteor, scenes=self.scenes, bf16=train.bf16, progress=self.progress,
         )
         evaluation.scores["loss"] = self._val_loss()
@@ -393,7 +395,7 @@ class Trainer:
         split = config.data.test_split
         evaluation = evaluate_split(
             model, self.vocab, self.cache, records_in_split(self.data.records, split),
-            beam_size=config.train.beam_size, max_length=decoding_limit(config), device=self.device,
+            decode=config.decode, max_length=decoding_limit(config), device=self.device,
             meteor=config.train.meteor, scenes=scenes_for(config.data.dataset, self.data.data_root, split),
             bf16=config.train.bf16, progress=self.progress,
         )

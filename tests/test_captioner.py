@@ -231,3 +231,33 @@ def test_config_round_trip_and_errors() -> None:
         model(tiny_features(("conv3", "conv4")), torch.tensor([START, 4]))
     with pytest.raises(ModelConfigError, match="3 images but 2 captions"):
         model(tiny_features(("conv3", "conv4")), captions(batch=2))
+
+
+@pytest.mark.parametrize("context_to_output", [True, False])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_authors_options_keep_teacher_forcing_equal_to_stepping(context_to_output: bool, normalize: bool) -> None:
+    cfg = config(("conv3", "conv4"), "cs", context_to_output=context_to_output, normalize_features=normalize)
+    model = build(cfg, dtype=torch.float64).eval()
+    assert (model.decoder.out_context is not None) == context_to_output
+    features = {name: x.double() for name, x in tiny_features(("conv3", "conv4")).items()}
+    caps = captions()
+    with torch.no_grad():
+        out = model(features, caps)
+        state, memory = model.start(features)
+        for t in range(caps.shape[1] - 1):
+            step = model.step(caps[:, t], state, memory)
+            torch.testing.assert_close(step.logits, out.logits[:, t], rtol=1e-10, atol=1e-10)
+            state = step.state
+
+
+def test_normalized_features_make_the_decoder_blind_to_feature_scale() -> None:
+    """Order "none" on one layer reads only the mean feature: L2-normalised, a feature map ten
+    times larger gives the same words; as computed, it does not."""
+    features = {name: x.double() for name, x in tiny_features(("conv3",)).items()}
+    larger = {name: 10 * x for name, x in features.items()}
+    caps = captions()
+    for normalize in (True, False):
+        model = build(config(("conv3",), "none", normalize_features=normalize), dtype=torch.float64).eval()
+        with torch.no_grad():
+            same = torch.allclose(model(features, caps).logits, model(larger, caps).logits, rtol=1e-9, atol=1e-9)
+        assert same == normalize

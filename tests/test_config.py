@@ -20,6 +20,7 @@ from sca_caption.config import (
     write_config,
 )
 from sca_caption.models.backbones import build_backbone
+from sca_caption.decoding import DecodeConfig
 from sca_caption.models.captioner import ModelConfig
 
 PRESET = """\
@@ -64,7 +65,7 @@ def test_precedence_defaults_preset_file_overrides(config_dir):
     assert (everything.train.lr, everything.train.epochs, everything.data.batch_size) == (0.3, 2, 8)
     assert everything.model.hidden_dim == 64
     # Keys nobody set keep their defaults.
-    assert everything.train.beam_size == TrainConfig().beam_size
+    assert everything.decode.beam_size == DecodeConfig().beam_size
     assert everything.model.order == ModelConfig().order
     # Later overrides win over earlier ones.
     assert load_config(overrides=["train.seed=1", "train.seed=2"]).train.seed == 2
@@ -95,10 +96,10 @@ def test_override_values_are_parsed_as_yaml(override, section, key, value):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("lr=3", "override 'lr=3': expected section.key=value (sections: data, train, model)"),
-        ("train.lr", "override 'train.lr': expected section.key=value (sections: data, train, model)"),
-        ("train.lr.x=1", "override 'train.lr.x=1': expected section.key=value (sections: data, train, model)"),
-        ("trian.lr=1", "override 'trian.lr=1': unknown section 'trian' (did you mean train?) (sections: data, train, model)"),
+        ("lr=3", "override 'lr=3': expected section.key=value (sections: data, train, model, decode)"),
+        ("train.lr", "override 'train.lr': expected section.key=value (sections: data, train, model, decode)"),
+        ("train.lr.x=1", "override 'train.lr.x=1': expected section.key=value (sections: data, train, model, decode)"),
+        ("trian.lr=1", "override 'trian.lr=1': unknown section 'trian' (did you mean train?) (sections: data, train, model, decode)"),
         ("train.lrr=1", "override 'train.lrr=1': unknown key train.lrr (did you mean train.lr?) (train keys: epochs, lr, "),
         ("train.lr=fast", "override 'train.lr=fast': train.lr must be a number, got 'fast'"),
         ("train.epochs=2.5", "override 'train.epochs=2.5': train.epochs must be an integer, got 2.5"),
@@ -130,9 +131,9 @@ def test_bad_overrides_give_one_line_naming_the_override_and_key(override, messa
         ("# header\n\nmodel:\n  order: s\n  layers: [a, b, c, d]\n  dropout: 1.5\n", "{file}:5: model config: layers must name 1 to 3 taps"),
         ("train:\n  lr: 0.1\n   epochs: 3\n", "{file}:3: malformed YAML: mapping values are not allowed here"),
         ("train: [1, 2\n", "{file}:2: malformed YAML: expected ',' or ']'"),
-        ("optim:\n  lr: 0.1\n", "{file}:1: unknown section 'optim' (sections: data, train, model)"),
+        ("optim:\n  lr: 0.1\n", "{file}:1: unknown section 'optim' (sections: data, train, model, decode)"),
         ("train: 3\n", "{file}:1: section train must be a mapping of keys, got 3"),
-        ("- train\n- model\n", "{file}: expected a mapping with sections data, train, model, got a list"),
+        ("- train\n- model\n", "{file}: expected a mapping with sections data, train, model, decode, got a list"),
     ],
 )
 def test_bad_files_give_one_line_naming_file_line_and_key(tmp_path, content, message):

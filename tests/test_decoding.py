@@ -481,3 +481,49 @@ def test_beam_search_on_a_tiny_sca_captioner(order: str) -> None:
         for hyp in found[b]:
             checked += assert_attention_replays(model, alone, hyp, (UNK,))
     assert (checked > 0) == (order != "none")
+
+
+def has_repeated_trigram(tokens: list[int]) -> bool:
+    trigrams = [tuple(tokens[i : i + 3]) for i in range(len(tokens) - 2)]
+    return len(trigrams) != len(set(trigrams))
+
+
+@pytest.mark.parametrize("kind", LENGTH_PENALTIES)
+def test_min_length_gives_the_best_caption_of_at_least_that_many_words(kind: str) -> None:
+    vocab, max_length, suppress, minimum = 5, 4, (UNK,), 2
+    model = exhaustive_test_model()
+    model.logit_bias[END] = 1.0  # short captions would win without the constraint
+    features = make_features(3)
+    settings = dict(start=START, end=END, beam_size=vocab**max_length, max_length=max_length, length_penalty=kind,
+                    alpha=WU_ALPHA, n_best=3, suppress=suppress)
+    free = beam_search(model, features, **settings)
+    bounded = beam_search(model, features, min_length=minimum, **settings)
+    assert any(len(hyps[0].tokens) < minimum for hyps in free), "the constraint would change nothing"
+    for b in range(3):
+        allowed = [c for c in every_caption(model, one(features, b), max_length, suppress) if len(c[0]) >= minimum]
+        ranked = sorted(allowed, key=lambda c: -penalised(c, kind))[:3]
+        assert [h.tokens for h in bounded[b]] == [c[0] for c in ranked]
+        assert [h.log_prob for h in bounded[b]] == pytest.approx([c[1] for c in ranked], abs=1e-4)
+
+
+def test_trigram_blocking_gives_the_best_caption_without_a_repeated_trigram() -> None:
+    vocab, max_length, suppress = 5, 5, (UNK,)
+    model = make_model(vocab, seed=2, sharpness=1.0)
+    model.logit_bias[END] = -4.0
+    model.logit_bias[3] = 2.0  # one word is very likely: captions repeat it
+    features = make_features(3, seed=3)
+    settings = dict(start=START, end=END, beam_size=vocab**max_length, max_length=max_length, n_best=2,
+                    suppress=suppress)
+    free = beam_search(model, features, **settings)
+    blocked = beam_search(model, features, block_trigrams=True, **settings)
+    assert any(has_repeated_trigram(hyps[0].tokens) for hyps in free), "nothing to block"
+    for b in range(3):
+        allowed = [c for c in every_caption(model, one(features, b), max_length, suppress) if not has_repeated_trigram(c[0])]
+        ranked = sorted(allowed, key=lambda c: -c[1])[:2]
+        assert [h.tokens for h in blocked[b]] == [c[0] for c in ranked]
+        assert [h.log_prob for h in blocked[b]] == pytest.approx([c[1] for c in ranked], abs=1e-4)
+
+
+def test_min_length_must_leave_room_for_the_end() -> None:
+    with pytest.raises(DecodingError, match="min_length"):
+        beam_search(make_model(6), make_features(1), start=START, end=END, beam_size=2, max_length=3, min_length=3)

@@ -43,8 +43,20 @@ def test_evaluate_writes_coco_results_and_prints_the_metrics_of_them(checkpoint,
     assert all(isinstance(c, str) and c for c in captions.values())
     expected = dict(score_captions(captions, references, meteor=False, spice=False))
     expected["shapes_accuracy"] = shapes_accuracy(captions, load_scenes(tiny_shapes.root / DATASET_FILE, "test"))
+    dangling = [c for c in captions.values() if c.split()[-1] in ("a", "the", "of", "to", "and", "is", "in", "on")]
+    expected["dangling_end"] = len(dangling) / len(captions)
     assert printed == pytest.approx(expected, abs=0)
-    assert set(printed) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr", "shapes_accuracy"}
+    assert set(printed) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr", "shapes_accuracy", "dangling_end"}
+
+
+def test_evaluate_decodes_with_the_checkpoints_settings_unless_told(checkpoint, tmp_path, capsys):
+    """The checkpoint records decode.beam_size 2 (train_support's settings): the default results
+    file is named after it, and --beam overrides it."""
+    _run(["--checkpoint", str(checkpoint), "--split", "val", "--no-meteor"], capsys)
+    assert (checkpoint.parent / "results_val_beam2.json").is_file()
+    _run(["--checkpoint", str(checkpoint), "--split", "val", "--beam", "3", "--min-length", "2", "--no-meteor"], capsys)
+    captions = json.loads((checkpoint.parent / "results_val_beam3.json").read_text())
+    assert all(len(e["caption"].split()) >= 2 for e in captions)
 
 
 def test_evaluate_defaults_the_results_path_beside_the_checkpoint(checkpoint, capsys):

@@ -291,3 +291,11 @@ def test_coco_results_keep_ids_and_order(tmp_path):
     write_coco_results(path, captions)
     assert json.loads(path.read_text(encoding="utf-8")) == expected
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]
+
+
+def test_dangling_share_counts_empty_captions_and_function_word_endings():
+    from sca_caption.evaluation import dangling_share
+
+    captions = ["a dog runs", "a dog runs on the", "", "two men in", "a man and a"]
+    assert dangling_share(captions) == pytest.approx(4 / 5)
+    assert dangling_share([]) == 0.0

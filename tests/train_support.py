@@ -37,7 +37,7 @@ class TinyShapes:
             "train.lr": 0.01,
             "train.warmup_steps": 0,
             "train.meteor": False,
-            "train.beam_size": 2,
+            "decode.beam_size": 2,
             "train.checkpoint_every": None,
             "model.layers": "[stage7]",
             "model.hidden_dim": 32,

@@ -36,6 +36,15 @@ class ModelConfig:
     features say what is at a location far better than where it is; the shapes captions, which
     are about positions, need it. ``kernels``: the attention's backend, one of ``KERNELS``
     ("auto": the CPU kernels on a CPU, the plain equations elsewhere; see ``sca``).
+
+    Where the authors' Theano code differs from the defaults (the authors' setting in brackets):
+
+    - ``context_to_output`` True: the output layer reads z_t through L_z (False: their
+      ``ctx2out=False`` default, the paper's output equation of h_t and y_{t-1} only);
+    - ``normalize_features`` False: z_t and the mean feature as computed (True: both
+      L2-normalised before the decoder reads them);
+    - ``finetune_upper`` False: the backbone stages between attended layers frozen (True:
+      fine-tuned with the captioner).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -54,6 +63,8 @@ class ModelConfig:
     tag_loss_weight: float = 0.0
     coord_channels: bool = False
     kernels: str = "auto"
+    context_to_output: bool = True
+    normalize_features: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -177,6 +188,7 @@ class SCACaptioner(nn.Module):
             config.hidden_dim,
             self.encoder.query_dim,
             config.dropout,
+            config.context_to_output,
         )
         self.tag_head = (
             TagHead(self.encoder.context_dim, config.num_tags, config.tag_heads, config.tag_lambda)
@@ -255,7 +267,7 @@ class SCACaptioner(nn.Module):
     def _start(self, features: Mapping[str, Tensor]) -> tuple[CaptionState, ImageMemory, Tensor]:
         """The initial state, the memory and the top layer's unattended map (B, C_top, H, W)."""
         memory, top = self.encoder.remember(features, self.decoder.embedding.weight.dtype)
-        h, c = self.decoder.initial_state(top.mean(dim=(2, 3)))
+        h, c = self.decoder.initial_state(self._decoder_view(top.mean(dim=(2, 3))))
         return CaptionState(h, c), memory, top
 
     def _advance(
@@ -265,8 +277,14 @@ class SCACaptioner(nn.Module):
         z_t and the attention, both computed from h_{t-1}."""
         recurrent, queries = self.decoder.project_hidden(state.h)
         context, attention = self.encoder(memory, queries, state.image)
+        context = self._decoder_view(context)
         h, c = self.decoder.cell(word_gates + recurrent, context, state.c)
         return h, c, context, attention
+
+    def _decoder_view(self, feature: Tensor) -> Tensor:
+        """A context or mean feature (R, C) as the decoder reads it: L2-normalised per row with
+        ``normalize_features``, else as it is."""
+        return F.normalize(feature, dim=1) if self.config.normalize_features else feature
 
 
 def _stack_steps(steps: list[Attention]) -> Attention:

@@ -8,7 +8,9 @@ the encoder computed from h_{t-1}:
     logits = L_o dropout(tanh(E y_{t-1} + L_h dropout(h_t) + L_z z_t))   (the "deep output")
 
 The paper writes the deep output without the tanh; the authors' code (and Show-Attend-Tell's)
-applies it, and so does this module. h_0, c_0 = tanh(linear(mean feature of the top layer)).
+applies it, and so does this module. ``context_to_output=False`` drops the L_z z_t term, as the
+authors' code does by default (its ``ctx2out``) and as the paper's output equation reads h_t and
+y_{t-1} only. h_0, c_0 = tanh(linear(mean feature of the top layer)).
 
 Speed: ``recurrent`` holds U and, in the same matrix, the attention's query projections W_h
 (``query_dim`` rows), so one matmul of h_{t-1} serves the LSTM and every attention module;
@@ -33,6 +35,7 @@ class LSTMDecoder(nn.Module):
         hidden_dim: int,
         query_dim: int,
         dropout: float,
+        context_to_output: bool = True,
     ) -> None:
         super().__init__()
         self.hidden_dim = hidden_dim
@@ -42,7 +45,7 @@ class LSTMDecoder(nn.Module):
         self.context_gates = nn.Linear(context_dim, 4 * hidden_dim, bias=False)
         self.recurrent = nn.Linear(hidden_dim, 4 * hidden_dim + query_dim, bias=False)
         self.out_hidden = nn.Linear(hidden_dim, embed_dim)
-        self.out_context = nn.Linear(context_dim, embed_dim, bias=False)
+        self.out_context = nn.Linear(context_dim, embed_dim, bias=False) if context_to_output else None
         self.classifier = nn.Linear(embed_dim, vocab_size)
         self.dropout = nn.Dropout(dropout)
 
@@ -79,5 +82,7 @@ class LSTMDecoder(nn.Module):
 
     def logits(self, embedded: Tensor, hidden: Tensor, context: Tensor) -> Tensor:
         """Deep output: E y_{t-1} (..., E), h_t (..., H), z_t (..., C) -> word logits (..., V)."""
-        deep = embedded + self.out_hidden(self.dropout(hidden)) + self.out_context(context)
+        deep = embedded + self.out_hidden(self.dropout(hidden))
+        if self.out_context is not None:
+            deep = deep + self.out_context(context)
         return self.classifier(self.dropout(torch.tanh(deep)))
