@@ -36,6 +36,7 @@ from sca_caption.data.corpus import SPLITS
 from sca_caption.data.datasets import CORPORA
 from sca_caption.data.errors import DataError
 from sca_caption.decoding import DecodeConfig
+from sca_caption.self_critical import BASELINES
 from sca_caption.io_utils import atomic_write_text
 from sca_caption.models.captioner import ModelConfig
 
@@ -86,6 +87,11 @@ class TrainConfig:
     eval_every: int = field(default=1, metadata={"min": 1})  # epochs between validations
     meteor: bool = True  # METEOR in validation and test scores (each costs a ~6 s Java start)
     checkpoint_every: int | None = field(default=200, metadata={"min": 1})  # steps between mid-epoch last.pt saves; None: epoch ends only
+    # self-critical training (sca_caption.self_critical) from epoch ``scst_after`` (0-based) on; None: off
+    scst_after: int | None = field(default=None, metadata={"min": 0})
+    scst_samples: int = field(default=5, metadata={"min": 1})  # sampled captions per image
+    scst_baseline: str = field(default="greedy", metadata={"choices": BASELINES})
+    scst_lr: float = field(default=5e-5, metadata={"min": 0.0})  # constant learning rate of the self-critical epochs
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "model": ModelConfig, "decode": DecodeConfig}

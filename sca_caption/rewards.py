@@ -151,10 +151,10 @@ class CiderD:
         return (10.0 * total / ref_count).float().to(candidates.device)
 
 
-def train_references(records: Sequence[ImageRecord], vocab: Vocab) -> list[list[list[int]]]:
-    """The train split's captions as word ids, whole (not cut to a maximum length), unknown words as
-    ``<unk>``: reference m is the m-th image of ``records_in_split(records, "train")``."""
-    return [[vocab.encode(t, len(t))[1:-1] for t in r.tokens] for r in records_in_split(records, "train")]
+def train_references(records: Sequence[ImageRecord], vocab: Vocab, split: str = "train") -> list[list[list[int]]]:
+    """The ``split``'s captions as word ids, whole (not cut to a maximum length), unknown words as
+    ``<unk>``: reference m is the m-th image of ``records_in_split(records, split)``."""
+    return [[vocab.encode(t, len(t))[1:-1] for t in r.tokens] for r in records_in_split(records, split)]
 
 
 def cider_cache_path(vocab_path: Path) -> Path:

@@ -39,11 +39,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder (default data/<dataset>)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default checkpoints/<dataset>)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="CKPT",
+                        help="start a new run from this checkpoint's model weights (e.g. train.scst_after=0 on a cross-entropy run)")
     parser.add_argument("--download", action="store_true", help="first fetch the dataset's public files (preprocess/download.py)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-3 model.layers=[stage6,stage7]")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.resume and args.init_from is not None:
+        parser.error("--resume continues a run, --init-from starts one: pass one of them")
+    return args
 
 
 def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             processes.barrier()
             if not processes.is_main:
                 data = prepare(config, progress=False, log=lambda _: None)
-            trainer = Trainer(config, data, out, processes, resume=args.resume, progress=progress)
+            trainer = Trainer(config, data, out, processes, resume=args.resume, progress=progress, init_from=args.init_from)
             if processes.is_main:
                 write_config(out / "config.yaml", config)
             result = trainer.run()

@@ -5,6 +5,7 @@ One run writes into its output folder:
     last.pt         the latest state (every ``train.checkpoint_every`` steps and every epoch end)
     best.pt         the state after the epoch with the best validation ``train.early_stop_metric``
     log.csv         one row per epoch: learning rate, losses, validation scores, time
+    steps.csv       self-critical epochs: per step the mean reward, baseline and sample length
     test_scores.json  the best checkpoint's scores on the test split, at the end
     events.*        TensorBoard scalars, where ``torch.utils.tensorboard`` imports
 
@@ -13,6 +14,14 @@ RNG (which draws the dropout masks) is reseeded with (seed, step, rank) before e
 learning rate is a function of the step. So a run resumed from ``last.pt`` (which stores the step, the epoch's order
 and the position in it) trains on exactly the batches, with exactly the masks and learning
 rates, that the interrupted run would have, and ends with the same weights.
+
+Self-critical training (``train.scst_after``, ``sca_caption.self_critical``): from that epoch on,
+each step samples ``train.scst_samples`` captions of each of ``data.batch_size`` training images
+and follows the CIDEr-D reward (document frequencies of the training references, cached beside the
+vocabulary) at the constant learning rate ``train.scst_lr``. The first self-critical epoch starts
+from the best cross-entropy epoch's weights (``best.pt``) with a fresh optimizer; cross-entropy
+early stopping moves on to it. ``init_from`` (``--init-from``) starts a run from another run's
+weights instead, e.g. ``train.scst_after=0`` on a finished cross-entropy run.
 
 Data parallel (see ``distributed``): ``data.batch_size`` is the global batch, shared out among the
 processes sample by sample. ``SCACaptioner.loss`` returns sums; each process divides its summed
@@ -47,7 +56,16 @@ from sca_caption.checkpoint import (
     save_checkpoint,
 )
 from sca_caption.config import ExperimentConfig, TrainConfig
-from sca_caption.data.caption_dataset import CaptionBatch, CaptionSamples, epoch_order, global_batches, shard
+from sca_caption.data.caption_dataset import (
+    CaptionBatch,
+    CaptionSamples,
+    ImageBatch,
+    ImageSamples,
+    epoch_order,
+    global_batches,
+    image_order,
+    shard,
+)
 from sca_caption.data.corpus import records_in_split
 from sca_caption.data.errors import DataError
 from sca_caption.decoding import DecodeConfig
@@ -58,6 +76,8 @@ from sca_caption.models.backbones import build_cache_backbone
 from sca_caption.models.captioner import SCACaptioner
 from sca_caption.models.tag_head import tag_targets, tag_vocabulary
 from sca_caption.prepare import PreparedData
+from sca_caption.rewards import CiderD, build_or_load_cider, cider_cache_path, train_references
+from sca_caption.self_critical import policy_loss, rollout
 
 # Settings that do not change what the weights become, so a resumed run may change them.
 RESUMABLE_CHANGES = frozenset(
@@ -73,6 +93,7 @@ LOG_COLUMNS = (
     "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "shapes_accuracy",
     "seconds",
 )
+STEP_COLUMNS = ("step", "reward", "baseline", "sample_length")
 LOWER_IS_BETTER = ("loss",)
 
 
@@ -85,7 +106,8 @@ class Bookkeeping:
     """The trainer's own state, stored in a checkpoint's ``extra`` (plain values only).
 
     ``history``: one dict per finished epoch (the rows of log.csv); ``epoch_loss``, ``epoch_steps``:
-    the running sum of the current epoch's step losses and their count.
+    the running sum of the current epoch's step losses and their count; ``steps``: the rows of
+    steps.csv.
     """
 
     best_score: float | None = None
@@ -96,6 +118,7 @@ class Bookkeeping:
     epoch_loss: float = 0.0
     epoch_steps: int = 0
     epoch_seconds: float = 0.0
+    steps: list[dict[str, float]] = field(default_factory=list)  # self-critical rows of steps.csv
 
 
 @dataclass
@@ -126,12 +149,17 @@ def learning_rate(step: int, config: TrainConfig, steps_per_epoch: int) -> float
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     if config.schedule == "cosine":
-        total = max(1, config.epochs * steps_per_epoch - config.warmup_steps)
+        total = max(1, cross_entropy_epochs(config) * steps_per_epoch - config.warmup_steps)
         progress = min(1.0, (step - config.warmup_steps) / total)
         return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     if config.schedule == "step":
         return config.lr * config.decay_factor ** (step // steps_per_epoch // config.decay_every)
     return config.lr
+
+
+def cross_entropy_epochs(config: TrainConfig) -> int:
+    """The epochs trained with cross-entropy: all of them, or those before ``scst_after``."""
+    return config.epochs if config.scst_after is None else min(config.epochs, config.scst_after)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -150,11 +178,16 @@ def build_model(config: ExperimentConfig, vocab_size: int, backbone_weights: str
 
 def check_training_settings(config: ExperimentConfig) -> None:
     """Refuse (``TrainingError``, one line) settings that cannot work together."""
-    metric = config.train.early_stop_metric
+    train = config.train
+    metric = train.early_stop_metric
     if metric == "METEOR" and not config.train.meteor:
         raise TrainingError("train.early_stop_metric is METEOR but train.meteor is false")
     if metric == "shapes_accuracy" and config.data.dataset != "shapes":
         raise TrainingError(f"train.early_stop_metric shapes_accuracy needs the shapes dataset, not {config.data.dataset}")
+    if train.scst_after is not None and train.scst_after >= train.epochs:
+        raise TrainingError(f"train.scst_after is {train.scst_after}: it must be below train.epochs ({train.epochs})")
+    if train.scst_after is not None and train.scst_baseline == "mean" and train.scst_samples < 2:
+        raise TrainingError("train.scst_baseline mean needs train.scst_samples >= 2 (the mean of the other samples)")
     if metric == "SPICE":
         raise TrainingError(
             "train.early_stop_metric SPICE is not computed during training; choose CIDEr, Bleu_4, METEOR, ROUGE_L or loss"
@@ -175,8 +208,10 @@ class Trainer:
         progress: bool = True,
         log: Callable[[str], None] = print,
         on_step: Callable[[int], None] | None = None,
+        init_from: Path | None = None,
     ) -> None:
-        """``on_step(step)`` runs after each optimizer step (and any checkpoint of that step)."""
+        """``on_step(step)`` runs after each optimizer step (and any checkpoint of that step);
+        ``init_from``: a checkpoint whose model weights a new run starts from (same model and vocabulary)."""
         self.config = config
         self.on_step = on_step
         self.data = data
@@ -198,9 +233,9 @@ class Trainer:
         self.scenes = scenes_for(config.data.dataset, data.data_root, config.data.val_split)
         if not len(self.train_samples):
             raise TrainingError(f"no training samples: split {config.data.train_split!r} has no cached images")
-        self.steps_per_epoch = len(
-            global_batches(torch.arange(len(self.train_samples)), 0, config.data.batch_size, processes.world)
-        )
+        self.steps_per_epoch = self._steps(len(self.train_samples))
+        self.train_images = ImageSamples(train_records, self.cache)
+        self.reward = self._reward() if train.scst_after is not None else None
 
         self.model = build_model(config, len(self.vocab), config.data.backbone_weights).to(self.device)
         self.optimizer = torch.optim.AdamW(
@@ -213,6 +248,8 @@ class Trainer:
             self._restore(last)
         elif last.exists():
             raise TrainingError(f"{last} exists: pass --resume to continue that run, or --out for a new one")
+        elif init_from is not None:
+            self._initialise(init_from)
         self.ddp: nn.Module = self.model
         if processes.distributed:
             unused = config.model.num_tags > 0 and config.model.tag_loss_weight == 0
@@ -242,16 +279,21 @@ class Trainer:
 
     def _train_epoch(self) -> None:
         data, train = self.config.data, self.config.train
+        critical = self._self_critical(self.at.epoch)
+        if critical and self.at.epoch == train.scst_after and self.at.done == 0:
+            self._start_self_critical()
+        samples = self.train_images if critical else self.train_samples
+        steps = self._steps(len(samples))
         batches = global_batches(self.at.order, self.at.done, data.batch_size, self.proc.world)
         loader = DataLoader(
-            self.train_samples,
+            samples,
             sampler=[shard(b, self.proc.rank, self.proc.world) for b in batches],
             batch_size=None,
             num_workers=data.num_workers,
             pin_memory=self.device.type == "cuda",
         )
         bar = tqdm(
-            total=self.steps_per_epoch, initial=self.steps_per_epoch - len(batches), unit="step",
+            total=steps, initial=steps - len(batches), unit="step",
             desc=f"epoch {self.at.epoch + 1}/{train.epochs}", disable=not self.progress, dynamic_ncols=True,
         )
         self.ddp.train()
@@ -259,14 +301,14 @@ class Trainer:
         trained = 0
         with bar:
             for global_batch, batch in zip(batches, loader):
-                loss = self._train_step(global_batch, batch)
+                loss = self._self_critical_step(batch) if critical else self._train_step(global_batch, batch)
                 self.at.step += 1
                 self.at.done += len(global_batch)
                 self.books.epoch_loss += loss
                 self.books.epoch_steps += 1
                 trained += len(global_batch)
                 rate = trained / max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(loss=f"{loss:.3f}", captions_per_s=f"{rate:.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss:.3f}", samples_per_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
                 if self.at.step % train.log_every == 0:
                     self._log_step(loss, rate)
@@ -297,6 +339,52 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
         self.optimizer.step()
         return self.proc.sum(loss.detach() / self.proc.world)
+
+    def _self_critical_step(self, batch: ImageBatch) -> float:
+        """One self-critical optimizer step on this process's images ``batch``; returns the global
+        batch's loss (per counted token)."""
+        train, world = self.config.train, self.proc.world
+        for group in self.optimizer.param_groups:
+            group["lr"] = train.scst_lr
+        torch.manual_seed(step_seed(train.seed, self.at.step, self.proc.rank))
+        batch = batch.to(self.device)
+        assert self.reward is not None
+        run = rollout(
+            self.model, batch.features, batch.images, reward=self.reward, samples=train.scst_samples,
+            baseline=train.scst_baseline, max_length=decoding_limit(self.config), vocab=self.vocab,
+        )
+        tokens = self.proc.sum(torch.tensor(float(run.tokens)))
+        rows = self.proc.sum(torch.tensor(float(len(run.reward))))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=train.bf16):
+            loss = policy_loss(self.ddp, batch.features, run, train.scst_samples, self.vocab) / tokens * world
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
+        self.optimizer.step()
+        row = {
+            "step": self.at.step + 1,
+            "reward": self.proc.sum(run.reward.sum()) / rows,
+            "baseline": self.proc.sum(run.baseline.sum()) / rows,
+            "sample_length": tokens / rows,
+        }
+        self.books.steps.append(row)
+        if self.writer is not None:
+            for key in STEP_COLUMNS[1:]:
+                self.writer.add_scalar(f"scst/{key}", row[key], self.at.step + 1)
+        return self.proc.sum(loss.detach() / world)
+
+    def _start_self_critical(self) -> None:
+        """The switch from cross-entropy: the best epoch's weights, a fresh optimizer, patience anew."""
+        best = self.out / "best.pt"
+        if best.exists():
+            self.model.load_state_dict(load_checkpoint(best).model)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=self.config.train.scst_lr,
+            weight_decay=self.config.train.weight_decay,
+        )
+        self.books.bad_evaluations = 0
+        self.log(f"epoch {self.at.epoch + 1}: self-critical training from {best if best.exists() else 'the last weights'}")
 
     def _log_step(self, loss: float, rate: float) -> None:
         """Every ``log_every`` steps: TensorBoard scalars, and a line where there is no progress bar."""
@@ -356,7 +444,7 @@ class Trainer:
         """Early-stopping bookkeeping, best.pt, log.csv and last.pt for the next epoch."""
         train = self.config.train
         books = self.books
-        improved = False
+        improved = skip = False
         if self.proc.is_main:
             score = row.get("val_loss" if train.early_stop_metric == "loss" else train.early_stop_metric)
             if score is not None:
@@ -369,16 +457,21 @@ class Trainer:
                 else:
                     books.bad_evaluations += 1
                 books.stopped = train.patience is not None and books.bad_evaluations >= train.patience
+                if books.stopped and train.scst_after is not None and not self._self_critical(self.at.epoch):
+                    books.stopped, skip = False, True  # cross-entropy is done: self-critical training next
             books.history.append(row)
             self.log(_summary(row, train.early_stop_metric, improved))
         books.stopped = self.proc.main_says(books.stopped)
+        following = train.scst_after if self.proc.main_says(skip) else self.at.epoch + 1
         books.epoch_loss, books.epoch_steps, books.epoch_seconds = 0.0, 0, 0.0
-        self.at = Position(self.at.epoch + 1, self.at.step, self._order(self.at.epoch + 1), 0)
+        self.at = Position(following, self.at.step, self._order(following), 0)
         if self.proc.is_main:
             if improved:
                 self._save(self.out / "best.pt")
             self._save(self.out / "last.pt")
             atomic_write_text(self.out / "log.csv", _csv(books.history))
+            if books.steps:
+                atomic_write_text(self.out / "steps.csv", _csv(books.steps, STEP_COLUMNS))
             if self.writer is not None:
                 for key, value in row.items():
                     if key not in ("epoch", "step"):
@@ -431,10 +524,11 @@ class Trainer:
             section, key = name.split(".")
             del expected[section][key]
         checkpoint = load_checkpoint(path, expect_config=expected, expect_vocab=self.vocab.words)  # on the CPU
-        if len(checkpoint.data_order) != len(self.train_samples):
+        samples = self.train_images if self._self_critical(checkpoint.epoch) else self.train_samples
+        if len(checkpoint.data_order) != len(samples):
             raise CheckpointError(
                 f"{path}: checkpoint does not match this run: it orders {len(checkpoint.data_order)} "
-                f"training captions, this run has {len(self.train_samples)}"
+                f"training samples, this run has {len(samples)}"
             )
         self.model.load_state_dict(checkpoint.model)
         self.optimizer.load_state_dict(checkpoint.optimizer)
@@ -453,7 +547,35 @@ class Trainer:
         return CaptionSamples(records, self.vocab, self.cache, self.config.data.max_length, tags)
 
     def _order(self, epoch: int) -> Tensor:
-        return epoch_order(self.train_samples.targets, self.config.train.seed, epoch, self.config.data.batch_size)
+        train = self.config.train
+        if self._self_critical(epoch):
+            return image_order(len(self.train_images), train.seed, epoch)
+        return epoch_order(self.train_samples.targets, train.seed, epoch, self.config.data.batch_size)
+
+    def _self_critical(self, epoch: int) -> bool:
+        """Whether ``epoch`` trains self-critically."""
+        after = self.config.train.scst_after
+        return after is not None and epoch >= after
+
+    def _steps(self, samples: int) -> int:
+        """Optimizer steps of an epoch over ``samples`` samples."""
+        return len(global_batches(torch.arange(samples), 0, self.config.data.batch_size, self.proc.world))
+
+    def _reward(self) -> CiderD:
+        """CIDEr-D against the training references; the main process builds the document-frequency
+        cache beside the vocabulary, the others then read it."""
+        references = train_references(self.data.records, self.vocab, self.config.data.train_split)
+        path = cider_cache_path(self.data.vocab_path)
+        reward = build_or_load_cider(path, self.vocab, references) if self.proc.is_main else None
+        self.proc.barrier()
+        return reward if reward is not None else build_or_load_cider(path, self.vocab, references)
+
+    def _initialise(self, path: Path) -> None:
+        """Start from the model weights of another run's checkpoint ``path``."""
+        model = {k: v for k, v in self.config.to_dict()["model"].items() if k != "kernels"}
+        checkpoint = load_checkpoint(path, expect_config={"model": model}, expect_vocab=self.vocab.words)
+        self.model.load_state_dict(checkpoint.model)
+        self.log(f"starting from the weights of {path} (epoch {checkpoint.epoch}, step {checkpoint.step})")
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -473,11 +595,11 @@ def _summary(row: dict[str, float], metric: str, improved: bool) -> str:
     return ", ".join(parts)
 
 
-def _csv(history: list[dict[str, float]]) -> str:
+def _csv(rows: list[dict[str, float]], columns: tuple[str, ...] = LOG_COLUMNS) -> str:
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=LOG_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(history)
+    writer.writerows(rows)
     return text.getvalue()
 
 

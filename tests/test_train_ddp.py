@@ -41,3 +41,19 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_shapes:
         rows_one, rows_two = list(csv.DictReader(a)), list(csv.DictReader(b))
     for row_one, row_two in zip(rows_one, rows_two, strict=True):  # the logged loss is the global batch's
         assert float(row_one["train_loss"]) == pytest.approx(float(row_two["train_loss"]), rel=1e-5)
+
+
+def test_self_critical_training_runs_under_two_processes(tiny_shapes: TinyShapes, tmp_path: Path) -> None:
+    """Each process samples its own captions (its own RNG stream), so the runs cannot match a
+    single process; the run must complete with the global batch's reward logged per step."""
+    settings = tiny_shapes.overrides(
+        data__batch_size=12, train__epochs=2, train__scst_after=1, train__scst_samples=2, train__eval_every=2,
+        train__scst_baseline="mean",
+    )
+    run_train("--out", "two", *settings, cwd=tmp_path, processes=2)
+    with open(tmp_path / "two" / "steps.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [11, 12]  # 10 cross-entropy steps, then 24 images in 2 steps
+    for row in rows:
+        assert 0.0 <= float(row["reward"]) < 10.0 and 1.0 <= float(row["sample_length"]) <= 21.0
+    assert torch.load(tmp_path / "two" / "last.pt", weights_only=True)["step"] == 12

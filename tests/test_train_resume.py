@@ -34,13 +34,29 @@ def _tensors(value: object) -> list[torch.Tensor]:
     return []
 
 
-def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tiny_shapes: TinyShapes, tmp_path: Path) -> None:
+CROSS_ENTROPY = {
     # 4 steps per epoch, 2 epochs, last.pt every 2 steps (steps 2 and 6 are mid-epoch saves);
     # validation only after the last epoch. Dropout is on: its masks must repeat too.
-    settings = tiny_shapes.overrides(train__checkpoint_every=2, train__eval_every=2, model__dropout=0.3)
+    "settings": dict(train__checkpoint_every=2, train__eval_every=2, model__dropout=0.3),
+    "pause_after": 7, "paused_at": (1, 6, 60), "end": (2, 8),
+}
+SELF_CRITICAL = {
+    # batches of 10: 12 cross-entropy steps, then 2 self-critical epochs of 3 steps (10, 10 and 4
+    # of the 24 images, 3 samples each); killed after step 14, mid-epoch, after its checkpoint.
+    "settings": dict(
+        data__batch_size=10, train__epochs=3, train__scst_after=1, train__scst_samples=3, train__checkpoint_every=2,
+        train__eval_every=3, model__dropout=0.3,
+    ),
+    "pause_after": 14, "paused_at": (1, 14, 20), "end": (3, 18),
+}
+
+
+@pytest.mark.parametrize("case", [CROSS_ENTROPY, SELF_CRITICAL], ids=["cross_entropy", "self_critical"])
+def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tiny_shapes: TinyShapes, tmp_path: Path, case) -> None:
+    settings = tiny_shapes.overrides(**case["settings"])
     run_train("--out", "whole", *settings, cwd=tmp_path)
 
-    command = [sys.executable, str(Path(__file__).with_name("paused_train.py")), "--pause-after", "7"]
+    command = [sys.executable, str(Path(__file__).with_name("paused_train.py")), "--pause-after", str(case["pause_after"])]
     killed = subprocess.Popen(
         command + train_command("--out", "split", *settings)[3:], cwd=tmp_path, env=subprocess_env(),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -51,9 +67,9 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tiny_shapes: TinyShap
     finally:
         killed.send_signal(signal.SIGKILL)
         killed.wait(timeout=60)
-    assert paused, "the run ended before reaching the pause after step 7"
+    assert paused, f"the run ended before reaching the pause after step {case['pause_after']}"
     interrupted = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
-    assert (interrupted["epoch"], interrupted["step"], interrupted["data_position"]) == (1, 6, 60)
+    assert (interrupted["epoch"], interrupted["step"], interrupted["data_position"]) == case["paused_at"]
     assert not (tmp_path / "split" / "best.pt").exists()
 
     run_train("--out", "split", "--resume", *settings, cwd=tmp_path)
@@ -67,5 +83,9 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tiny_shapes: TinyShap
         optimizer_whole, optimizer_resumed = _tensors(whole["optimizer"]), _tensors(resumed["optimizer"])
         assert len(optimizer_whole) == len(optimizer_resumed) > 0
         assert all(torch.equal(a, b) for a, b in zip(optimizer_whole, optimizer_resumed))
-        assert (whole["epoch"], whole["step"]) == (resumed["epoch"], resumed["step"]) == (2, 8)
+        assert (whole["epoch"], whole["step"]) == (resumed["epoch"], resumed["step"]) == case["end"]
     assert _log_without_times(tmp_path / "whole" / "log.csv") == _log_without_times(tmp_path / "split" / "log.csv")
+    if case is SELF_CRITICAL:
+        steps = (tmp_path / "whole" / "steps.csv").read_text()
+        assert steps == (tmp_path / "split" / "steps.csv").read_text()
+        assert len(steps.splitlines()) == 1 + 6  # a header and the six self-critical steps

@@ -104,6 +104,42 @@ class CaptionSamples(Dataset):
         return int(self.targets[torch.as_tensor(indices, dtype=torch.long)].sum())
 
 
+@dataclass
+class ImageBatch:
+    """B images: ``features`` {tap: (B, C, H, W)} float32 and ``images`` (B,), each image's
+    position in the split's records (the index of its references)."""
+
+    features: dict[str, Tensor]
+    images: Tensor
+
+    def to(self, device: torch.device) -> ImageBatch:
+        """The batch on ``device``."""
+        return ImageBatch({tap: x.to(device, non_blocking=True) for tap, x in self.features.items()}, self.images.to(device))
+
+
+class ImageSamples(Dataset):
+    """Every image of ``records`` that is in ``cache``, once (self-critical training's samples)."""
+
+    def __init__(self, records: Sequence[ImageRecord], cache: FeatureCache) -> None:
+        self.cache = cache
+        cached = set(cache.image_ids)
+        present = [(n, r) for n, r in enumerate(records) if r.image_id in cached]
+        self.images = torch.tensor([n for n, _ in present], dtype=torch.long)
+        self.rows = [cache.index_of(r.image_id) for _, r in present]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, indices: Sequence[int]) -> ImageBatch:
+        """The images ``indices`` as one batch."""
+        return ImageBatch(self.cache.read_batch([self.rows[i] for i in indices]), self.images[list(indices)])
+
+
+def image_order(count: int, seed: int, epoch: int) -> Tensor:
+    """The order of ``count`` images in ``epoch``: a permutation (N,) int64 of (seed, epoch) alone."""
+    return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(count).astype(np.int64))
+
+
 def epoch_order(lengths: Tensor, seed: int, epoch: int, batch_size: int) -> Tensor:
     """The order of the samples in ``epoch``: a permutation (N,) int64 that depends only on
     (seed, epoch) and the samples' caption ``lengths`` (N,).

@@ -1,0 +1,107 @@
+"""Cost of a self-critical training step against a cross-entropy step, per image.
+
+Prints JSON lines: one per step kind on random cached features and a random CIDEr-D reference set,
+with the captioner of ``--setting`` (``common.SETTINGS``; ``f8k``: configs/flickr8k.yaml's CPU sizes):
+
+- ``cross_entropy``: teacher forcing, loss, backward and an AdamW step on ``--batch`` captions of
+  ``--steps`` words (the trainer's ``_train_step`` arithmetic);
+- ``self_critical`` (per baseline): ``--batch`` images, ``--samples`` sampled captions each of up
+  to ``--steps`` + 1 tokens, their CIDEr-D rewards, the baseline, the teacher-forced policy loss,
+  backward and an AdamW step (``sca_caption.self_critical``, as the trainer runs it).
+
+Per image: a cross-entropy epoch trains every image's five captions, a self-critical epoch every
+image once with its samples, so ``seconds_per_image_epoch`` is 5 × the per-caption time for
+cross-entropy and the per-image time for self-critical training; ``ratio_to_cross_entropy``
+compares those. ``seconds_per_sample`` compares one sampled caption with one teacher-forced one.
+
+Usage: python benchmarks/scst_speed.py [--setting f8k] [--batch 64] [--samples 5] [--steps 16]
+       [--vocab 2539] [--iterations 5] [--warmup 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Callable
+
+import torch
+
+from common import SETTINGS, Setting, build_captioner
+from sca_caption.data.vocab import Vocab
+from sca_caption.rewards import CiderD, DocumentFrequency
+from sca_caption.self_critical import policy_loss, rollout
+
+CAPTIONS_PER_IMAGE = 5
+F8K = Setting("efficientnet_lite0", ("stage7",), 128, 384, 256)  # configs/flickr8k.yaml
+
+
+def median_seconds(run: Callable[[], None], iterations: int, warmup: int) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", default="f8k", help="f8k or one of " + ", ".join(SETTINGS))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=2539)
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    args = parser.parse_args()
+    setting = F8K if args.setting == "f8k" else SETTINGS[args.setting]
+
+    torch.manual_seed(0)
+    model = build_captioner(setting, "cs", args.vocab).train()
+    vocab = Vocab(["<pad>", "<start>", "<end>", "<unk>", *(f"w{i}" for i in range(args.vocab - 4))])
+    features = {name: torch.rand(args.batch, 320, 7, 7) for name in model.feature_names}
+    captions = torch.randint(4, args.vocab, (args.batch, args.steps + 1))
+    captions[:, 0] = vocab.start
+    references = [[torch.randint(4, args.vocab, (11,)).tolist() for _ in range(5)] for _ in range(args.batch)]
+    reward = CiderD(references, DocumentFrequency.build(references, args.vocab))
+    images = torch.arange(args.batch)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def cross_entropy() -> None:
+        sums = model.loss(model(features, captions), captions, vocab.pad)
+        optimizer.zero_grad(set_to_none=True)
+        sums.mean().backward()
+        optimizer.step()
+
+    def self_critical(baseline: str) -> Callable[[], None]:
+        def step() -> None:
+            run = rollout(model, features, images, reward=reward, samples=args.samples, baseline=baseline,
+                          max_length=args.steps + 1, vocab=vocab)
+            loss = policy_loss(model, features, run, args.samples, vocab) / max(run.tokens, 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    common = {"setting": args.setting, "batch": args.batch, "steps": args.steps, "vocab": args.vocab,
+              "threads": torch.get_num_threads()}
+    per_caption = median_seconds(cross_entropy, args.iterations, args.warmup) / args.batch
+    xe_epoch = CAPTIONS_PER_IMAGE * per_caption
+    print(json.dumps({"benchmark": "cross_entropy", **common, "seconds_per_caption": round(per_caption, 5),
+                      "seconds_per_image_epoch": round(xe_epoch, 5)}), flush=True)
+    for baseline in ("greedy", "mean"):
+        per_image = median_seconds(self_critical(baseline), args.iterations, args.warmup) / args.batch
+        print(json.dumps({
+            "benchmark": "self_critical", "baseline": baseline, "samples": args.samples, **common,
+            "seconds_per_image_epoch": round(per_image, 5),
+            "seconds_per_sample": round(per_image / args.samples, 5),
+            "ratio_to_cross_entropy": round(per_image / xe_epoch, 3),
+            "sample_ratio_to_caption": round(per_image / args.samples / per_caption, 3),
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

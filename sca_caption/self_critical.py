@@ -1,0 +1,138 @@
+"""Self-critical sequence training (Rennie et al., CVPR 2017): the captioner's own samples, scored
+with CIDEr-D against the image's references, push up the log-probability of the samples that beat
+a baseline and push down the others:
+
+    ∇L = −Σ_r (R(w^r) − b_r) Σ_t ∇ log p(w^r_t | w^r_<t, I)      t up to and including <end>
+
+K captions are sampled per image (multinomial at temperature 1, through the decoding step, the
+never-emitted ids suppressed as in beam search). Baselines b: ``"greedy"``, the reward of the
+image's greedy caption (Rennie et al.; beam search of width 1 in eval mode); ``"mean"``, the mean
+reward of the image's K − 1 other samples (Luo, "A better variant of self-critical sequence
+training", 2020: no greedy pass).
+
+The log-probabilities are computed again by teacher forcing the samples through the model's
+forward (so DDP sees one forward and one backward per step, as in cross-entropy training), with
+the never-emitted ids suppressed as when sampling. With dropout on, that pass draws its own
+dropout masks: the sample comes from the same model, under other masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sca_caption.data.vocab import Vocab
+from sca_caption.decoding import beam_search
+from sca_caption.models.captioner import SCACaptioner
+from sca_caption.rewards import CiderD
+
+BASELINES = ("greedy", "mean")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """K samples of each of N images and their rewards.
+
+    ``captions`` (N·K, T + 1): ``<start>``, the sampled words, ``<end>`` (unless cut at the
+    maximum length), then ``<pad>``; ``reward`` and ``baseline`` (N·K,).
+    """
+
+    captions: Tensor
+    reward: Tensor
+    baseline: Tensor
+
+    @property
+    def tokens(self) -> int:
+        """Sampled tokens the loss counts (words and ``<end>``)."""
+        return int((self.captions[:, 1:] != Vocab.pad).sum())
+
+
+def sample_captions(
+    model: SCACaptioner, features: Mapping[str, Tensor], samples: int, max_length: int, vocab: Vocab
+) -> Tensor:
+    """K = ``samples`` captions of each image of ``features`` {tap: (N, C, H, W)}, image after
+    image: (N·K, L) word ids, ``<pad>`` after each ``<end>``, L <= ``max_length``. Uses the global
+    torch RNG (the trainer reseeds it every step) and the model's current mode."""
+    with torch.no_grad():
+        state, memory = model.start(features)
+        rows = state.h.shape[0] * samples
+        state = state.select(torch.arange(state.h.shape[0], device=state.h.device).repeat_interleave(samples))
+        words = torch.full((rows,), vocab.start, dtype=torch.long, device=state.h.device)
+        alive = torch.ones(rows, dtype=torch.bool, device=words.device)
+        sampled = []
+        for _ in range(max_length):
+            out = model.step(words, state, memory)
+            probs = torch.softmax(suppressed(out.logits.float(), vocab), dim=1)
+            words = torch.multinomial(probs, 1).squeeze(1)
+            sampled.append(words.masked_fill(~alive, vocab.pad))
+            alive &= words != vocab.end
+            if not bool(alive.any()):
+                break
+            state = out.state
+        return torch.stack(sampled, dim=1)
+
+
+def suppressed(logits: Tensor, vocab: Vocab) -> Tensor:
+    """Logits (..., V) with the ids decoding never emits at −inf."""
+    index = torch.tensor(vocab.never_emitted, device=logits.device)
+    return logits.index_fill(-1, index, float("-inf"))
+
+
+def greedy_tokens(model: SCACaptioner, features: Mapping[str, Tensor], max_length: int, vocab: Vocab) -> Tensor:
+    """The greedy caption of each image, (N, L) word ids padded with ``<pad>``, in eval mode."""
+    training = model.training
+    model.eval()
+    hypotheses = beam_search(
+        model, features, start=vocab.start, end=vocab.end, beam_size=1, max_length=max_length,
+        suppress=vocab.never_emitted,
+    )
+    model.train(training)
+    device = next(iter(features.values())).device
+    tokens = torch.full((len(hypotheses), max_length), vocab.pad, dtype=torch.long, device=device)
+    for i, (best,) in enumerate(hypotheses):
+        tokens[i, : len(best.tokens)] = torch.tensor(best.tokens, dtype=torch.long)
+    return tokens
+
+
+def rollout(
+    model: SCACaptioner,
+    features: Mapping[str, Tensor],
+    images: Tensor,
+    *,
+    reward: CiderD,
+    samples: int,
+    baseline: str,
+    max_length: int,
+    vocab: Vocab,
+) -> Rollout:
+    """Sample, score and take the baseline for N images; ``images`` (N,): each image's index in
+    the reward's references."""
+    tokens = sample_captions(model, features, samples, max_length, vocab)
+    rows = images.repeat_interleave(samples)
+    rewards = reward.score(tokens, rows)
+    if baseline == "greedy":
+        base = reward.score(greedy_tokens(model, features, max_length, vocab), images).repeat_interleave(samples)
+    else:  # the mean of the image's other samples
+        per_image = rewards.view(-1, samples)
+        base = ((per_image.sum(dim=1, keepdim=True) - per_image) / (samples - 1)).flatten()
+    start = torch.full((len(tokens), 1), vocab.start, dtype=torch.long, device=tokens.device)
+    return Rollout(torch.cat([start, tokens], dim=1), rewards.to(tokens.device), base.to(tokens.device))
+
+
+def policy_loss(ddp: nn.Module, features: Mapping[str, Tensor], run: Rollout, samples: int, vocab: Vocab) -> Tensor:
+    """Σ_r −(R_r − b_r) Σ_t log p(w_rt) over the counted tokens (a sum: divide by the token count).
+
+    ``ddp``: the captioner, or its DDP wrapper; ``features`` per image, repeated here per sample."""
+    repeated = {tap: x.repeat_interleave(samples, dim=0) for tap, x in features.items()}
+    logits = ddp(repeated, run.captions).logits
+    targets = run.captions[:, 1:]
+    counted = targets != vocab.pad
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bfloat16 under autocast -> float32
+    log_probs = F.log_softmax(suppressed(logits, vocab), dim=-1)  # -inf at <pad>: gather a real id there
+    picked = log_probs.gather(2, targets.masked_fill(~counted, vocab.end).unsqueeze(2)).squeeze(2) * counted
+    advantage = (run.reward - run.baseline).to(picked.dtype)
+    return -(advantage.unsqueeze(1) * picked).sum()
