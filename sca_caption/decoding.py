@@ -37,7 +37,7 @@ stop later, but they never return a different answer than running to ``max_lengt
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
 import torch

@@ -12,22 +12,18 @@ for shapes also ``shapes_accuracy``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from sca_caption.checkpoint import load_captioner
-from sca_caption.data.corpus import SPLITS, records_in_split
+from sca_caption.data.corpus import SPLITS
 from sca_caption.data.errors import DataError
-from sca_caption.data.features import FeatureCache
 from sca_caption.decoding import DecodeConfig, DecodingError
-from sca_caption.evaluation import decoding_limit, evaluate_split, scenes_for
+from sca_caption.evaluation import evaluate_checkpoint
 from sca_caption.metrics import write_coco_results
 from sca_caption.models.errors import ModelConfigError
-from sca_caption.prepare import data_root, ensure_features, load_records
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,18 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    changes = {"beam_size": args.beam, "min_length": args.min_length, "block_trigrams": args.block_trigrams}
     try:
-        model, vocab, config = load_captioner(args.checkpoint, device)
-        changes = {"beam_size": args.beam, "min_length": args.min_length, "block_trigrams": args.block_trigrams}
-        decode = dataclasses.replace(config.decode, **{k: v for k, v in changes.items() if v is not None})
-        if args.data_root is not None:
-            config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_root=str(args.data_root)))
-        records = load_records(config)
-        cache_path, spec = ensure_features(config, records, progress=not args.no_progress)
-        evaluation = evaluate_split(
-            model, vocab, FeatureCache(cache_path, expect=spec), records_in_split(records, args.split),
-            decode=decode, max_length=decoding_limit(config), device=device, meteor=not args.no_meteor,
-            scenes=scenes_for(config.data.dataset, data_root(config), args.split), progress=not args.no_progress,
+        evaluation, decode = evaluate_checkpoint(
+            args.checkpoint, args.split, device=device, decode_changes=changes, data_root=args.data_root,
+            meteor=not args.no_meteor, progress=not args.no_progress,
         )
     except (DataError, ModelConfigError, DecodingError) as error:
         print(f"error: {error}", file=sys.stderr)

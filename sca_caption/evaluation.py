@@ -10,21 +10,24 @@ Images the feature cache lacks (skipped at extraction) are neither captioned nor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from tqdm import tqdm
 
+from sca_caption.checkpoint import load_captioner
 from sca_caption.config import ExperimentConfig
-from sca_caption.data.corpus import ImageRecord
+from sca_caption.data.corpus import ImageRecord, records_in_split
 from sca_caption.data.features import FeatureCache
 from sca_caption.data.shapes import DATASET_FILE, Scene, load_scenes, shapes_accuracy
 from sca_caption.data.vocab import Vocab
 from sca_caption.decoding import DecodeConfig, beam_search
 from sca_caption.metrics import score_captions
 from sca_caption.models.captioner import SCACaptioner
+from sca_caption.prepare import data_root as dataset_root
+from sca_caption.prepare import ensure_features, load_records
 
 DECODE_BATCH = 50
 
@@ -136,3 +139,31 @@ def evaluate_split(
         bf16=bf16, progress=progress,
     )
     return SplitEvaluation(captions, score_split(captions, records, meteor=meteor, scenes=scenes), missing)
+
+
+def evaluate_checkpoint(
+    path: Path,
+    split: str,
+    *,
+    device: torch.device,
+    decode_changes: dict[str, object] | None = None,
+    data_root: Path | None = None,
+    meteor: bool = True,
+    progress: bool = False,
+) -> tuple[SplitEvaluation, DecodeConfig]:
+    """Caption and score ``split`` with the model of checkpoint ``path``, decoding with its
+    recorded settings changed by ``decode_changes`` (None values change nothing), on its dataset
+    (or the one at ``data_root``); a missing feature cache is extracted first."""
+    model, vocab, config = load_captioner(path, device)
+    changes = {k: v for k, v in (decode_changes or {}).items() if v is not None}
+    decode = replace(config.decode, **changes)
+    if data_root is not None:
+        config = replace(config, data=replace(config.data, data_root=str(data_root)))
+    records = load_records(config)
+    cache_path, spec = ensure_features(config, records, progress=progress)
+    evaluation = evaluate_split(
+        model, vocab, FeatureCache(cache_path, expect=spec), records_in_split(records, split), decode=decode,
+        max_length=decoding_limit(config), device=device, meteor=meteor,
+        scenes=scenes_for(config.data.dataset, dataset_root(config), split), progress=progress,
+    )
+    return evaluation, decode

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from sca_caption import evaluate, train
+from sca_caption import evaluate, export, train
+from sca_caption.checkpoint import load_captioner, load_checkpoint
 from sca_caption.data.shapes import DATASET_FILE, load_scenes, shapes_accuracy
 from sca_caption.metrics import score_captions
 from train_support import TinyShapes, tiny_shapes  # noqa: F401
@@ -75,3 +77,20 @@ def test_evaluate_errors_are_one_line(tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path / 'missing.pt'}: no such checkpoint file"]
+
+
+def test_export_writes_a_float16_model_whose_recorded_scores_evaluate_reproduces(checkpoint, tmp_path, capsys):
+    shipped = tmp_path / "model.pt"
+    assert export.main([str(checkpoint), str(shipped), "--beam", "3", "--min-length", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    saved = load_checkpoint(shipped)
+    assert saved.optimizer == {} and len(saved.data_order) == 0
+    floats = [v for v in saved.model.values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    assert shipped.stat().st_size < checkpoint.stat().st_size / 2  # no optimizer, half the bytes per weight
+    assert saved.config["decode"]["beam_size"] == 3 and saved.config["decode"]["min_length"] == 2
+    recorded = saved.extra["test_scores"]
+    printed = _run(["--checkpoint", str(shipped), "--split", "test"], capsys)  # the recorded settings, METEOR on
+    assert printed == recorded  # exactly: the scores were measured on the exported file itself
+    model, _, config = load_captioner(shipped)
+    assert next(model.parameters()).dtype == torch.float32 and config.decode.min_length == 2

@@ -1,0 +1,81 @@
+"""Turn a training checkpoint into a model file to ship: float16 weights, no optimizer state, and
+its test scores recorded in it (measured on the exported file itself, so that `evaluate` on the
+file reproduces them exactly).
+
+    python -m sca_caption.export runs/f8k_cs/best.pt checkpoints/flickr8k_cs_lite0.pt
+    python -m sca_caption.export CKPT OUT --beam 3 --min-length 2 --split test
+
+The decoding settings written into the file (``config.decode``, the training run's unless changed
+here) are what `evaluate`, `caption` and the service use unless told otherwise. The file stays a
+checkpoint of the same format (``sca_caption.checkpoint``), loadable with ``load_captioner``; it
+cannot resume training. ``extra`` holds ``test_scores`` (0-1 scale), ``test_split`` and the
+source checkpoint's epoch and step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from sca_caption.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from sca_caption.config import ExperimentConfig
+from sca_caption.data.corpus import SPLITS
+from sca_caption.data.errors import DataError
+from sca_caption.decoding import DecodingError
+from sca_caption.evaluation import evaluate_checkpoint
+from sca_caption.models.errors import ModelConfigError
+
+
+def slim(checkpoint: Checkpoint, decode_changes: dict[str, object]) -> Checkpoint:
+    """``checkpoint`` with float16 weights, no optimizer or data order, and ``decode_changes``
+    (None values change nothing) in its decoding settings."""
+    config = ExperimentConfig.from_dict(checkpoint.config)
+    changes = {k: v for k, v in decode_changes.items() if v is not None}
+    config = dataclasses.replace(config, decode=dataclasses.replace(config.decode, **changes))
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint.model.items()}
+    source = {"source_epoch": checkpoint.epoch, "source_step": checkpoint.step}
+    return dataclasses.replace(
+        checkpoint, model=weights, optimizer={}, data_order=torch.zeros(0, dtype=torch.long), data_position=0,
+        config=config.to_dict(), extra=source,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sca_caption.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", type=Path, help="a best.pt of a training run")
+    parser.add_argument("out", type=Path, help="the model file to write")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="the split whose scores are recorded")
+    parser.add_argument("--beam", type=int, default=None, help="decode.beam_size to record (default: the run's)")
+    parser.add_argument("--min-length", type=int, default=None, help="decode.min_length to record")
+    parser.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode.block_trigrams to record")
+    parser.add_argument("--data-root", type=Path, default=None, help="dataset folder (default: the checkpoint's)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    changes = {"beam_size": args.beam, "min_length": args.min_length, "block_trigrams": args.block_trigrams}
+    try:
+        exported = slim(load_checkpoint(args.checkpoint), changes)
+        save_checkpoint(args.out, exported)
+        evaluation, _ = evaluate_checkpoint(
+            args.out, args.split, device=torch.device("cpu"), data_root=args.data_root, progress=not args.no_progress
+        )
+        extra = {**exported.extra, "test_split": args.split, "test_scores": evaluation.scores}
+        save_checkpoint(args.out, dataclasses.replace(exported, extra=extra))
+    except (DataError, ModelConfigError, DecodingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    size = args.out.stat().st_size / 2**20
+    print(f"{args.out}: {size:.1f} MiB, float16 weights; {args.split} scores recorded:")
+    print(json.dumps(evaluation.scores))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
