@@ -40,6 +40,7 @@ from sca_caption.io_utils import atomic_write
 from sca_caption.models.backbones import BackbonePrefix, build_backbone
 from sca_caption.models.captioner import SCACaptioner
 from sca_caption.models.errors import ModelConfigError
+from sca_caption.errors import first_line
 
 FORMAT = "sca-caption-checkpoint/2"
 PLAIN_SCALARS = (str, int, float, bool, type(None), torch.dtype, torch.device)
@@ -150,7 +151,7 @@ def _read(path: Path) -> dict[str, Any]:
             ) from None
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?)") from None
     except Exception as error:  # torch raises RuntimeError, EOFError, ... here
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {_first_line(error)}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first_line(error)}") from None
     found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
     if isinstance(found, str) and found.startswith(FORMAT.rsplit("/", 1)[0] + "/") and found != FORMAT:
         raise CheckpointError(f"{path}: a checkpoint of another sca-caption version ({found!r}; this one reads {FORMAT!r})")
@@ -224,11 +225,6 @@ def _short(value: Any, limit: int = 60) -> str:
     text = repr(_as_lists(value))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> tuple[SCACaptioner, Vocab, ExperimentConfig]:

@@ -44,12 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sca_caption.errors import SCACaptionError
 from sca_caption.models.sca import Attention
 
 LENGTH_PENALTIES = ("none", "average", "wu")
 
 
-class DecodingError(ValueError):
+class DecodingError(SCACaptionError):
     """Impossible decoding settings; the message is one line naming the setting and the problem."""
 
 

@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 
 from sca_caption.data.corpus import SPLITS
-from sca_caption.data.errors import DataError
-from sca_caption.decoding import DecodeConfig, DecodingError
+from sca_caption.decoding import DecodeConfig
+from sca_caption.errors import command
 from sca_caption.evaluation import evaluate_checkpoint
 from sca_caption.metrics import write_coco_results
-from sca_caption.models.errors import ModelConfigError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,18 +47,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     changes = {"beam_size": args.beam, "min_length": args.min_length, "block_trigrams": args.block_trigrams}
-    try:
-        evaluation, decode = evaluate_checkpoint(
-            args.checkpoint, args.split, device=device, decode_changes=changes, data_root=args.data_root,
-            meteor=not args.no_meteor, progress=not args.no_progress,
-        )
-    except (DataError, ModelConfigError, DecodingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    evaluation, decode = evaluate_checkpoint(
+        args.checkpoint, args.split, device=device, decode_changes=changes, data_root=args.data_root,
+        meteor=not args.no_meteor, progress=not args.no_progress,
+    )
     out = args.out or args.checkpoint.with_name(f"results_{args.split}_beam{decode.beam_size}.json")
     write_coco_results(out, evaluation.captions)
     print(f"{out}: {len(evaluation.captions)} captions of the {args.split} split, {_describe(decode)}")

@@ -25,10 +25,8 @@ import torch
 from sca_caption.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from sca_caption.config import ExperimentConfig
 from sca_caption.data.corpus import SPLITS
-from sca_caption.data.errors import DataError
-from sca_caption.decoding import DecodingError
+from sca_caption.errors import command
 from sca_caption.evaluation import evaluate_checkpoint
-from sca_caption.models.errors import ModelConfigError
 
 
 def slim(checkpoint: Checkpoint, decode_changes: dict[str, object]) -> Checkpoint:
@@ -45,6 +43,7 @@ def slim(checkpoint: Checkpoint, decode_changes: dict[str, object]) -> Checkpoin
     )
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sca_caption.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -60,17 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     changes = {"beam_size": args.beam, "min_length": args.min_length, "block_trigrams": args.block_trigrams}
-    try:
-        exported = slim(load_checkpoint(args.checkpoint), changes)
-        save_checkpoint(args.out, exported)
-        evaluation, _ = evaluate_checkpoint(
-            args.out, args.split, device=torch.device("cpu"), data_root=args.data_root, progress=not args.no_progress
-        )
-        extra = {**exported.extra, "test_split": args.split, "test_scores": evaluation.scores}
-        save_checkpoint(args.out, dataclasses.replace(exported, extra=extra))
-    except (DataError, ModelConfigError, DecodingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    exported = slim(load_checkpoint(args.checkpoint), changes)
+    save_checkpoint(args.out, exported)
+    evaluation, _ = evaluate_checkpoint(
+        args.out, args.split, device=torch.device("cpu"), data_root=args.data_root, progress=not args.no_progress
+    )
+    extra = {**exported.extra, "test_split": args.split, "test_scores": evaluation.scores}
+    save_checkpoint(args.out, dataclasses.replace(exported, extra=extra))
     size = args.out.stat().st_size / 2**20
     print(f"{args.out}: {size:.1f} MiB, float16 weights; {args.split} scores recorded:")
     print(json.dumps(evaluation.scores))

@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sca_caption.errors import SCACaptionError
+
 ON_BAD_CHOICES = ("error", "skip")
 
 
-class DataError(ValueError):
+class DataError(SCACaptionError):
     """Bad input data: the message is one line naming the file (and line, where there is one) and the problem."""
 
 

@@ -29,6 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from sca_caption.data.errors import DataError
+from sca_caption.errors import first_line
 
 MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS: a 3-channel image of 0.25 GiB
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -54,7 +55,7 @@ def load_image(path: str | Path, size: int) -> Tensor:
             f"{path}: declared size is over the limit of {MAX_PIXELS:,} pixels (decompression-bomb guard)"
         ) from None
     except OSError as err:
-        raise DataError(f"{path}: cannot open ({_one_line(err)})") from None
+        raise DataError(f"{path}: cannot open ({first_line(err)})") from None
     with image:
         width, height = image.size
         if width * height > MAX_PIXELS:
@@ -68,7 +69,7 @@ def load_image(path: str | Path, size: int) -> Tensor:
         except DataError as err:
             raise DataError(f"{path}: {err}") from None
         except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError ...
-            raise DataError(f"{path}: corrupt or truncated image data ({_one_line(err)})") from None
+            raise DataError(f"{path}: corrupt or truncated image data ({first_line(err)})") from None
     pixels = np.asarray(resized, dtype=np.uint8)
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
 
@@ -85,8 +86,3 @@ def to_rgb(image: Image.Image) -> Image.Image:
         canvas = Image.new("RGBA", rgba.size, WHITE + (255,))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return image.convert("RGB")
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sca_caption.errors import SCACaptionError
 
-class ModelConfigError(ValueError):
+
+class ModelConfigError(SCACaptionError):
     """Bad model settings or input; the message is one line naming the setting (or input) and the problem."""

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sca_caption.data.errors import DataError
+from sca_caption.errors import first_line
 
 WeightsSpec = str | os.PathLike[str] | None
 IMAGENET = "imagenet"
@@ -59,7 +60,7 @@ def read_state_dict(path: Path) -> Mapping[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types for a foreign or corrupt file
-        raise DataError(f"{path}: not a readable PyTorch state dict ({_one_line(err)})") from None
+        raise DataError(f"{path}: not a readable PyTorch state dict ({first_line(err)})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise DataError(f"{path}: expected a state dict of tensors, found a {type(state).__name__}")
     return state
@@ -109,12 +110,7 @@ def _download_imagenet(layout: WeightsLayout) -> Mapping[str, Tensor]:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
     except (OSError, RuntimeError) as err:  # URLError/timeouts are OSErrors; a bad hash is a RuntimeError
         raise DataError(
-            f"{url}: could not download {layout.backbone} ImageNet weights ({_one_line(err)}); "
+            f"{url}: could not download {layout.backbone} ImageNet weights ({first_line(err)}); "
             f"fetch that file elsewhere and pass weights='/path/to/{url.rsplit('/', 1)[-1]}' "
             f"or put it in {Path(torch.hub.get_dir()) / 'checkpoints'}"
         ) from None
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
