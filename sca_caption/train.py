@@ -75,13 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         progress = not args.no_progress
         try:
-            if processes.is_main:
-                if args.download:
-                    download_dataset(config.data.dataset, data_root(config), progress=progress)
-                data = prepare(config, progress=progress)
-            processes.barrier()
-            if not processes.is_main:
-                data = prepare(config, progress=False, log=lambda _: None)
+            if processes.is_main and args.download:
+                download_dataset(config.data.dataset, data_root(config), progress=progress)
+            data = prepare(config, progress=progress, processes=processes)  # every rank extracts a share
             trainer = Trainer(config, data, out, processes, resume=args.resume, progress=progress)
             if processes.is_main:
                 write_config(out / "config.yaml", config)
