@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _results_id(image_id: str, dataset: str) -> int | str:
+    """An image's id in the results file: COCO's numeric ids as ints (as COCO's own results files
+    and ``pycocotools`` have them, and as the caption CLI writes them), other ids as they are."""
+    return int(image_id) if dataset == "coco" else image_id
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ModelConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    write_coco_results(out, evaluation.captions)
+    write_coco_results(out, {_results_id(k, config.data.dataset): v for k, v in evaluation.captions.items()})
     print(f"{out}: {len(evaluation.captions)} captions of the {args.split} split, beam {args.beam}")
     if evaluation.missing:
         print(f"note: {len(evaluation.missing)} image(s) of the split are not in the feature cache and were not scored")
