@@ -2,8 +2,9 @@
 
 ``torchrun --nproc_per_node N -m sca_caption.train ...`` sets ``RANK``, ``LOCAL_RANK`` and
 ``WORLD_SIZE`` for each process; without them the run is a single process and nothing here talks
-to other processes. Rank 0 prepares data, writes checkpoints and logs, and validates; the others
-wait for it at the collective calls below.
+to other processes. Rank 0 loads the corpus and writes the vocabulary first, then the others; all
+extract the feature cache together (each a share of the images, rank 0 merging). Rank 0 writes
+checkpoints and logs, and validates; the others wait for it at the collective calls below.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 # Rank 0 validates alone (beam search over a whole split can take minutes) while the others wait.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,16 @@ class Processes:
             dist.all_reduce(value)
         return float(value)
 
+    def main_first(self, action: Callable[[], T]) -> T:
+        """``action()`` on every process, rank 0's run first and the others' after it: for work
+        whose first run writes files (a generated dataset, a vocabulary) the later ones read."""
+        if self.is_main:
+            result = action()
+        self.barrier()
+        if not self.is_main:
+            result = action()
+        return result
+
     def main_says(self, flag: bool) -> bool:
         """Rank 0's ``flag``, on every process."""
         if not self.distributed:
@@ -55,6 +68,9 @@ class Processes:
         value = torch.tensor([int(flag)], device=self.device)
         dist.broadcast(value, src=0)
         return bool(value.item())
+
+
+ONE_PROCESS = Processes(0, 1, torch.device("cpu"))  # a run of one process: nothing to talk to
 
 
 def start_processes(device: str | None = None) -> Processes:

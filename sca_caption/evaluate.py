@@ -47,18 +47,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _results_id(image_id: str, dataset: str) -> int | str:
+    """An image's id in the results file: COCO's numeric ids as ints (as COCO's own results files
+    and ``pycocotools`` have them, and as the caption CLI writes them), other ids as they are."""
+    return int(image_id) if dataset == "coco" else image_id
+
+
 @command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     changes = {"beam_size": args.beam, "min_length": args.min_length, "block_trigrams": args.block_trigrams}
-    evaluation, decode = evaluate_checkpoint(
+    evaluation, config = evaluate_checkpoint(
         args.checkpoint, args.split, device=device, decode_changes=changes, data_root=args.data_root,
         meteor=not args.no_meteor, progress=not args.no_progress,
     )
-    out = args.out or args.checkpoint.with_name(f"results_{args.split}_beam{decode.beam_size}.json")
-    write_coco_results(out, evaluation.captions)
-    print(f"{out}: {len(evaluation.captions)} captions of the {args.split} split, {_describe(decode)}")
+    out = args.out or args.checkpoint.with_name(f"results_{args.split}_beam{config.decode.beam_size}.json")
+    write_coco_results(out, {_results_id(k, config.data.dataset): v for k, v in evaluation.captions.items()})
+    print(f"{out}: {len(evaluation.captions)} captions of the {args.split} split, {_describe(config.decode)}")
     if evaluation.missing:
         print(f"note: {len(evaluation.missing)} image(s) of the split are not in the feature cache and were not scored")
     for name, value in evaluation.scores.items():

@@ -150,20 +150,21 @@ def evaluate_checkpoint(
     data_root: Path | None = None,
     meteor: bool = True,
     progress: bool = False,
-) -> tuple[SplitEvaluation, DecodeConfig]:
+) -> tuple[SplitEvaluation, ExperimentConfig]:
     """Caption and score ``split`` with the model of checkpoint ``path``, decoding with its
     recorded settings changed by ``decode_changes`` (None values change nothing), on its dataset
-    (or the one at ``data_root``); a missing feature cache is extracted first."""
+    (or the one at ``data_root``); a missing feature cache is extracted first. Returns the
+    scores and the checkpoint's config with the settings used."""
     model, vocab, config = load_captioner(path, device)
     changes = {k: v for k, v in (decode_changes or {}).items() if v is not None}
-    decode = replace(config.decode, **changes)
+    config = replace(config, decode=replace(config.decode, **changes))
     if data_root is not None:
         config = replace(config, data=replace(config.data, data_root=str(data_root)))
     records = load_records(config)
     cache_path, spec = ensure_features(config, records, progress=progress)
     evaluation = evaluate_split(
-        model, vocab, FeatureCache(cache_path, expect=spec), records_in_split(records, split), decode=decode,
+        model, vocab, FeatureCache(cache_path, expect=spec), records_in_split(records, split), decode=config.decode,
         max_length=decoding_limit(config), device=device, meteor=meteor,
         scenes=scenes_for(config.data.dataset, dataset_root(config), split), progress=progress,
     )
-    return evaluation, decode
+    return evaluation, config

@@ -11,7 +11,9 @@
   unfinished (it resumes) or built for other settings or another corpus (it is rebuilt).
 
 The same can be done step by step with ``preprocess/build_vocab.py`` and
-``preprocess/extract_features.py``.
+``preprocess/extract_features.py``. Under torchrun every process calls ``prepare`` with its
+``Processes``: rank 0 loads the corpus and writes the vocabulary before the others read them, and
+all of them extract the feature cache together, each a share of the images (rank 0 prints).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from sca_caption.data.errors import DataError
 from sca_caption.data.feature_extraction import extract_features
 from sca_caption.data.features import CacheSpec, FeatureCache, is_complete
 from sca_caption.data.vocab import Vocab, build_vocab
+from sca_caption.distributed import ONE_PROCESS, Processes
 
 
 @dataclass
@@ -67,11 +70,23 @@ def cache_spec(config: ExperimentConfig, records: list[ImageRecord]) -> CacheSpe
     )
 
 
-def prepare(config: ExperimentConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> PreparedData:
+def prepare(
+    config: ExperimentConfig,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    processes: Processes = ONE_PROCESS,
+) -> PreparedData:
     """Load (or generate) the corpus, write the vocabulary if it changed, extract missing features."""
-    records = load_records(config, log)
-    vocab, words_path = ensure_vocab(config, records, log)
-    cache, spec = ensure_features(config, records, progress=progress, log=log)
+    if not processes.is_main:
+        log, progress = _silent, False
+
+    def corpus() -> tuple[list[ImageRecord], Vocab, Path]:
+        records = load_records(config, log)
+        return (records, *ensure_vocab(config, records, log))
+
+    records, vocab, words_path = processes.main_first(corpus)
+    cache, spec = ensure_features(config, records, progress=progress, log=log, processes=processes)
     return PreparedData(data_root(config), records, vocab, words_path, cache, spec)
 
 
@@ -98,14 +113,22 @@ def ensure_features(
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    processes: Processes = ONE_PROCESS,
 ) -> tuple[Path, CacheSpec]:
-    """The feature cache's path and spec, after extracting it if it is not complete for them."""
+    """The feature cache's path and spec, after extracting it if it is not complete for them
+    (with ``processes``, by all of them together)."""
     spec = cache_spec(config, records)
     path = config.feature_cache_path()
-    if not is_complete(path, spec):
+    if not processes.main_says(is_complete(path, spec)):
         log(f"extracting {spec.backbone} features of {len(records)} images, as `{spec.command(path)}` does")
-        extract_features(records, spec, path, workers=config.data.num_workers, progress=progress)
+        extract_features(
+            records, spec, path, workers=config.data.num_workers, progress=progress, processes=processes
+        )
     return path, spec
+
+
+def _silent(_: str) -> None:
+    """A log that says nothing (the processes other than rank 0)."""
 
 
 def _holds_vocab(path: Path, vocab: Vocab) -> bool:

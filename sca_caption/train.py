@@ -20,9 +20,8 @@ from pathlib import Path
 from sca_caption.config import ExperimentConfig, load_config, write_config
 from sca_caption.data.datasets import CORPORA
 from sca_caption.data.download import download_dataset
-from sca_caption.data.errors import DataError
 from sca_caption.distributed import start_processes, stop_processes
-from sca_caption.models.errors import ModelConfigError
+from sca_caption.errors import command
 from sca_caption.prepare import data_root, prepare
 from sca_caption.trainer import Trainer, TrainResult, check_training_settings
 
@@ -67,35 +66,28 @@ def print_result(result: TrainResult) -> None:
     print(json.dumps({"test": result.test_scores, "best_epoch": result.best_epoch, "out": str(result.out)}))
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    config = experiment_config(args)
+    check_training_settings(config)
+    processes = start_processes(args.device)
     try:
-        config = experiment_config(args)
-        check_training_settings(config)
-        processes = start_processes(args.device)
         out = args.out if args.out is not None else Path("checkpoints") / config.data.dataset
         if not args.resume and (out / "test_scores.json").exists():
             # a finished run: re-running the same command (the README's first) redoes nothing
             print(f"{out} holds a finished run (best.pt, test_scores.json); --out DIR starts another")
             return 0
         progress = not args.no_progress
-        try:
-            if processes.is_main:
-                if args.download:
-                    download_dataset(config.data.dataset, data_root(config), progress=progress)
-                data = prepare(config, progress=progress)
-            processes.barrier()
-            if not processes.is_main:
-                data = prepare(config, progress=False, log=lambda _: None)
-            trainer = Trainer(config, data, out, processes, resume=args.resume, progress=progress, init_from=args.init_from)
-            if processes.is_main:
-                write_config(out / "config.yaml", config)
-            result = trainer.run()
-        finally:
-            stop_processes(processes)
-    except (DataError, ModelConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        if processes.is_main and args.download:
+            download_dataset(config.data.dataset, data_root(config), progress=progress)
+        data = prepare(config, progress=progress, processes=processes)  # every rank extracts a share
+        trainer = Trainer(config, data, out, processes, resume=args.resume, progress=progress, init_from=args.init_from)
+        if processes.is_main:
+            write_config(out / "config.yaml", config)
+        result = trainer.run()
+    finally:
+        stop_processes(processes)
     if processes.is_main:
         print_result(result)
     return 0

@@ -566,9 +566,7 @@ class Trainer:
         cache beside the vocabulary, the others then read it."""
         references = train_references(self.data.records, self.vocab, self.config.data.train_split)
         path = cider_cache_path(self.data.vocab_path)
-        reward = build_or_load_cider(path, self.vocab, references) if self.proc.is_main else None
-        self.proc.barrier()
-        return reward if reward is not None else build_or_load_cider(path, self.vocab, references)
+        return self.proc.main_first(lambda: build_or_load_cider(path, self.vocab, references))
 
     def _initialise(self, path: Path) -> None:
         """Start from the model weights of another run's checkpoint ``path``."""

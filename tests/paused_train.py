@@ -26,7 +26,7 @@ def main(argv: list[str]) -> None:
 
     config = experiment_config(args)
     processes = start_processes(args.device)
-    Trainer(config, prepare(config, progress=False), args.out, processes, progress=False, on_step=pause).run()
+    Trainer(config, prepare(config, progress=False, processes=processes), args.out, processes, progress=False, on_step=pause).run()
 
 
 if __name__ == "__main__":

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
@@ -24,12 +25,14 @@ from torch.utils.data import DataLoader
 from sca_caption.data.corpus import ImageRecord, corpus_hash
 from sca_caption.data.datasets import load_corpus
 from sca_caption.data.errors import BadInputReport, DataError
-from sca_caption.data.feature_extraction import PAUSE_ENV, extract_features
+from sca_caption.data.feature_extraction import extract_features
 from sca_caption.data.features import CacheSpec, FeatureCache
 from sca_caption.data.images import load_image
 from sca_caption.data.shapes import generate_shapes
 from sca_caption.models.backbones import build_backbone
 from sca_caption.models.backbones.base import freeze
+from paused_extract import PAUSED
+from train_support import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("stage6", "stage7")  # cached tap: stage6, 192 x 7 x 7
@@ -107,6 +110,23 @@ def test_rerun_of_a_finished_cache_does_nothing(built: tuple[list[ImageRecord], 
     before = out.stat().st_mtime_ns
     result = extract_features(records, _spec(records), out, batch_size=3, workers=0, progress=False)
     assert result.already_complete and result.images == 7 and out.stat().st_mtime_ns == before
+
+
+def test_progress_is_reported_after_each_part_and_each_merged_part(tmp_path: Path) -> None:
+    records = _records(tmp_path / "images", 7)
+    out = tmp_path / "f.h5"
+    reported: list[tuple[str, int, list[str]]] = []
+
+    def record(stage: str, count: int) -> None:  # what is on disk at each report
+        reported.append((stage, count, sorted(p.name for p in (tmp_path / "f.h5.parts").glob("part-*.npz"))))
+
+    _extract(records, out, on_progress=record)
+    parts = [f"part-{k:06d}.npz" for k in range(3)]
+    assert reported == [
+        ("part", 1, parts[:1]), ("part", 2, parts[:2]), ("part", 3, parts),
+        ("merge", 3, parts), ("merge", 6, parts), ("merge", 7, parts),
+    ]
+    assert FeatureCache(out).image_ids == tuple(r.image_id for r in records)
 
 
 def test_dataloader_with_two_workers_reads_every_row(built: tuple[list[ImageRecord], Path]) -> None:
@@ -229,59 +249,155 @@ def test_parts_of_other_settings_are_discarded(tmp_path: Path) -> None:
     assert not parts.exists()
 
 
-def _cli(data_root: Path, out: Path) -> list[str]:
-    script = REPO / "preprocess" / "extract_features.py"
+EXTRACT = REPO / "preprocess" / "extract_features.py"
+PAUSED_EXTRACT = Path(__file__).with_name("paused_extract.py")
+
+
+def _command(script: Path, data_root: Path, out: Path, *first: str, processes: int = 1) -> list[str]:
+    """``script`` (the extractor CLI or ``paused_extract.py``, whose ``first`` arguments come before
+    the CLI's) on the shapes corpus at ``data_root``, alone or under torchrun with ``processes``."""
     options = ["--dataset", "shapes", "--data-root", str(data_root), "--backbone", "efficientnet_lite0"]
     options += ["--weights", "none", "--layers", *LAYERS, "--out", str(out), "--batch-size", "2", "--workers", "1"]
-    return [sys.executable, str(script), *options]
+    launch = [sys.executable]
+    if processes > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return [*launch, str(script), *first, *options]
 
 
-def _run(command: list[str], pause: str | None = None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    if pause is not None:
-        env[PAUSE_ENV] = pause
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _finish(command: list[str]) -> str:
+    """Run ``command`` to its end (one thread per process); its stdout. Fails the test if it fails."""
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
 
 
-def _wait_for(reached: Callable[[], bool], process: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+def _paused(command: list[str], times: int, timeout: float = 240.0) -> subprocess.Popen[str]:
+    """Start ``command`` and return once it has printed PAUSED ``times`` times (once per process
+    that reached the pause point); fails the test if it ends or takes longer than ``timeout``."""
+    process = subprocess.Popen(
+        command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    output: list[str] = []
     deadline = time.monotonic() + timeout
-    while not reached():
-        assert process.poll() is None, process.communicate()[1].decode()[-2000:]
-        assert time.monotonic() < deadline, "extractor did not reach the pause point"
-        time.sleep(0.05)
+    while sum(PAUSED in line for line in output) < times:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            line = None
+        if line is None:
+            _kill_all(process)
+            pytest.fail(f"the extractor did not pause {times} time(s):\n" + "".join(output)[-3000:])
+        output.append(line)
+    return process
 
 
-@pytest.mark.slow
-def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    data_root = tmp_path / "shapes"
-    generate_shapes(data_root, counts={"train": 8, "val": 2, "test": 2})  # 12 images -> 6 batches of 2
-    whole, killed = tmp_path / "whole.h5", tmp_path / "killed.h5"
-    assert _run(_cli(data_root, whole)).wait() == 0
-    expected = _datasets(whole)
+def _kill_all(process: subprocess.Popen[str]) -> None:
+    """SIGKILL ``process`` and every process under it (torchrun starts its workers in their own
+    sessions, so no process group covers them all), at once."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    run, grew = {process.pid}, True
+    while grew:
+        below = {pid for pid, parent in parents.items() if parent in run} - run
+        run |= below
+        grew = bool(below)
+    for pid in run:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def twelve(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    """A 12-image shapes corpus (6 batches of 2) and every dataset and attr of its cache as one
+    uninterrupted process writes it."""
+    folder = tmp_path_factory.mktemp("twelve")
+    data_root = folder / "shapes"
+    generate_shapes(data_root, counts={"train": 8, "val": 2, "test": 2})
+    _finish(_command(EXTRACT, data_root, folder / "whole.h5"))
+    expected = _datasets(folder / "whole.h5")
     assert len(expected["image_ids"]) == 12
+    return data_root, expected
 
-    # Killed after two of six part files; the rerun resumes from those and is killed in the merge.
-    for pause, reached, parts_left in (
-        ("part:2", lambda: (tmp_path / "killed.h5.parts" / "part-000001.npz").exists(), 2),
-        ("merge:6", lambda: any(tmp_path.glob(".killed.h5.*.tmp")), 6),
-    ):
-        process = _run(_cli(data_root, killed), pause)
-        _wait_for(reached, process)
-        time.sleep(0.3)
+
+def _assert_same(path: Path, expected: dict[str, np.ndarray]) -> None:
+    """``path`` holds exactly ``expected``'s datasets and attrs, value for value."""
+    found = _datasets(path)
+    assert found.keys() == expected.keys()
+    for name in expected:
+        assert np.array_equal(found[name], expected[name]), name
+
+
+def _killed_at(
+    pause: str, data_root: Path, killed: Path, *, processes: int, paused: int, parts_left: list[int]
+) -> None:
+    """Run the paused extractor until ``paused`` processes reached ``pause``, check that a second
+    extraction of the same file is refused meanwhile, SIGKILL the run, and check what it left:
+    no cache, and exactly the part files ``parts_left``."""
+    process = _paused(_command(PAUSED_EXTRACT, data_root, killed, "--pause-at", pause, processes=processes), paused)
+    try:
         with pytest.raises(DataError, match="another extraction is writing this file"):
             records = load_corpus("shapes", data_root)
             extract_features(records, _spec(records), killed, batch_size=2, workers=0, progress=False)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        assert not killed.exists()
-        parts = sorted(p.name for p in (tmp_path / "killed.h5.parts").glob("part-*.npz"))
-        assert parts == [f"part-{k:06d}.npz" for k in range(parts_left)]
-    rerun = _run(_cli(data_root, killed))
-    stdout, stderr = rerun.communicate()
-    assert rerun.returncode == 0, stderr.decode()[-2000:]
-    assert "written, 12 images, 0 skipped" in stdout.decode()
-    resumed = _datasets(killed)
-    assert resumed.keys() == expected.keys()
-    for name in expected:
-        assert np.array_equal(resumed[name], expected[name]), name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.h5", "shapes", "whole.h5"]  # no parts, tmp, lock
+    finally:
+        _kill_all(process)
+    assert not killed.exists()
+    parts = sorted(p.name for p in killed.with_name(killed.name + ".parts").glob("part-*.npz"))
+    assert parts == [f"part-{k:06d}.npz" for k in parts_left]
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(
+    twelve: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    data_root, expected = twelve
+    killed = tmp_path / "killed.h5"
+    # Killed after two of six part files; the rerun resumes from those and is killed in the merge.
+    _killed_at("part:2", data_root, killed, processes=1, paused=1, parts_left=[0, 1])
+    assert not any(tmp_path.glob(".killed.h5.*.tmp"))
+    _killed_at("merge:6", data_root, killed, processes=1, paused=1, parts_left=list(range(6)))
+    assert any(tmp_path.glob(".killed.h5.*.tmp"))  # the merge's temporary file, cut off
+    assert "written, 12 images, 0 skipped" in _finish(_command(EXTRACT, data_root, killed))
+    _assert_same(killed, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.h5"]  # no parts, tmp, lock
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_writes(twelve: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
+    data_root, expected = twelve
+    out = tmp_path / "two.h5"
+    stdout = _finish(_command(EXTRACT, data_root, out, processes=2))
+    assert stdout.count("written, 12 images, 0 skipped") == 1  # rank 0 reports, rank 1 is silent
+    _assert_same(out, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two.h5"]
+
+
+@pytest.mark.slow
+def test_two_processes_killed_then_resumed_by_one(
+    twelve: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    data_root, expected = twelve
+    killed = tmp_path / "killed.h5"
+    # Rank 0 computes batches 0, 2, 4 and rank 1 batches 1, 3, 5: killed once each wrote two
+    # parts, then again in rank 0's merge (rank 1 waiting for it); one process finishes the file.
+    _killed_at("part:2", data_root, killed, processes=2, paused=2, parts_left=[0, 1, 2, 3])
+    _killed_at("merge:6", data_root, killed, processes=2, paused=1, parts_left=list(range(6)))
+    assert "written, 12 images, 0 skipped" in _finish(_command(EXTRACT, data_root, killed))
+    _assert_same(killed, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.h5"]

@@ -1,11 +1,13 @@
-"""Data parallel: two CPU processes under torchrun (gloo) end with the weights of one process
-trained on the same global batches."""
+"""Data parallel: two CPU processes under torchrun (gloo) extract the feature cache one process
+would, and end with the weights of one process trained on the same global batches."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -18,10 +20,17 @@ pytestmark = pytest.mark.slow
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_shapes: TinyShapes, tmp_path: Path) -> None:
     # Dropout off: each process draws its own masks, so only dropout-free runs can agree exactly.
-    # Batches of 30 captions split 15/15; validation only after the last epoch.
+    # Batches of 30 captions split 15/15; validation only after the last epoch. Each run prepares
+    # its own feature cache: the two processes extract a share of the images each.
     settings = tiny_shapes.overrides(model__dropout=0.0, train__eval_every=2, model__doubly_stochastic=1.0)
-    run_train("--out", "one", *settings, cwd=tmp_path)
-    run_train("--out", "two", *settings, cwd=tmp_path, processes=2)
+    run_train("--out", "one", *settings, f"data.feature_cache={tmp_path / 'one.h5'}", cwd=tmp_path)
+    run_train("--out", "two", *settings, f"data.feature_cache={tmp_path / 'two.h5'}", cwd=tmp_path, processes=2)
+    with h5py.File(tmp_path / "one.h5", "r") as a, h5py.File(tmp_path / "two.h5", "r") as b:
+        assert dict(a.attrs).keys() == dict(b.attrs).keys() and a.keys() == b.keys()
+        assert all(np.array_equal(a.attrs[k], b.attrs[k]) for k in a.attrs)
+        for name in ("taps/stage7", "image_ids", "skipped_ids"):
+            assert a[name].shape == b[name].shape and np.array_equal(a[name][()], b[name][()]), name
+        assert len(a["image_ids"]) == 32
 
     one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
     two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)

@@ -13,6 +13,12 @@ in place):
 
 Decoding runs in DataLoader worker processes and part files are written by a background thread,
 so both overlap the backbone's forward pass. One extraction per OUT at a time (a lock file says so).
+
+Under torchrun every process of the run calls ``extract_features`` with the same arguments: rank 0
+holds the lock and prepares the parts folder, each process computes every world-th batch (rank r
+takes batches r, r + world, ...) into the same part files a single process writes, and after a
+barrier rank 0 merges them. A part file does not depend on who computed it, so the merged file
+equals a single-process run's, and a killed run resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -22,12 +28,11 @@ import json
 import math
 import os
 import shutil
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import IO, Callable, Iterator, Sequence, TypeVar
 
 import h5py
 import numpy as np
@@ -40,15 +45,17 @@ from sca_caption.data.corpus import ImageRecord, corpus_hash
 from sca_caption.data.errors import BadInputReport, DataError, SkippedEntry
 from sca_caption.data.features import TAPS_GROUP, CacheSpec, is_complete
 from sca_caption.data.images import load_image
+from sca_caption.distributed import ONE_PROCESS, Processes
 from sca_caption.io_utils import atomic_write, atomic_write_json
 from sca_caption.models.backbones import BackbonePrefix, build_cache_backbone
 from sca_caption.models.backbones.base import freeze
 
-# Test hook: "part:K" sleeps after the K-th part file of a run, "merge:K" after K rows of the merge,
-# so a test can SIGKILL the process at a known point.
-PAUSE_ENV = "SCA_CAPTION_EXTRACT_PAUSE"
 MANIFEST = "manifest.json"
 EXTRACTION_BATCH = 8  # small batches keep the activations in cache: ~1.5-2x the images/s of 32 on a CPU
+# on_progress(stage, count): ("part", part files this process has written so far in this call),
+# ("merge", rows copied into the merged file so far)
+Progress = Callable[[str, int], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -109,12 +116,17 @@ def extract_features(
     on_bad: str = "error",
     report: BadInputReport | None = None,
     progress: bool = True,
+    processes: Processes = ONE_PROCESS,
+    on_progress: Progress | None = None,
 ) -> ExtractionResult:
     """Write (or finish writing) the feature cache of ``records`` for ``spec`` at ``out``.
 
     records: the corpus in order, already cut to ``spec.limit``; ``spec.corpus_hash`` must be theirs.
     on_bad: "error" stops at the first image that cannot be decoded (``DataError``); "skip" leaves it
     out, lists it in the file and in ``report``. Rerunning after a kill resumes where it stopped.
+    processes: the run's processes, every one calling this alike (module docstring); rank 0 shows
+    the progress bar. A ``DataError`` on one process is raised on all of them.
+    on_progress: called after each part file is on disk and after each part is merged (``Progress``).
     """
     out = Path(out)
     if on_bad not in ("error", "skip"):
@@ -124,11 +136,13 @@ def extract_features(
     if not records:
         raise DataError(f"{out}: no images to extract features from")
     parts = out.with_name(out.name + ".parts")
-    with _exclusive(out):
-        if is_complete(out, spec):
+    main = processes.is_main
+    with _exclusive(out, processes):
+        if processes.main_says(is_complete(out, spec)):
             skipped = _file_skipped(out, records)
             _settle_skipped(skipped, on_bad, report)
-            shutil.rmtree(parts, ignore_errors=True)
+            if main:
+                shutil.rmtree(parts, ignore_errors=True)
             return ExtractionResult(out, _file_images(out), skipped, already_complete=True)
         backbone = freeze(build_cache_backbone(spec.backbone, spec.weights))
         try:
@@ -136,13 +150,40 @@ def extract_features(
         except ValueError as err:  # layers that are no taps of the backbone, or out of order
             raise DataError(f"{out}: {err}") from None
         manifest = {**asdict(spec), "layers": list(spec.layers), "batch_size": batch_size, "images": len(records)}
-        _prepare_parts(parts, manifest)
-        _write_parts(records, prefix, parts, batch_size, workers, on_bad, progress)
-        skipped = _merge(records, spec, prefix, parts, batch_size, out)
-        if report is not None:
-            report.skipped.extend(skipped)
-        shutil.rmtree(parts)
-        return ExtractionResult(out, _file_images(out), skipped, already_complete=False)
+        if main:
+            _prepare_parts(parts, manifest)
+        processes.barrier()
+        _together(
+            processes, out,
+            lambda: _write_parts(
+                records, prefix, parts, batch_size, workers, on_bad, progress and main, processes, on_progress
+            ),
+        )
+
+        def merge() -> None:
+            _merge(records, spec, prefix, parts, batch_size, out, on_progress)
+            shutil.rmtree(parts)
+
+        _together(processes, out, merge if main else lambda: None)
+    skipped = _file_skipped(out, records)
+    if report is not None:
+        report.skipped.extend(skipped)
+    return ExtractionResult(out, _file_images(out), skipped, already_complete=False)
+
+
+def _together(processes: Processes, out: Path, action: Callable[[], T]) -> T:
+    """``action()`` on this process, then wait for the others; an exception on any process is
+    raised on every one (its own where it happened, a ``DataError`` naming ``out`` elsewhere)."""
+    try:
+        result, error = action(), None
+    except Exception as err:  # re-raised below, once the other processes know
+        result, error = None, err
+    failures = processes.sum(torch.tensor(float(error is not None), device=processes.device))
+    if error is not None:
+        raise error
+    if failures:
+        raise DataError(f"{out}: another process of this extraction failed (its error is printed above)")
+    return result  # type: ignore[return-value]
 
 
 def _write_parts(
@@ -153,36 +194,48 @@ def _write_parts(
     workers: int,
     on_bad: str,
     progress: bool,
+    processes: Processes,
+    on_progress: Progress | None,
 ) -> None:
-    """Compute and store every batch that has no part file yet, or one with images that failed to
-    decode (so a fixed file is picked up, and "error" raises at it)."""
+    """Compute and store every batch of this process's share (every world-th, from its rank) that
+    has no part file yet, or one with images that failed to decode (so a fixed file is picked
+    up, and "error" raises at it)."""
     batches = [list(range(s, min(s + batch_size, len(records)))) for s in range(0, len(records), batch_size)]
-    todo = [k for k in range(len(batches)) if not _part_done(_part_path(parts, k))]
-    done_images = len(records) - sum(len(batches[k]) for k in todo)
+    mine = range(processes.rank, len(batches), processes.world)
+    todo = [k for k in mine if not _part_done(_part_path(parts, k))]
+    done_images = sum(len(batches[k]) for k in mine) - sum(len(batches[k]) for k in todo)
     loader = DataLoader(
         ImageFiles([r.path for r in records], prefix.backbone.input_size),
         batch_sampler=[batches[k] for k in todo],
         num_workers=workers,
         collate_fn=collate_decoded,
     )
-    pause = _pause_point("part")
-    bar = tqdm(total=len(records), initial=done_images, unit="img", desc="features", disable=not progress)
+    total = sum(len(batches[k]) for k in mine)
+    bar = tqdm(total=total, initial=done_images, unit="img", desc="features", disable=not progress)
     pending: Future[None] | None = None
+    written = 0
+
+    def landed() -> None:
+        """Wait for the part in flight (surfacing write errors), then report it."""
+        nonlocal written
+        assert pending is not None
+        pending.result()
+        written += 1
+        if on_progress is not None:
+            on_progress("part", written)
+
     with ThreadPoolExecutor(max_workers=1) as writer, bar, torch.inference_mode():
-        for written, (k, batch) in enumerate(zip(todo, loader), start=1):
+        for k, batch in zip(todo, loader):
             if batch.failed and on_bad == "error":
                 raise DataError(batch.failed[0][1])
             features = prefix(batch.images) if batch.images is not None else None
             arrays = _part_arrays(batch, features, prefix.outputs)
             if pending is not None:
-                pending.result()  # at most one part in flight; surfaces write errors
+                landed()  # at most one part in flight
             pending = writer.submit(_save_part, _part_path(parts, k), arrays)
             bar.update(len(batches[k]))
-            if written == pause:
-                pending.result()
-                time.sleep(3600)
         if pending is not None:
-            pending.result()
+            landed()
 
 
 def _part_arrays(batch: DecodedBatch, features: dict[str, Tensor] | None, taps: Sequence[str]) -> dict[str, np.ndarray]:
@@ -210,7 +263,8 @@ def _merge(
     parts: Path,
     batch_size: int,
     out: Path,
-) -> tuple[SkippedEntry, ...]:
+    on_progress: Progress | None,
+) -> None:
     """All part files -> OUT, through a temporary HDF5 file renamed into place once complete."""
     part_files = [_part_path(parts, k) for k in range(math.ceil(len(records) / batch_size))]
     present: list[int] = []
@@ -226,7 +280,6 @@ def _merge(
     with torch.inference_mode():
         shapes = {tap: tuple(x.shape[1:]) for tap, x in prefix(torch.zeros(1, 3, size, size)).items()}
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    pause = _pause_point("merge")
     row = 0
     try:
         with h5py.File(tmp, "w") as f:
@@ -244,9 +297,8 @@ def _merge(
                         if count:
                             f[f"{TAPS_GROUP}/{tap}"][row : row + count] = part[f"tap_{tap}"]
                 row += count
-                if pause and row >= pause:
-                    f.flush()
-                    time.sleep(3600)
+                if on_progress is not None:
+                    on_progress("merge", row)
             norm = backbone.normalization
             f.attrs.update(spec.attrs())
             f.attrs.update(
@@ -264,7 +316,6 @@ def _merge(
         tmp.unlink(missing_ok=True)
         raise
     _fsync_file(out.parent)
-    return _skipped_entries(records, failed, problems)
 
 
 def _write_strings(f: h5py.File, name: str, values: Sequence[str]) -> None:
@@ -333,32 +384,39 @@ def _file_skipped(out: Path, records: Sequence[ImageRecord]) -> tuple[SkippedEnt
 
 
 @contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold ``OUT.lock`` for the extraction; a second concurrent run for OUT is refused.
+def _exclusive(out: Path, processes: Processes) -> Iterator[None]:
+    """Rank 0 holds ``OUT.lock`` for the extraction, for all processes of the run; a second
+    concurrent run for OUT is refused, on every one of its processes.
 
     A POSIX record lock (``lockf``), not ``flock``: forked DataLoader workers do not inherit it, so
     a SIGKILLed run frees it at once instead of when its orphaned workers notice and exit.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.with_name(out.name + ".lock")
-    with open(lock, "w") as handle:
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise DataError(f"{out}: another extraction is writing this file") from None
-        for stale in out.parent.glob(f".{out.name}.*.tmp"):  # temporary HDF5 files of killed runs
-            stale.unlink()
+    handle = open(lock, "w") if processes.is_main else None
+    try:
+        if not processes.main_says(handle is not None and _locked(handle)):
+            raise DataError(f"{out}: another extraction is writing this file")
+        if handle is not None:
+            for stale in out.parent.glob(f".{out.name}.*.tmp"):  # temporary HDF5 files of killed runs
+                stale.unlink()
         try:
             yield
         finally:
-            lock.unlink(missing_ok=True)
+            if handle is not None:
+                lock.unlink(missing_ok=True)
+    finally:
+        if handle is not None:
+            handle.close()
 
 
-def _pause_point(stage: str) -> int:
-    """The count after which the test hook ``PAUSE_ENV`` pauses ``stage``, or 0 (no pause)."""
-    value = os.environ.get(PAUSE_ENV, "")
-    name, _, count = value.partition(":")
-    return int(count) if name == stage and count.isdigit() else 0
+def _locked(handle: IO[str]) -> bool:
+    """Whether this process took the lock on ``handle`` (False: another process holds it)."""
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def _fsync_file(path: Path) -> None:
