@@ -59,7 +59,7 @@ def read_state_dict(path: Path) -> Mapping[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types for a foreign or corrupt file
-        raise DataError(f"{path}: not a readable PyTorch state dict ({_one_line(err)})") from None
+        raise DataError(f"{path}: not a readable PyTorch state dict ({one_line(err)})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise DataError(f"{path}: expected a state dict of tensors, found a {type(state).__name__}")
     return state
@@ -109,12 +109,13 @@ def _download_imagenet(layout: WeightsLayout) -> Mapping[str, Tensor]:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
     except (OSError, RuntimeError) as err:  # URLError/timeouts are OSErrors; a bad hash is a RuntimeError
         raise DataError(
-            f"{url}: could not download {layout.backbone} ImageNet weights ({_one_line(err)}); "
+            f"{url}: could not download {layout.backbone} ImageNet weights ({one_line(err)}); "
             f"fetch that file elsewhere and pass weights='/path/to/{url.rsplit('/', 1)[-1]}' "
             f"or put it in {Path(torch.hub.get_dir()) / 'checkpoints'}"
         ) from None
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """``"ErrorType: first line of its message"`` (the type alone for an empty message)."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
