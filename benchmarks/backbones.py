@@ -2,6 +2,7 @@
 
     python benchmarks/backbones.py                          # all backbones, 224 px, batch 8
     python benchmarks/backbones.py --backbones resnet50 --iterations 1 --warmup 0
+    python benchmarks/backbones.py --backbones timm:tf_efficientnet_lite0 timm:resnet50
 
 Each line: parameters of the tapped stages (no classifier head), multiply-adds per image
 (``sca_caption.models.complexity``) and images per second of the full tapped forward (every tap)
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from sca_caption.models.backbones import TappedBackbone, build_backbone, list_backbones
+from sca_caption.models.backbones import TappedBackbone, build_backbone, check_backbone_name, list_backbones
 from sca_caption.models.backbones.base import freeze
 from sca_caption.models.complexity import count_macs, count_parameters
 
@@ -64,7 +65,9 @@ def measure(name: str, size: int, batch: int, warmup: int, iterations: int) -> d
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbones", nargs="+", choices=list_backbones(), default=list_backbones())
+    parser.add_argument(
+        "--backbones", nargs="+", type=check_backbone_name, default=list_backbones(), help="names, timm:<model> too"
+    )
     parser.add_argument("--size", type=int, default=224, help="input side in pixels (default 224)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per memory format")

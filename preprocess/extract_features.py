@@ -22,14 +22,16 @@ from sca_caption.data.errors import ON_BAD_CHOICES, BadInputReport, DataError
 from sca_caption.data.feature_extraction import EXTRACTION_BATCH, extract_features
 from sca_caption.data.features import CacheSpec
 from sca_caption.distributed import start_processes, stop_processes
-from sca_caption.models.backbones import list_backbones
+from sca_caption.models.backbones import check_backbone_name, list_backbones
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, choices=CORPORA)
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder (default: data/<dataset>)")
-    parser.add_argument("--backbone", required=True, choices=list_backbones())
+    parser.add_argument(
+        "--backbone", required=True, help=f"one of {', '.join(list_backbones())}, or timm:<model> for any timm model"
+    )
     parser.add_argument("--weights", default="imagenet", help='"imagenet", "none" (random init) or a state dict path')
     parser.add_argument("--layers", nargs="+", required=True, help="attended taps, lowest first: stage5 stage6 stage7")
     parser.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
@@ -42,6 +44,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size and --limit must be positive, --workers not negative")
+    try:
+        check_backbone_name(args.backbone)
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 

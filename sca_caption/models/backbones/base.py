@@ -189,6 +189,7 @@ class UpperChain(nn.Module):
 
 BackboneBuilder = Callable[..., TappedBackbone]
 _REGISTRY: dict[str, BackboneBuilder] = {}
+_FAMILIES: dict[str, BackboneBuilder] = {}
 
 
 def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
@@ -203,16 +204,48 @@ def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]
     return add
 
 
+def register_backbone_family(family: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
+    """Decorator: make ``builder(model, weights=...)`` available as
+    ``build_backbone(f"{family}:{model}", ...)``, for a library's whole model zoo."""
+
+    def add(builder: BackboneBuilder) -> BackboneBuilder:
+        if family in _FAMILIES:
+            raise ValueError(f"backbone family {family!r} registered twice")
+        _FAMILIES[family] = builder
+        return builder
+
+    return add
+
+
 def list_backbones() -> list[str]:
     """Registered backbone names, sorted."""
     return sorted(_REGISTRY)
 
 
+def list_backbone_families() -> list[str]:
+    """Registered families, sorted; ``build_backbone`` takes ``<family>:<model>`` for each."""
+    return sorted(_FAMILIES)
+
+
+def check_backbone_name(name: str) -> str:
+    """``name`` if it is a registered backbone or ``<family>:<model>`` of a registered family,
+    else a one-line ValueError listing the choices. Whether ``model`` exists is the family's
+    builder to say."""
+    family, sep, model = name.partition(":")
+    if name in _REGISTRY or (sep and model and family in _FAMILIES):
+        return name
+    families = "".join(f", {f}:<model>" for f in list_backbone_families())
+    raise ValueError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}{families}")
+
+
 def build_backbone(name: str, **kwargs: object) -> TappedBackbone:
-    """Build a registered backbone by name; kwargs go to its builder (e.g. ``weights=None``)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}")
-    return _REGISTRY[name](**kwargs)
+    """Build a registered backbone, or ``<family>:<model>``, by name; kwargs go to its builder
+    (e.g. ``weights=None``)."""
+    check_backbone_name(name)
+    if name in _REGISTRY:
+        return _REGISTRY[name](**kwargs)
+    family, _, model = name.partition(":")
+    return _FAMILIES[family](model, **kwargs)
 
 
 def build_cache_backbone(name: str, weights: str) -> TappedBackbone:
@@ -247,7 +280,10 @@ __all__ = [
     "UpperChain",
     "build_backbone",
     "build_cache_backbone",
+    "check_backbone_name",
     "freeze",
+    "list_backbone_families",
     "list_backbones",
     "register_backbone",
+    "register_backbone_family",
 ]
