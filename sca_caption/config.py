@@ -41,7 +41,7 @@ from sca_caption.io_utils import atomic_write_text
 from sca_caption.models.captioner import ModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-EARLY_STOP_METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "SPICE", "loss", "shapes_accuracy")
+EARLY_STOP_METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "loss", "shapes_accuracy")  # what validation computes
 SCHEDULES = ("constant", "cosine", "step")
 SEQUENCES = (list, tuple, collections.abc.Sequence)
 

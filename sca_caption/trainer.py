@@ -188,10 +188,6 @@ def check_training_settings(config: ExperimentConfig) -> None:
         raise TrainingError(f"train.scst_after is {train.scst_after}: it must be below train.epochs ({train.epochs})")
     if train.scst_after is not None and train.scst_baseline == "mean" and train.scst_samples < 2:
         raise TrainingError("train.scst_baseline mean needs train.scst_samples >= 2 (the mean of the other samples)")
-    if metric == "SPICE":
-        raise TrainingError(
-            "train.early_stop_metric SPICE is not computed during training; choose CIDEr, Bleu_4, METEOR, ROUGE_L or loss"
-        )
 
 
 class Trainer:

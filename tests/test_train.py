@@ -202,6 +202,16 @@ def test_resume_without_a_checkpoint_and_bad_settings_are_one_line_errors(tiny_s
     missing = str(tmp_path / "no-such-data")  # refused before preparation looks for the data
     assert train.main(["--dataset", "flickr8k", "--data-root", missing, "train.early_stop_metric=shapes_accuracy"]) == 2
     assert "shapes_accuracy needs the shapes dataset, not flickr8k" in _error_line(capsys)
+    assert train.main(["--out", str(tmp_path / "x"), *settings, "train.early_stop_metric=SPICE"]) == 2
+    assert "train.early_stop_metric must be one of CIDEr, Bleu_4, METEOR, ROUGE_L, loss" in _error_line(capsys)
+    assert train.main(["--out", str(tmp_path / "x"), *settings, "train.scst_after=2"]) == 2  # 2 epochs
+    assert "train.scst_after is 2: it must be below train.epochs (2)" in _error_line(capsys)
+    assert train.main(["--out", str(tmp_path / "x"), *settings, "train.scst_after=1", "train.scst_baseline=mean",
+                       "train.scst_samples=1"]) == 2
+    assert "scst_baseline mean needs train.scst_samples >= 2" in _error_line(capsys)
+    with pytest.raises(SystemExit) as usage:
+        train.main(["--out", str(tmp_path / "x"), "--resume", "--init-from", str(tmp_path / "a.pt")])
+    assert usage.value.code == 2 and "--resume continues a run, --init-from starts one" in capsys.readouterr().err
 
 
 def test_best_checkpoint_follows_the_chosen_metric(tiny_shapes, tmp_path):
