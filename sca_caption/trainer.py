@@ -226,7 +226,6 @@ class Trainer:
         self.train_samples = self._samples(config.data.train_split)
         self.val_records = records_in_split(data.records, config.data.val_split)
         self.val_samples = self._samples(config.data.val_split)
-        self.scenes = scenes_for(config.data.dataset, data.data_root, config.data.val_split)
         if not len(self.train_samples):
             raise TrainingError(f"no training samples: split {config.data.train_split!r} has no cached images")
         self.steps_per_epoch = self._steps(len(self.train_samples))
@@ -396,14 +395,19 @@ class Trainer:
         """Rank 0 captions and scores the validation split; the other processes get None."""
         if not self.proc.is_main:
             return None
-        train = self.config.train
-        evaluation = evaluate_split(
-            self.model, self.vocab, self.cache, self.val_records,
-            decode=self.config.decode, max_length=decoding_limit(self.config), device=self.device,
-            meteor=train.meteor, scenes=self.scenes, bf16=train.bf16, progress=self.progress,
-        )
+        evaluation = self._evaluate(self.model, self.config.data.val_split)
         evaluation.scores["loss"] = self._val_loss()
         return evaluation
+
+    def _evaluate(self, model: SCACaptioner, split: str) -> SplitEvaluation:
+        """Beam-search captions of ``split`` with the run's decoding settings, and their scores."""
+        config = self.config
+        return evaluate_split(
+            model, self.vocab, self.cache, records_in_split(self.data.records, split),
+            decode=config.decode, max_length=decoding_limit(config), device=self.device, meteor=config.train.meteor,
+            scenes=scenes_for(config.data.dataset, self.data.data_root, split), bf16=config.train.bf16,
+            progress=self.progress,
+        )
 
     @torch.no_grad()
     def _val_loss(self) -> float:
@@ -478,16 +482,9 @@ class Trainer:
 
     def _test(self) -> dict[str, float]:
         """Scores of the best checkpoint (or the last weights, if none was kept) on the test split."""
-        config = self.config
         best = self.out / "best.pt"
         model = load_captioner(best, self.device)[0] if best.exists() else self.model
-        split = config.data.test_split
-        evaluation = evaluate_split(
-            model, self.vocab, self.cache, records_in_split(self.data.records, split),
-            decode=config.decode, max_length=decoding_limit(config), device=self.device,
-            meteor=config.train.meteor, scenes=scenes_for(config.data.dataset, self.data.data_root, split),
-            bf16=config.train.bf16, progress=self.progress,
-        )
+        evaluation = self._evaluate(model, self.config.data.test_split)
         atomic_write_json(self.out / "test_scores.json", evaluation.scores)
         return evaluation.scores
 

@@ -94,7 +94,7 @@ def test_cache_holds_prefix_outputs_of_the_same_batches(built: tuple[list[ImageR
         row = cache[i]["stage6"]
         assert row.dtype == torch.float32 and row.shape == (192, 7, 7)
         assert torch.equal(row, expected[i].float()), i
-    assert torch.equal(cache.by_id("img04")["stage6"], expected[4].float())
+    assert torch.equal(cache[cache.index_of("img04")]["stage6"], expected[4].float())
     batch = cache.read_batch([5, 0, 5, 2])["stage6"]
     assert torch.equal(batch, expected[[5, 0, 5, 2]].float())
     with h5py.File(out, "r") as f:

@@ -121,7 +121,7 @@ def test_caption_samples_pair_each_caption_with_its_image_features(tiny_shapes: 
     for row, ids in zip(batch.captions, [expected[0], expected[1], expected[0]]):
         assert row.tolist() == ids + [data.vocab.pad] * (width - len(ids))
     assert batch.captions.shape[1] == width
-    assert torch.equal(batch.features["stage7"][1], cache.by_id(records[0].image_id)["stage7"])
+    assert torch.equal(batch.features["stage7"][1], cache[cache.index_of(records[0].image_id)]["stage7"])
     assert torch.equal(batch.tags, tags[[1, 0, 1]])
     assert samples.target_count(index) == 2 * (len(expected[0]) - 1) + len(expected[1]) - 1
 

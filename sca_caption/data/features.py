@@ -152,10 +152,6 @@ class FeatureCache:
             raise KeyError(f"{self.path}: image {image_id!r} {why}")
         return self._row[image_id]
 
-    def by_id(self, image_id: str) -> dict[str, Tensor]:
-        """Features of one image by id: {tap: float32 (C, H, W)}."""
-        return self[self.index_of(image_id)]
-
     def read_batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
         """Rows ``indices`` (any order, repeats allowed): {tap: float32 (B, C, H, W)}.
 
