@@ -3,7 +3,8 @@
 Prints JSON lines: first this machine's float32 matmul roofline (``common.matmul_roofline``: the
 best GFLOP/s of square matmuls from 512² to 3072² at the torch thread count used), then per setting
 and attention order the training throughput (forward, loss, backward and an Adam step on random
-cached features and captions, no padding) with the analytic FLOPs per caption and their breakdown.
+cached features and captions, no padding; ``trainer.cross_entropy_step``, the trainer's own step)
+with the analytic FLOPs per caption and their breakdown.
 
 FLOPs count matmul-like work only (2 per multiply-add; see ``flops_per_caption`` for the
 gradient factors); the element-wise work is left out of the roofline fraction, and the number of
@@ -33,8 +34,11 @@ from typing import Callable
 import torch
 
 from common import SETTINGS, build_captioner, matmul_roofline, op_profile, upper_stages, with_peak_memory
+from sca_caption.config import TrainConfig
+from sca_caption.data.caption_dataset import CaptionBatch
 from sca_caption.models.backbones import build_backbone
 from sca_caption.models.captioner import SCACaptioner
+from sca_caption.trainer import cross_entropy_step, make_optimizer
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -96,18 +100,16 @@ def flops_per_caption(
 def training_iteration(
     model: SCACaptioner, features: dict[str, torch.Tensor], captions: torch.Tensor, bf16: bool = False
 ) -> Callable[[], None]:
-    """One training iteration as a call: forward (under bfloat16 autocast with ``bf16``, as
-    ``train.bf16`` does), loss, backward and a fused Adam step."""
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    """One training iteration as a call: the trainer's own step (``trainer.cross_entropy_step``:
+    forward, under bfloat16 autocast with ``bf16``, loss, backward, clipping and its AdamW step)."""
+    train = TrainConfig(bf16=bf16)
+    optimizer = make_optimizer(model, train.lr, train.weight_decay)
+    batch = CaptionBatch(features, captions, None)
+    tokens = int((captions[:, 1:] != 0).sum())
     model.train()
 
     def iteration() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            output = model(features, captions)
-            loss = model.loss(output, captions, pad_id=0).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        cross_entropy_step(model, model, optimizer, batch, 0, tokens, len(captions), 1, train)
 
     return iteration
 

@@ -3,11 +3,11 @@
 Prints JSON lines: one per step kind on random cached features and a random CIDEr-D reference set,
 with the captioner of ``--setting`` (``common.SETTINGS``; ``f8k``: configs/flickr8k.yaml's CPU sizes):
 
-- ``cross_entropy``: teacher forcing, loss, backward and an AdamW step on ``--batch`` captions of
-  ``--steps`` words (the trainer's ``_train_step`` arithmetic);
+- ``cross_entropy``: the trainer's own step (``trainer.cross_entropy_step``) on ``--batch``
+  captions of ``--steps`` words;
 - ``self_critical`` (per baseline): ``--batch`` images, ``--samples`` sampled captions each of up
   to ``--steps`` + 1 tokens, their CIDEr-D rewards, the baseline, the teacher-forced policy loss,
-  backward and an AdamW step (``sca_caption.self_critical``, as the trainer runs it).
+  and the trainer's ``optimizer_step`` (``sca_caption.self_critical``, as the trainer runs it).
 
 Per image: a cross-entropy epoch trains every image's five captions, a self-critical epoch every
 image once with its samples, so ``seconds_per_image_epoch`` is 5 × the per-caption time for
@@ -28,9 +28,12 @@ from typing import Callable
 import torch
 
 from common import SETTINGS, Setting, build_captioner
+from sca_caption.config import TrainConfig
+from sca_caption.data.caption_dataset import CaptionBatch
 from sca_caption.data.vocab import Vocab
 from sca_caption.rewards import CiderD, DocumentFrequency
 from sca_caption.self_critical import policy_loss, rollout
+from sca_caption.trainer import cross_entropy_step, make_optimizer, optimizer_step
 
 CAPTIONS_PER_IMAGE = 5
 F8K = Setting("efficientnet_lite0", ("stage7",), 128, 384, 256)  # configs/flickr8k.yaml
@@ -68,22 +71,20 @@ def main() -> None:
     references = [[torch.randint(4, args.vocab, (11,)).tolist() for _ in range(5)] for _ in range(args.batch)]
     reward = CiderD(references, DocumentFrequency.build(references, args.vocab))
     images = torch.arange(args.batch)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    train = TrainConfig()
+    optimizer = make_optimizer(model, train.lr, train.weight_decay)
+    batch = CaptionBatch(features, captions, None)
+    tokens = int((captions[:, 1:] != vocab.pad).sum())
 
     def cross_entropy() -> None:
-        sums = model.loss(model(features, captions), captions, vocab.pad)
-        optimizer.zero_grad(set_to_none=True)
-        sums.mean().backward()
-        optimizer.step()
+        cross_entropy_step(model, model, optimizer, batch, vocab.pad, tokens, args.batch, 1, train)
 
     def self_critical(baseline: str) -> Callable[[], None]:
         def step() -> None:
             run = rollout(model, features, images, reward=reward, samples=args.samples, baseline=baseline,
                           max_length=args.steps + 1, vocab=vocab)
             loss = policy_loss(model, features, run, args.samples, vocab) / max(run.tokens, 1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(model, optimizer, loss, train.grad_clip)
         return step
 
     common = {"setting": args.setting, "batch": args.batch, "steps": args.steps, "vocab": args.vocab,

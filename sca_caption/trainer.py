@@ -176,6 +176,44 @@ def build_model(config: ExperimentConfig, vocab_size: int, backbone_weights: str
     return SCACaptioner(config.model, vocab_size, backbone)
 
 
+def make_optimizer(model: SCACaptioner, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the model's trainable parameters."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
+def optimizer_step(model: SCACaptioner, optimizer: torch.optim.Optimizer, loss: Tensor, grad_clip: float | None) -> None:
+    """Backward from ``loss``, the gradient norm clipped at ``grad_clip`` (None: not), one step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
+def cross_entropy_step(
+    model: SCACaptioner,
+    ddp: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: CaptionBatch,
+    pad: int,
+    tokens: int,
+    images: int,
+    world: int,
+    train: TrainConfig,
+) -> Tensor:
+    """One teacher-forced optimizer step on ``batch``, this process's share of a global batch of
+    ``tokens`` target tokens and ``images`` captions; returns this share's (detached) loss.
+
+    DDP averages the processes' gradients: scaled by the world size, the average is the gradient
+    of the global batch's mean (module docstring)."""
+    with torch.autocast(batch.captions.device.type, dtype=torch.bfloat16, enabled=train.bf16):
+        output = ddp(batch.features, batch.captions)
+        sums = model.loss(output, batch.captions, pad, batch.tags)
+    loss = sums.mean(tokens, images) * world
+    optimizer_step(model, optimizer, loss, train.grad_clip)
+    return loss.detach()
+
+
 def check_training_settings(config: ExperimentConfig) -> None:
     """Refuse (``TrainingError``, one line) settings that cannot work together."""
     train = config.train
@@ -233,9 +271,7 @@ class Trainer:
         self.reward = self._reward() if train.scst_after is not None else None
 
         self.model = build_model(config, len(self.vocab), config.data.backbone_weights).to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=train.lr, weight_decay=train.weight_decay
-        )
+        self.optimizer = make_optimizer(self.model, train.lr, train.weight_decay)
         self.books = Bookkeeping()
         self.at = Position(0, 0, self._order(0), 0)
         last = self.out / "last.pt"
@@ -321,19 +357,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.at.step, train, self.steps_per_epoch)
         torch.manual_seed(step_seed(train.seed, self.at.step, self.proc.rank))
-        batch = batch.to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=train.bf16):
-            output = self.ddp(batch.features, batch.captions)
-            sums = self.model.loss(output, batch.captions, self.vocab.pad, batch.tags)
-        # DDP averages the processes' gradients: scaled by the world size, the average is the
-        # gradient of the global batch's mean (module docstring)
-        loss = sums.mean(self.train_samples.target_count(global_batch), len(global_batch)) * self.proc.world
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if train.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
-        self.optimizer.step()
-        return self.proc.sum(loss.detach() / self.proc.world)
+        tokens = self.train_samples.target_count(global_batch)
+        loss = cross_entropy_step(
+            self.model, self.ddp, self.optimizer, batch.to(self.device), self.vocab.pad, tokens, len(global_batch),
+            self.proc.world, train,
+        )
+        return self.proc.sum(loss / self.proc.world)
 
     def _self_critical_step(self, batch: ImageBatch) -> float:
         """One self-critical optimizer step on this process's images ``batch``; returns the global
@@ -352,11 +381,7 @@ class Trainer:
         rows = self.proc.sum(torch.tensor(float(len(run.reward))))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=train.bf16):
             loss = policy_loss(self.ddp, batch.features, run, train.scst_samples, self.vocab) / tokens * world
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if train.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
-        self.optimizer.step()
+        optimizer_step(self.model, self.optimizer, loss, train.grad_clip)
         row = {
             "step": self.at.step + 1,
             "reward": self.proc.sum(run.reward.sum()) / rows,
@@ -374,10 +399,7 @@ class Trainer:
         best = self.out / "best.pt"
         if best.exists():
             self.model.load_state_dict(load_checkpoint(best).model)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=self.config.train.scst_lr,
-            weight_decay=self.config.train.weight_decay,
-        )
+        self.optimizer = make_optimizer(self.model, self.config.train.scst_lr, self.config.train.weight_decay)
         self.books.bad_evaluations = 0
         self.log(f"epoch {self.at.epoch + 1}: self-critical training from {best if best.exists() else 'the last weights'}")
 
