@@ -85,12 +85,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--n-best must be between 1 and --beam ({args.beam})")
     if args.max_length is not None and args.max_length < 1:
         parser.error("--max-length must be positive")
-    args.device = _device(parser, args.device)
+    args.device = checked_device(parser, args.device)
     return args
 
 
-def _device(parser: argparse.ArgumentParser, name: str | None) -> str:
-    """``--device`` checked: a device torch knows and this machine has; None: CUDA if present, else CPU."""
+def checked_device(parser: argparse.ArgumentParser, name: str | None) -> str:
+    """``--device`` checked (the caption CLI and the service): a device torch knows and this machine
+    has; None: CUDA if present, else CPU."""
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
