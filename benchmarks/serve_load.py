@@ -10,8 +10,9 @@ seen), then ``--warmup`` requests. It reads the server's resident memory, sends 
 requests (each one Flickr8k photo as a raw ``image/jpeg`` body, cycling through the first
 ``--n``), reads it again, and prints one JSON line: images/s, p50/p95/p99 latency, errors
 (non-200 answers or failed requests), the batch sizes the server reported, and the memory
-before and after. Then one line with the CLI's images/s (``caption_speed.run``, batch size =
-the client count, on the same photos) and the ratios.
+before and after. Before the modes: the CLI's images/s (``caption_speed.run``, batch size =
+the client count, on the same photos) and the model's time per image at batch 1 and at the
+client count (backbone prefix, beam search); after them, one line with the ratios.
 
     python benchmarks/serve_load.py --random-model flickr8k --beam 3 --clients 16 --requests 2000
 """
@@ -36,6 +37,7 @@ import torch
 
 from caption_speed import DEFAULT_DATA, RANDOM_VOCAB, random_checkpoint, run as cli_run
 from sca_caption.captioning import DecodeSettings, ImageCaptioner, collect_images
+from sca_caption.data.images import load_image
 
 REPO = Path(__file__).resolve().parents[1]
 STARTED = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
@@ -114,6 +116,26 @@ async def load(url: str, bodies: list[bytes], requests: int, clients: int, beam:
     }
 
 
+def model_split(captioner: ImageCaptioner, paths: list[Path], beam: int, batch_sizes: tuple[int, ...]) -> dict:
+    """Where a batch's model time goes, per image: the backbone prefix and the beam search, at
+    each of ``batch_sizes`` (over the first max(batch_sizes) photos, after one warm-up pass)."""
+    images = torch.stack([load_image(p, captioner.input_size) for p in paths[: max(batch_sizes)]])
+    settings = DecodeSettings(beam_size=beam)
+    split = {}
+    for size in batch_sizes:
+        batches = [images[i : i + size] for i in range(0, len(images), size)]
+        captioner.caption_features(captioner.features(batches[0]), settings)
+        prefix = search = 0.0
+        for batch in batches:
+            start = time.perf_counter()
+            features = captioner.features(batch)
+            middle = time.perf_counter()
+            captioner.caption_features(features, settings)
+            prefix, search = prefix + middle - start, search + time.perf_counter() - middle
+        split[f"batch_{size}"] = {"prefix_ms": round(prefix / len(images) * 1000, 1), "beam_ms": round(search / len(images) * 1000, 1)}
+    return split
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=64, help="distinct photos, cycled (default 64)")
@@ -138,6 +160,8 @@ def main() -> int:
         captioner = ImageCaptioner.from_checkpoint(checkpoint)
         cli = cli_run(captioner, paths, DecodeSettings(beam_size=args.beam), batch_size=args.clients, workers=args.workers)
         print(json.dumps({"benchmark": "caption_cli", "model": model, **common, **cli}), flush=True)
+        split = model_split(captioner, paths, args.beam, (1, args.clients))
+        print(json.dumps({"benchmark": "model_ms_per_image", "model": model, **common, **split}), flush=True)
         del captioner
         speeds = {}
         for mode in args.modes:
