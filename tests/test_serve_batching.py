@@ -173,3 +173,9 @@ def test_a_failed_decode_fails_its_request_and_the_next_one_is_served(captioner)
     failed, served = serve(app_for(FailingOnceCaptioner(captioner), max_wait_ms=0), scenario)
     assert failed.status_code == 500 and failed.json() == {"error": "captioning failed: RuntimeError: out of memory"}
     assert served.status_code == 200
+
+
+def test_the_app_starts_again_on_a_new_event_loop_after_a_shutdown(captioner):
+    app = app_for(captioner, max_wait_ms=0)
+    for _ in range(2):
+        assert serve(app, lambda client: post(client, photo_bytes(0))).status_code == 200

@@ -68,6 +68,8 @@ class MicroBatcher:
         return self._queue.qsize() + len(self._forming)
 
     def start(self) -> None:
+        """Start gathering on the running loop (a new queue: an asyncio queue belongs to one loop)."""
+        self._queue = asyncio.Queue()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caption-worker")
         self._gathering = asyncio.get_running_loop().create_task(self._gather())
 
