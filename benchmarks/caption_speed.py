@@ -7,7 +7,8 @@ reported as ``load_s``), the mean caption length, threads and workers. Target: >
 1,000 images at beam 5 on the 2-core CPU machine.
 
 Without --checkpoint (or when checkpoints/shapes/best.pt is absent) the model is the shapes
-config's with random weights (``"trained": false``): same sizes, but its captions often run to the
+config's with random weights (``"trained": false``; ``--random-model flickr8k``: the flickr8k
+config's, with a vocabulary of Flickr8k's size): same sizes, but its captions often run to the
 length limit, so it decodes more steps than a trained model would.
 
     python benchmarks/caption_speed.py --n 1000 --batch-sizes 16 32 --workers 2
@@ -29,27 +30,29 @@ from sca_caption.captioning import CaptionedImage, DecodeSettings, ImageCaptione
 from sca_caption.checkpoint import Checkpoint, capture_rng_state, save_checkpoint
 from sca_caption.config import load_config
 from sca_caption.data.vocab import SPECIALS
-from sca_caption.models.backbones import build_backbone
+from sca_caption.models.backbones import build_cache_backbone
+from sca_caption.models.backbones.base import freeze
 from sca_caption.models.captioner import SCACaptioner
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "flickr8k"
 DEFAULT_CHECKPOINT = REPO / "checkpoints" / "shapes" / "best.pt"
-RANDOM_VOCAB = 33  # the shapes vocabulary's size
+RANDOM_VOCAB = {"shapes": 33, "flickr8k": 2539}  # the vocabularies' sizes (Flickr8k: train split, min count 5)
 
 
-def random_shapes_checkpoint(path: Path) -> Path:
-    """A checkpoint of the shapes config's model with random weights (seed 0)."""
-    config = load_config("shapes")
-    vocab = [*SPECIALS, *(f"w{i}" for i in range(RANDOM_VOCAB - len(SPECIALS)))]
+def random_checkpoint(path: Path, config_name: str = "shapes") -> Path:
+    """A checkpoint of config ``config_name``'s model with random weights (seed 0) and a
+    vocabulary of that dataset's size."""
+    config = load_config(config_name)
+    vocab = [*SPECIALS, *(f"w{i}" for i in range(RANDOM_VOCAB[config_name] - len(SPECIALS)))]
     torch.manual_seed(0)
-    model = SCACaptioner(config.model, len(vocab), build_backbone(config.model.backbone))
+    backbone = freeze(build_cache_backbone(config.model.backbone, config.data.backbone_weights))
+    model = SCACaptioner(config.model, len(vocab), backbone)
     save_checkpoint(
         path,
         Checkpoint(
-            model=model.state_dict(), optimizer={}, scheduler=None, epoch=0, step=0, data_order=torch.arange(1),
+            model=model.state_dict(), optimizer={}, epoch=0, step=0, data_order=torch.arange(1),
             data_position=0, rng=capture_rng_state(), config=config.to_dict(), vocab=vocab,
-            backbone=config.model.backbone, layers=list(config.model.layers),
         ),
     )
     return path
@@ -85,6 +88,8 @@ def main() -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--random-model", choices=sorted(RANDOM_VOCAB), default="shapes",
+                        help="the config of the random model used without a checkpoint (default shapes)")
     args = parser.parse_args()
 
     paths = collect_images([str(args.data_root / "Flicker8k_Dataset")])[: args.n]
@@ -93,14 +98,14 @@ def main() -> int:
         checkpoint = args.checkpoint or (DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else None)
         trained = checkpoint is not None
         if checkpoint is None:
-            checkpoint = random_shapes_checkpoint(Path(scratch) / "random.pt")
+            checkpoint = random_checkpoint(Path(scratch) / "random.pt", args.random_model)
         start = time.perf_counter()
         captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device)
         load_s = time.perf_counter() - start
         for batch_size in args.batch_sizes:
             result = run(captioner, paths, settings, batch_size, args.workers)
             print(json.dumps({
-                "benchmark": "caption_speed", "checkpoint": str(checkpoint) if trained else "random shapes model",
+                "benchmark": "caption_speed", "checkpoint": str(checkpoint) if trained else f"random {args.random_model} model",
                 "trained": trained, "beam": args.beam, "batch_size": batch_size, "workers": args.workers,
                 "threads": torch.get_num_threads(), "device": args.device, "load_s": round(load_s, 3), **result,
             }), flush=True)

@@ -3,7 +3,9 @@
     python -m sca_caption.caption [--checkpoint CKPT] PATH...
 
 PATH: an image file, a folder (its image files by extension, sorted, not recursive) or a glob
-pattern (quote it; ``**`` recurses). Without ``--checkpoint``, ``checkpoints/shapes/best.pt``.
+pattern (quote it; ``**`` recurses). Without ``--checkpoint``: the shipped Flickr8k model
+``checkpoints/flickr8k_cs_lite0.pt`` if present, else the newest ``checkpoints/*/best.pt``
+(``captioning.default_checkpoint``), named in a note on stderr.
 
 stdout, one line per image in input order: ``PATH<TAB>CAPTION``. With ``--n-best K``: K lines
 per image, ``PATH<TAB>RANK<TAB>SCORE<TAB>CAPTION`` with RANK 1..K (best first) and SCORE the
@@ -43,14 +45,12 @@ from sca_caption.captioning import (
     FailedImage,
     ImageCaptioner,
     collect_images,
+    default_checkpoint,
     result_entry,
 )
 from sca_caption.data.errors import DataError
 from sca_caption.decoding import LENGTH_PENALTIES, DecodingError
 from sca_caption.io_utils import atomic_write_text
-
-DEFAULT_CHECKPOINT = Path("checkpoints/shapes/best.pt")
-TRAIN_COMMAND = "python -m sca_caption.train"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or glob pattern")
-    parser.add_argument("--checkpoint", type=Path, default=None, help=f"default: {DEFAULT_CHECKPOINT}")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: checkpoints/flickr8k_cs_lite0.pt if present, else the newest checkpoints/*/best.pt")
     parser.add_argument("--beam", type=int, default=None, help="beam size (default: the checkpoint's decode.beam_size)")
     parser.add_argument("--n-best", type=int, default=None, metavar="K", help="K lines per image: PATH, RANK, SCORE, CAPTION (tab-separated)")
     parser.add_argument("--max-length", type=int, default=None, metavar="N",
@@ -89,12 +89,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--n-best must be between 1 and --beam ({args.beam})")
     if args.max_length is not None and args.max_length < 1:
         parser.error("--max-length must be positive")
-    args.device = _device(parser, args.device)
+    args.device = checked_device(parser, args.device)
     return args
 
 
-def _device(parser: argparse.ArgumentParser, name: str | None) -> str:
-    """``--device`` checked: a device torch knows and this machine has; None: CUDA if present, else CPU."""
+def checked_device(parser: argparse.ArgumentParser, name: str | None) -> str:
+    """``--device`` checked (the caption CLI and the service): a device torch knows and this machine
+    has; None: CUDA if present, else CPU."""
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -108,11 +109,11 @@ def _device(parser: argparse.ArgumentParser, name: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    checkpoint = args.checkpoint if args.checkpoint is not None else DEFAULT_CHECKPOINT
-    if args.checkpoint is None and not checkpoint.is_file():
-        _error(f"no checkpoint: {checkpoint} does not exist; train one with `{TRAIN_COMMAND}` or pass --checkpoint FILE")
-        return 2
     try:
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            checkpoint, which = default_checkpoint()
+            print(f"note: no --checkpoint given: using {checkpoint} ({which})", file=sys.stderr)
         paths = collect_images(args.paths)
         captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device, backbone_weights=args.backbone_weights)
     except (DataError, RuntimeError) as err:

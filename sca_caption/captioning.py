@@ -45,12 +45,32 @@ from sca_caption.models.captioner import SCACaptioner
 from sca_caption.models.errors import ModelConfigError
 from sca_caption.models.sca import Attention
 
+CHECKPOINTS = Path("checkpoints")
+SHIPPED_CHECKPOINT = "flickr8k_cs_lite0.pt"
+TRAIN_COMMAND = "python -m sca_caption.train"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
 
 
 class NoImagesError(DataError):
     """A PATH argument that names no image: a pattern matching nothing or a folder holding no image."""
+
+
+def default_checkpoint(folder: Path = CHECKPOINTS) -> tuple[Path, str]:
+    """The checkpoint to caption with when none is named (the caption CLI and the service), and a
+    few words saying which it is: the shipped Flickr8k model ``folder/flickr8k_cs_lite0.pt`` if
+    present, else the newest ``folder/*/best.pt`` by modification time. Neither: a one-line
+    ``CheckpointError`` saying how to make one."""
+    shipped = folder / SHIPPED_CHECKPOINT
+    if shipped.is_file():
+        return shipped, "the shipped Flickr8k model"
+    trained = [p for p in folder.glob("*/best.pt") if p.is_file()]
+    if trained:
+        return max(trained, key=lambda p: (p.stat().st_mtime, str(p))), "the newest trained checkpoint"
+    raise CheckpointError(
+        f"no checkpoint: neither {shipped} nor any {folder / '*' / 'best.pt'} exists; "
+        f"train one with `{TRAIN_COMMAND}` or pass --checkpoint FILE"
+    )
 
 
 def collect_images(arguments: Sequence[str]) -> list[Path]:

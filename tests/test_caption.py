@@ -20,6 +20,7 @@ from sca_caption.captioning import (
     ImageCaptioner,
     NoImagesError,
     collect_images,
+    default_checkpoint,
     image_id_for,
 )
 from sca_caption.data.images import MAX_PIXELS, load_image
@@ -177,16 +178,33 @@ def test_nothing_to_caption_is_one_line_and_status_2(capsys, tmp_path, checkpoin
     assert status == 2 and out == [] and len(err) == 1 and target in err[0]
 
 
-def test_without_checkpoint_uses_the_shapes_default_or_says_how_to_train(capsys, monkeypatch, tmp_path, checkpoint, photos):
+def test_without_checkpoint_uses_the_default_rule_or_says_how_to_train(capsys, monkeypatch, tmp_path, checkpoint, photos):
     monkeypatch.chdir(tmp_path)
     status, out, err = run(capsys, str(photos / "a.jpg"))
     assert status == 2 and out == [] and len(err) == 1
-    assert "checkpoints/shapes/best.pt" in err[0] and "python -m sca_caption.train" in err[0]
+    assert "checkpoints/flickr8k_cs_lite0.pt" in err[0] and "python -m sca_caption.train" in err[0]
     default = tmp_path / "checkpoints" / "shapes" / "best.pt"
     default.parent.mkdir(parents=True)
     default.write_bytes(checkpoint.read_bytes())
     status, out, err = run(capsys, "--workers", "0", str(photos / "a.jpg"))
-    assert status == 0 and len(out) == 1 and err == []
+    assert status == 0 and len(out) == 1
+    assert err == ["note: no --checkpoint given: using checkpoints/shapes/best.pt (the newest trained checkpoint)"]
+
+
+def test_default_checkpoint_is_the_shipped_model_else_the_newest_best(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint: neither .*flickr8k_cs_lite0.pt nor any .*best.pt"):
+        default_checkpoint(tmp_path)
+    for age, run_name in enumerate(("old", "new")):
+        best = tmp_path / run_name / "best.pt"
+        best.parent.mkdir()
+        best.write_bytes(b"x")
+        os.utime(best, (1_000_000 + age, 1_000_000 + age))
+    (tmp_path / "old" / "last.pt").write_bytes(b"x")  # newer, but not a best.pt
+    assert default_checkpoint(tmp_path) == (tmp_path / "new" / "best.pt", "the newest trained checkpoint")
+    os.utime(tmp_path / "old" / "best.pt", (2_000_000, 2_000_000))
+    assert default_checkpoint(tmp_path)[0] == tmp_path / "old" / "best.pt"
+    (tmp_path / "flickr8k_cs_lite0.pt").write_bytes(b"x")
+    assert default_checkpoint(tmp_path) == (tmp_path / "flickr8k_cs_lite0.pt", "the shipped Flickr8k model")
 
 
 def test_unusable_checkpoint_is_one_line_and_status_2(capsys, tmp_path, photos):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageFile
 
 from sca_caption.data.errors import DataError
-from sca_caption.data.images import MAX_PIXELS, load_image
+from sca_caption.data.images import MAX_PIXELS, decode_image, load_image
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
@@ -175,3 +175,14 @@ def test_importing_the_package_keeps_truncated_loading_off() -> None:
     import sca_caption.data.feature_extraction  # noqa: F401  (imports every image-reading module)
 
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_bytes_in_memory_decode_as_the_file_does_and_errors_name_the_upload(tmp_path: Path) -> None:
+    path = _photo(tmp_path / "whole.jpg")
+    data = path.read_bytes()
+    assert torch.equal(decode_image(data, 32, "upload.jpg"), load_image(path, 32))
+    for bad, problem in ((data[: len(data) // 2], "truncated"), (b"not an image", "not an image file")):
+        with pytest.raises(DataError) as caught:
+            decode_image(bad, 32, "upload.jpg")
+        message = str(caught.value)
+        assert message.startswith("upload.jpg: ") and problem in message and "\n" not in message

@@ -15,13 +15,16 @@ Choices (the same for the feature cache and the caption CLI):
 - Truncated or corrupt data raises: ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False, so Pillow
   never pads a cut file with grey.
 
-Every failure is a ``DataError`` naming the file and the problem, in one line.
+Every failure is a ``DataError`` naming the file and the problem, in one line. ``decode_image``
+does the same for a file's bytes held in memory (an upload to the captioning service).
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -41,35 +44,51 @@ def load_image(path: str | Path, size: int) -> Tensor:
     """The image at ``path`` as a float tensor (3, size, size) in [0, 1]; ``DataError`` if it cannot be."""
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with our limit
-            image = Image.open(path)
+        file = open(path, "rb")
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder, not an image file") from None
-    except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image file Pillow can read") from None
-    except Image.DecompressionBombError:
-        raise DataError(
-            f"{path}: declared size is over the limit of {MAX_PIXELS:,} pixels (decompression-bomb guard)"
-        ) from None
     except OSError as err:
         raise DataError(f"{path}: cannot open ({first_line(err)})") from None
+    with file:
+        return _decode(file, path, size)
+
+
+def decode_image(data: bytes, size: int, name: str) -> Tensor:
+    """``load_image`` for an image file's bytes held in memory; ``name`` (e.g. an upload's) starts
+    every ``DataError`` message and is never opened."""
+    return _decode(io.BytesIO(data), name, size)
+
+
+def _decode(file: BinaryIO, name: str | Path, size: int) -> Tensor:
+    """Decode the image file open as ``file`` as ``load_image`` documents; errors name ``name``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with our limit
+            image = Image.open(file)
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: not an image file Pillow can read") from None
+    except Image.DecompressionBombError:
+        raise DataError(
+            f"{name}: declared size is over the limit of {MAX_PIXELS:,} pixels (decompression-bomb guard)"
+        ) from None
+    except OSError as err:
+        raise DataError(f"{name}: cannot open ({first_line(err)})") from None
     with image:
         width, height = image.size
         if width * height > MAX_PIXELS:
             raise DataError(
-                f"{path}: {width}x{height} = {width * height:,} pixels is over the limit of "
+                f"{name}: {width}x{height} = {width * height:,} pixels is over the limit of "
                 f"{MAX_PIXELS:,} pixels (decompression-bomb guard)"
             )
         try:
             rgb = to_rgb(ImageOps.exif_transpose(image))  # the first frame: Image.open stays on frame 0
             resized = rgb.resize((size, size), Image.Resampling.BICUBIC)
         except DataError as err:
-            raise DataError(f"{path}: {err}") from None
+            raise DataError(f"{name}: {err}") from None
         except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError ...
-            raise DataError(f"{path}: corrupt or truncated image data ({first_line(err)})") from None
+            raise DataError(f"{name}: corrupt or truncated image data ({first_line(err)})") from None
     pixels = np.asarray(resized, dtype=np.uint8)
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
 

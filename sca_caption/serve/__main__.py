@@ -1,0 +1,88 @@
+"""Serve captions over HTTP: the JSON API (``/v1/captions``, ``/v1/model``, ``/healthz``, the
+OpenAPI schema at ``/docs``) and the web page at ``/``.
+
+    python -m sca_caption.serve [--checkpoint CKPT] [--host 127.0.0.1] [--port 8000]
+        [--max-batch N] [--max-wait-ms T] [--max-upload-mb M]
+
+Without ``--checkpoint``: the shipped Flickr8k model ``checkpoints/flickr8k_cs_lite0.pt`` if
+present, else the newest ``checkpoints/*/best.pt``; the first log line says which. It binds to
+the loopback address unless ``--allow-remote`` is given with another ``--host``; CUDA when
+present, else the CPU (``--device``). Exit status 2 when it cannot start (bad arguments, an
+unusable checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from sca_caption.caption import checked_device
+from sca_caption.captioning import ImageCaptioner, default_checkpoint
+from sca_caption.data.errors import DataError
+from sca_caption.serve.app import ServiceLimits, create_app
+from sca_caption.serve.model_card import model_card
+
+DEFAULTS = ServiceLimits()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sca_caption.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="default: checkpoints/flickr8k_cs_lite0.pt if present, else the newest checkpoints/*/best.pt")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--allow-remote", action="store_true", help="allow a --host that is not a loopback address")
+    parser.add_argument("--port", type=int, default=8000, help="default 8000; 0: any free port")
+    parser.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch, metavar="N",
+                        help=f"images per beam-search batch (default {DEFAULTS.max_batch}; 1: one at a time)")
+    parser.add_argument("--max-wait-ms", type=float, default=DEFAULTS.max_wait_ms, metavar="T",
+                        help=f"how long a batch waits for more images (default {DEFAULTS.max_wait_ms:g})")
+    parser.add_argument("--max-upload-mb", type=float, default=DEFAULTS.max_upload_mb, metavar="M",
+                        help=f"largest request body (default {DEFAULTS.max_upload_mb:g})")
+    parser.add_argument("--max-images", type=int, default=DEFAULTS.max_images,
+                        help=f"images in one request (default {DEFAULTS.max_images})")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present, else cpu)")
+    parser.add_argument("--backbone-weights", default=None,
+                        help="the weights the checkpoint's feature cache was built with (default: those its config names)")
+    args = parser.parse_args(argv)
+    if args.max_batch < 1 or args.max_images < 1 or args.max_wait_ms < 0 or args.max_upload_mb <= 0:
+        parser.error("--max-batch, --max-images and --max-upload-mb must be positive, --max-wait-ms not negative")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: not a port number (0-65535)")
+    if not args.allow_remote and not _is_loopback(args.host):
+        parser.error(f"--host {args.host} is not a loopback address: add --allow-remote to serve other machines")
+    args.device = checked_device(parser, args.device)
+    return args
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: it may name any address
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        checkpoint, which = (args.checkpoint, "as given") if args.checkpoint is not None else default_checkpoint()
+        print(f"sca_caption.serve: checkpoint {checkpoint} ({which}), device {args.device}", file=sys.stderr, flush=True)
+        captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device, backbone_weights=args.backbone_weights)
+        card = model_card(checkpoint)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    limits = ServiceLimits(args.max_batch, args.max_wait_ms, args.max_upload_mb, args.max_images)
+    uvicorn.run(create_app(captioner, card=card, limits=limits), host=args.host, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The captioning service as a FastAPI app: the JSON API, the web page and one-line JSON errors.
+
+``create_app(captioner, card=...)`` serves one ``ImageCaptioner`` (the caption CLI's loader and
+decoding step, so the service, the CLI and ``evaluate`` give the same captions). Routes:
+
+- ``POST /v1/captions``: images as multipart files (field ``images``) or one raw ``image/*`` body,
+  decoding options in the query string (``schemas.CaptionOptions``); one result per image.
+- ``GET /v1/model``: the model, its recorded scores, the decoding defaults and the limits.
+- ``GET /healthz``; ``GET /``: the web page (``static/``, every asset served from here).
+
+Every refusal is a 4xx JSON ``{"error": "one line"}``. The event loop never runs the model:
+images are decoded in the thread pool and captioned by the ``MicroBatcher``'s worker thread.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, AsyncIterator, Sequence
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from torch import Tensor
+
+from sca_caption.captioning import ImageCaptioner
+from sca_caption.data.errors import DataError
+from sca_caption.data.images import decode_image
+from sca_caption.serve.batcher import MicroBatcher
+from sca_caption.serve.model_card import ModelCard
+from sca_caption.serve.results import image_result
+from sca_caption.serve.schemas import (
+    CaptionOptions,
+    CaptionResponse,
+    ErrorResponse,
+    Health,
+    Limits,
+    ModelInfo,
+)
+from sca_caption.serve.uploads import FILE_FIELD, Upload, UploadError, read_uploads
+
+STATIC = Path(__file__).parent / "static"
+ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+CAPTION_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": [FILE_FIELD],
+                "properties": {
+                    FILE_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "image files"}
+                },
+            }
+        },
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+REFUSALS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "empty body, no image, an empty file or a malformed multipart body"),
+        (413, "over the upload limit, or too many images in one request"),
+        (415, "neither multipart/form-data nor an image/* body"),
+        (422, "an image that cannot be decoded (not an image, truncated, over the pixel limit), "
+              "an option of the wrong type or range, or an unknown option or form field"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """``max_images`` per request, ``max_upload_mb`` per request body, and the micro-batching:
+    up to ``max_batch`` images per batch, waiting at most ``max_wait_ms`` for more."""
+
+    max_batch: int = 16
+    max_wait_ms: float = 10.0
+    max_upload_mb: float = 10.0
+    max_images: int = 16
+
+
+def create_app(captioner: ImageCaptioner, *, card: ModelCard, limits: ServiceLimits = ServiceLimits()) -> FastAPI:
+    """The service's app for ``captioner``; ``card`` names its checkpoint and recorded scores."""
+    batcher = MicroBatcher(captioner, max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.close()
+
+    app = FastAPI(
+        title="sca-caption",
+        summary="Captions for images from an SCA-CNN captioner, with per-word attention maps",
+        lifespan=lifespan,
+    )
+    _add_error_handlers(app)
+    _add_page(app)
+    info = _model_info(captioner, card, limits)
+
+    @app.post(
+        "/v1/captions",
+        response_model=CaptionResponse,
+        response_model_exclude_none=True,
+        responses=REFUSALS,
+        openapi_extra={"requestBody": CAPTION_BODY},
+        summary="Caption one or more images",
+    )
+    async def captions(request: Request, options: Annotated[CaptionOptions, Query()]) -> dict[str, Any]:
+        """Images as multipart files in the field ``images`` or one raw ``image/*`` body; options
+        in the query string. One result per image, in upload order."""
+        start = time.perf_counter()
+        _refuse_repeated_options(request)
+        uploads = await read_uploads(
+            request, max_bytes=int(limits.max_upload_mb * 2**20), max_images=limits.max_images
+        )
+        try:
+            settings = options.settings(captioner)
+        except ValueError as err:
+            raise HTTPException(status_code=422, detail=str(err)) from None
+        images = await run_in_threadpool(_decode_all, uploads, captioner.input_size)
+        decoded = await batcher.caption(images, settings)
+        results = await run_in_threadpool(
+            lambda: [
+                image_result(u.name, d, captioner.layers, attention=options.attention, top_channels=options.top_channels)
+                for u, d in zip(uploads, decoded)
+            ]
+        )
+        return {"results": results, "elapsed_ms": round((time.perf_counter() - start) * 1000, 2)}
+
+    @app.get("/v1/model", response_model=ModelInfo, summary="The model, its recorded scores, defaults and limits")
+    async def model() -> ModelInfo:
+        return info
+
+    @app.get("/healthz", response_model=Health, summary="Liveness, and the images waiting for a batch")
+    async def healthz() -> Health:
+        return Health(queued=batcher.queued)
+
+    return app
+
+
+def _decode_all(uploads: Sequence[Upload], size: int) -> list[Tensor]:
+    try:
+        return [decode_image(u.data, size, u.name) for u in uploads]
+    except DataError as err:
+        raise UploadError(422, str(err)) from None
+
+
+def _refuse_repeated_options(request: Request) -> None:
+    names = [name for name, _ in request.query_params.multi_items()]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UploadError(422, f"option {repeated[0]!r} given more than once")
+
+
+def _model_info(captioner: ImageCaptioner, card: ModelCard, limits: ServiceLimits) -> ModelInfo:
+    config = captioner.model.config
+    defaults = captioner.settings()
+    return ModelInfo(
+        checkpoint=card.checkpoint,
+        backbone=config.backbone,
+        layers=list(captioner.layers),
+        order=config.order,
+        grids=[list(grid) for grid in captioner.grids],
+        input_size=captioner.input_size,
+        vocabulary_size=len(captioner.vocab),
+        scores=card.scores,
+        decoding_defaults={
+            "beam": defaults.beam_size,
+            "n_best": defaults.n_best,
+            "max_length": captioner.max_length,
+            "length_penalty": defaults.length_penalty,
+            "length_alpha": defaults.alpha,
+            "min_length": defaults.min_length,
+            "block_trigrams": defaults.block_trigrams,
+        },
+        limits=Limits(
+            max_images=limits.max_images,
+            max_upload_mb=limits.max_upload_mb,
+            max_batch=limits.max_batch,
+            max_wait_ms=limits.max_wait_ms,
+        ),
+        device=str(captioner.device),
+    )
+
+
+def _add_page(app: FastAPI) -> None:
+    """``/`` and its assets, read once from ``static/``: no request path ever names a file."""
+    page = (STATIC / "index.html").read_bytes()
+    app.add_api_route("/", lambda: Response(page, media_type="text/html; charset=utf-8"), include_in_schema=False)
+    for name, media_type in ASSETS.items():
+        content = (STATIC / name).read_bytes()
+        app.add_api_route(
+            f"/static/{name}",
+            lambda content=content, media_type=media_type: Response(content, media_type=media_type),
+            include_in_schema=False,
+        )
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(UploadError)
+    async def refused(_: Request, err: UploadError) -> JSONResponse:
+        return JSONResponse({"error": err.message}, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": _validation_message(err)}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def failed(_: Request, err: Exception) -> JSONResponse:  # logged with its traceback by the server
+        first = str(err).strip().splitlines()
+        return JSONResponse({"error": f"captioning failed: {type(err).__name__}: {first[0] if first else ''}"}, status_code=500)
+
+
+def _validation_message(err: RequestValidationError) -> str:
+    """The first problem of a request's options, in one line."""
+    errors = err.errors()
+    first = errors[0]
+    names = [str(part) for part in first["loc"] if part not in ("query", "body")]
+    if first["type"] == "extra_forbidden":
+        message = f"unknown option {names[-1]!r}; the options are {', '.join(CaptionOptions.model_fields)}"
+    elif names:
+        message = f"option {names[-1]!r}: {first['msg']} (got {first.get('input')!r})"
+    else:
+        message = str(first["msg"]).removeprefix("Value error, ")
+    more = len(errors) - 1
+    return message + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")

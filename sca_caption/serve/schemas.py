@@ -1,0 +1,138 @@
+"""The JSON API's options and answers as pydantic models: they validate the query string (extra
+fields refused) and document every answer in the OpenAPI schema at ``/docs``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sca_caption.captioning import DecodeSettings, ImageCaptioner
+from sca_caption.decoding import LENGTH_PENALTIES
+
+MAX_BEAM = 20
+MAX_LENGTH = 100
+MAX_TOP_CHANNELS = 64
+
+
+class CaptionOptions(BaseModel):
+    """Decoding options of ``POST /v1/captions``, given as query parameters; an option left out
+    takes the checkpoint's recorded decoding setting (``GET /v1/model``: ``decoding_defaults``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beam: int | None = Field(None, ge=1, le=MAX_BEAM, description="beam size (1: greedy)")
+    n_best: int = Field(1, ge=1, le=MAX_BEAM, description="captions per image, best first; at most beam")
+    max_length: int | None = Field(
+        None, ge=1, le=MAX_LENGTH, description="decoding steps, the end token included (default: the checkpoint's caption length + 1)"
+    )
+    length_penalty: Literal[LENGTH_PENALTIES] | None = Field(  # type: ignore[valid-type]
+        None, description="rank by log-prob (none), log-prob per step (average) or Wu et al.'s (wu)"
+    )
+    length_alpha: float | None = Field(None, ge=0.0, le=5.0, description="exponent of the wu penalty")
+    min_length: int | None = Field(None, ge=0, le=MAX_LENGTH, description="at least this many words")
+    block_trigrams: bool | None = Field(None, description="never repeat a trigram of the caption")
+    attention: bool = Field(False, description="per word and attended layer: the spatial map and the top channels")
+    top_channels: int = Field(5, ge=1, le=MAX_TOP_CHANNELS, description="channels per word and layer with attention")
+
+    def settings(self, captioner: ImageCaptioner) -> DecodeSettings:
+        """These options over the checkpoint's recorded settings; a ``ValueError`` (one line) for
+        an ``n_best`` above the beam size."""
+        settings = captioner.settings(
+            beam_size=self.beam, length_penalty=self.length_penalty, alpha=self.length_alpha,
+            min_length=self.min_length, block_trigrams=self.block_trigrams, n_best=self.n_best,
+            max_length=self.max_length, attention=self.attention,
+        )
+        if settings.n_best > settings.beam_size:
+            raise ValueError(f"n_best ({settings.n_best}) must be at most beam ({settings.beam_size})")
+        return settings
+
+
+class ScoredCaption(BaseModel):
+    caption: str = Field(description="the words joined by spaces")
+    score: float = Field(description="the ranking score: the log-probability, divided by the length penalty if one is set")
+    log_prob: float
+    finished: bool = Field(description="false if cut at max_length before the end token")
+
+
+class LayerAttention(BaseModel):
+    """One word's attention in one attended layer (keys of an attention the model lacks are left out)."""
+
+    layer: str
+    grid: list[int] | None = Field(None, description="[h, w] of the spatial map")
+    map: list[list[float]] | None = Field(None, description="the spatial weights, h rows of w (they sum to 1)")
+    argmax: list[int] | None = Field(None, description="[row, col] of the largest weight")
+    weight: float | None = Field(None, description="the largest spatial weight")
+    entropy: float | None = Field(None, description="of the spatial map, in nats (log(h*w) is uniform)")
+    top_channels: list[tuple[int, float]] | None = Field(None, description="[[channel, weight], ...], largest first")
+
+
+class WordAttention(BaseModel):
+    word: str
+    layers: list[LayerAttention]
+
+
+class Timing(BaseModel):
+    queue_ms: float = Field(description="from the image joining the queue to its batch starting")
+    batch_ms: float = Field(description="the batch's model time: backbone prefix and beam search")
+    batch_size: int = Field(description="images decoded together in that beam-search batch")
+
+
+class ImageCaptions(ScoredCaption):
+    """An image's best caption, its n-best list and, when asked, the best caption's attention."""
+
+    name: str = Field(description="the upload's file name, or 'image N' / 'request body'")
+    n_best: list[ScoredCaption]
+    attention: list[WordAttention] | None = Field(None, description="per word of the best caption; with attention=true")
+    timing: Timing
+
+
+class CaptionResponse(BaseModel):
+    results: list[ImageCaptions] = Field(description="one per image, in upload order")
+    elapsed_ms: float = Field(description="the request's time in the server")
+
+
+class DecodingDefaults(BaseModel):
+    """The checkpoint's recorded decoding settings: what an option left out means."""
+
+    beam: int
+    n_best: int
+    max_length: int
+    length_penalty: str
+    length_alpha: float
+    min_length: int
+    block_trigrams: bool
+
+
+class Limits(BaseModel):
+    max_images: int = Field(description="images in one request")
+    max_upload_mb: float = Field(description="request body size")
+    max_batch: int = Field(description="images in one beam-search batch")
+    max_wait_ms: float = Field(description="how long a batch waits for more images")
+    max_beam: int = MAX_BEAM
+    max_length: int = MAX_LENGTH
+
+
+class ModelInfo(BaseModel):
+    checkpoint: str = Field(description="the checkpoint's file name")
+    backbone: str
+    layers: list[str] = Field(description="the attended layers, lowest first")
+    order: str = Field(description="the attention order: cs, sc, c or s")
+    grids: list[list[int]] = Field(description="[h, w] of each attended layer")
+    input_size: int = Field(description="images are squashed to input_size x input_size")
+    vocabulary_size: int
+    scores: dict[str, float | int | str | dict[str, float]] = Field(
+        description="what the checkpoint recorded: the early-stopping metric, best epoch and score, that epoch's validation scores"
+    )
+    decoding_defaults: DecodingDefaults
+    limits: Limits
+    device: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    queued: int = Field(description="images waiting for a batch")
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="one line saying what was wrong")

@@ -1,0 +1,93 @@
+"""``python -m sca_caption.serve``: the real uvicorn server in a subprocess on a free loopback
+port, found with the checkpoint rule and named in its first log line, answering and shutting down
+cleanly; its arguments (loopback unless asked, limits) and a missing checkpoint in one line."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from caption_support import save_tiny_checkpoint
+from serve_support import as_answer, library_captions, photo_bytes
+from sca_caption.captioning import DecodeSettings, ImageCaptioner
+from sca_caption.serve.__main__ import main, parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+STARTED = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+
+
+def wait_for_port(log: Path, process: subprocess.Popen, timeout: float = 120.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = STARTED.search(log.read_text(errors="replace"))
+        if found:
+            return int(found.group(1))
+        assert process.poll() is None, log.read_text(errors="replace")
+        time.sleep(0.1)
+    raise AssertionError(f"the server did not start: {log.read_text(errors='replace')}")
+
+
+@pytest.mark.slow
+def test_the_real_server_serves_on_loopback_and_shuts_down(tmp_path):
+    checkpoint = save_tiny_checkpoint(tmp_path / "checkpoints" / "shapes" / "best.pt")
+    log = tmp_path / "server.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sca_caption.serve", "--port", "0", "--max-wait-ms", "0"],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        port = wait_for_port(log, process)
+        first_line = log.read_text().splitlines()[0]
+        assert first_line == "sca_caption.serve: checkpoint checkpoints/shapes/best.pt (the newest trained checkpoint), device cpu"
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as http:  # no proxy
+            assert http.get("/healthz").json() == {"status": "ok", "queued": 0}
+            answer = http.post("/v1/captions?beam=3&n_best=2", content=photo_bytes(1), headers={"content-type": "image/png"})
+            assert answer.status_code == 200
+            captioner = ImageCaptioner.from_checkpoint(checkpoint)
+            want = library_captions(captioner, [photo_bytes(1)], DecodeSettings(beam_size=3, n_best=2))
+            assert answer.json()["results"][0]["n_best"] == as_answer(want[0])
+            assert http.post("/v1/captions", content=b"x", headers={"content-type": "image/png"}).status_code == 422
+            assert http.get("/").text.startswith("<!doctype html>")
+    finally:
+        process.send_signal(signal.SIGINT)
+        status = process.wait(timeout=60)
+    assert status == 0 and "Application shutdown complete" in log.read_text()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
+def test_loopback_hosts_need_no_flag(host):
+    assert parse_args(["--host", host]).host == host
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "example.org"])
+def test_another_host_needs_allow_remote(capsys, host):
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--host", host])
+    assert exited.value.code == 2
+    assert f"--host {host} is not a loopback address: add --allow-remote" in capsys.readouterr().err
+    assert parse_args(["--host", host, "--allow-remote"]).host == host  # parsed only: nothing is bound here
+
+
+@pytest.mark.parametrize("argv", [["--max-batch", "0"], ["--max-wait-ms", "-1"], ["--max-upload-mb", "0"], ["--port", "70000"]])
+def test_impossible_limits_are_usage_errors(capsys, argv):
+    with pytest.raises(SystemExit) as exited:
+        parse_args(argv)
+    assert exited.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith("python -m sca_caption.serve: error:")
+
+
+def test_without_any_checkpoint_it_says_how_to_make_one(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no checkpoint: neither checkpoints/flickr8k_cs_lite0.pt")
+    assert "python -m sca_caption.train" in err[0]
