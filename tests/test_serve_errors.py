@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from caption_support import bomb_png, save_tiny_checkpoint, truncated_jpeg
 from serve_support import as_answer, library_captions, photo_bytes
-from sca_caption.captioning import DecodeSettings, ImageCaptioner
+from sca_caption.captioning import ImageCaptioner
 from sca_caption.serve.app import ServiceLimits, create_app
 from sca_caption.serve.model_card import ModelCard
 
