@@ -54,8 +54,11 @@ def test_the_real_server_serves_on_loopback_and_shuts_down(tmp_path):
             answer = http.post("/v1/captions?beam=3&n_best=2", content=photo_bytes(1), headers={"content-type": "image/png"})
             assert answer.status_code == 200
             captioner = ImageCaptioner.from_checkpoint(checkpoint)
-            want = library_captions(captioner, [photo_bytes(1)], DecodeSettings(beam_size=3, n_best=2))
-            assert answer.json()["results"][0]["n_best"] == as_answer(want[0])
+            want = as_answer(library_captions(captioner, [photo_bytes(1)], DecodeSettings(beam_size=3, n_best=2))[0])
+            got = answer.json()["results"][0]["n_best"]
+            # the server runs one torch thread, this process maybe more: float sums may differ in the last bits
+            assert [(c["caption"], c["finished"]) for c in got] == [(c["caption"], c["finished"]) for c in want]
+            assert [c["score"] for c in got] == pytest.approx([c["score"] for c in want], rel=1e-5)
             assert http.post("/v1/captions", content=b"x", headers={"content-type": "image/png"}).status_code == 422
             assert http.get("/").text.startswith("<!doctype html>")
     finally:
