@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from sca_caption.config import ExperimentConfig, load_config, write_config
+from sca_caption.config import ExperimentConfig, load_config
 from sca_caption.data.datasets import CORPORA
 from sca_caption.data.download import download_dataset
 from sca_caption.distributed import start_processes, stop_processes
@@ -83,8 +83,6 @@ def main(argv: list[str] | None = None) -> int:
             download_dataset(config.data.dataset, data_root(config), progress=progress)
         data = prepare(config, progress=progress, processes=processes)  # every rank extracts a share
         trainer = Trainer(config, data, out, processes, resume=args.resume, progress=progress, init_from=args.init_from)
-        if processes.is_main:
-            write_config(out / "config.yaml", config)
         result = trainer.run()
     finally:
         stop_processes(processes)

@@ -55,7 +55,7 @@ from sca_caption.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from sca_caption.config import ExperimentConfig, TrainConfig
+from sca_caption.config import ExperimentConfig, TrainConfig, write_config
 from sca_caption.data.caption_dataset import (
     CaptionBatch,
     CaptionSamples,
@@ -72,6 +72,7 @@ from sca_caption.decoding import DecodeConfig
 from sca_caption.distributed import Processes
 from sca_caption.evaluation import SplitEvaluation, decoding_limit, evaluate_split, scenes_for
 from sca_caption.io_utils import atomic_write_json, atomic_write_text
+from sca_caption.locks import exclusive
 from sca_caption.models.backbones import build_cache_backbone
 from sca_caption.models.captioner import SCACaptioner
 from sca_caption.models.tag_head import tag_targets, tag_vocabulary
@@ -286,12 +287,21 @@ class Trainer:
             unused = config.model.num_tags > 0 and config.model.tag_loss_weight == 0
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=unused)
-        self.writer = _tensorboard(self.out) if processes.is_main else None
+        self.writer: Any = None  # TensorBoard, opened by ``run``
 
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        """Train until ``train.epochs`` or early stopping, then score the best model on the test split."""
+        """Train until ``train.epochs`` or early stopping, then score the best model on the test
+        split; one run at a time per output folder (``locks.exclusive`` on ``OUT/.run.lock``)."""
+        busy = f"{self.out}: another training run is writing this folder"
+        with exclusive(self.out / ".run.lock", self.proc, busy):
+            if self.proc.is_main:
+                write_config(self.out / "config.yaml", self.config)
+                self.writer = _tensorboard(self.out)
+            return self._run()
+
+    def _run(self) -> TrainResult:
         train = self.config.train
         self.log(
             f"training on {len(self.train_samples)} captions ({self.steps_per_epoch} steps per epoch, "

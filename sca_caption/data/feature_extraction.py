@@ -23,7 +23,6 @@ equals a single-process run's, and a killed run resumes with any number of proce
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import h5py
 import numpy as np
@@ -47,6 +46,7 @@ from sca_caption.data.features import TAPS_GROUP, CacheSpec, is_complete
 from sca_caption.data.images import load_image
 from sca_caption.distributed import ONE_PROCESS, Processes
 from sca_caption.io_utils import atomic_write, atomic_write_json
+from sca_caption.locks import exclusive
 from sca_caption.models.backbones import BackbonePrefix, build_cache_backbone
 from sca_caption.models.backbones.base import freeze
 
@@ -385,38 +385,13 @@ def _file_skipped(out: Path, records: Sequence[ImageRecord]) -> tuple[SkippedEnt
 
 @contextmanager
 def _exclusive(out: Path, processes: Processes) -> Iterator[None]:
-    """Rank 0 holds ``OUT.lock`` for the extraction, for all processes of the run; a second
-    concurrent run for OUT is refused, on every one of its processes.
-
-    A POSIX record lock (``lockf``), not ``flock``: forked DataLoader workers do not inherit it, so
-    a SIGKILLed run frees it at once instead of when its orphaned workers notice and exit.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = out.with_name(out.name + ".lock")
-    handle = open(lock, "w") if processes.is_main else None
-    try:
-        if not processes.main_says(handle is not None and _locked(handle)):
-            raise DataError(f"{out}: another extraction is writing this file")
-        if handle is not None:
-            for stale in out.parent.glob(f".{out.name}.*.tmp"):  # temporary HDF5 files of killed runs
+    """``OUT.lock`` held for the extraction (``locks.exclusive``); the temporary HDF5 files of
+    killed runs are removed once it is taken."""
+    with exclusive(out.with_name(out.name + ".lock"), processes, f"{out}: another extraction is writing this file"):
+        if processes.is_main:
+            for stale in out.parent.glob(f".{out.name}.*.tmp"):
                 stale.unlink()
-        try:
-            yield
-        finally:
-            if handle is not None:
-                lock.unlink(missing_ok=True)
-    finally:
-        if handle is not None:
-            handle.close()
-
-
-def _locked(handle: IO[str]) -> bool:
-    """Whether this process took the lock on ``handle`` (False: another process holds it)."""
-    try:
-        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
+        yield
 
 
 def _fsync_file(path: Path) -> None:
