@@ -303,9 +303,12 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         train = self.config.train
+        critical = self._self_critical(self.at.epoch)
+        samples = f"{len(self.train_images)} images, self-critically" if critical else f"{len(self.train_samples)} captions"
+        steps = self._steps(len(self.train_images if critical else self.train_samples))
         self.log(
-            f"training on {len(self.train_samples)} captions ({self.steps_per_epoch} steps per epoch, "
-            f"{self.proc.world} process(es), {self.device}), validating on {len(self.val_records)} images"
+            f"training on {samples} ({steps} steps per epoch, {self.proc.world} process(es), {self.device}), "
+            f"validating on {len(self.val_records)} images"
         )
         while self.at.epoch < train.epochs and not self.books.stopped:
             self._train_epoch()
@@ -411,7 +414,7 @@ class Trainer:
             self.model.load_state_dict(load_checkpoint(best).model)
         self.optimizer = make_optimizer(self.model, self.config.train.scst_lr, self.config.train.weight_decay)
         self.books.bad_evaluations = 0
-        self.log(f"epoch {self.at.epoch + 1}: self-critical training from {best if best.exists() else 'the last weights'}")
+        self.log(f"epoch {self.at.epoch + 1}: self-critical training from {best if best.exists() else 'the current weights'}")
 
     def _log_step(self, loss: float, rate: float) -> None:
         """Every ``log_every`` steps: TensorBoard scalars, and a line where there is no progress bar."""
