@@ -23,6 +23,9 @@ from the best cross-entropy epoch's weights (``best.pt``) with a fresh optimizer
 early stopping moves on to it. ``init_from`` (``--init-from``) starts a run from another run's
 weights instead, e.g. ``train.scst_after=0`` on a finished cross-entropy run.
 
+Ctrl-C or SIGTERM: the step in progress is finished, saved in ``last.pt``, and the run stops with
+one line saying how to continue (``--resume``); a second Ctrl-C stops at once.
+
 Data parallel (see ``distributed``): ``data.batch_size`` is the global batch, shared out among the
 processes sample by sample. ``SCACaptioner.loss`` returns sums; each process divides its summed
 word losses by the token count of the global batch (and its per-image terms by the global batch
@@ -35,10 +38,13 @@ from __future__ import annotations
 import csv
 import io
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -100,6 +106,32 @@ LOWER_IS_BETTER = ("loss",)
 
 class TrainingError(DataError):
     """A run that cannot start or continue as asked; the message is one line."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C or SIGTERM: the step in progress was finished and saved in last.pt."""
+
+
+@contextmanager
+def _signals_noted(received: list[str]) -> Iterator[None]:
+    """While the block runs, SIGINT and SIGTERM are appended to ``received`` by name (the trainer
+    stops at the next step boundary); a second one interrupts at once. Only the main thread can
+    take signals: elsewhere the block runs with the handlers as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(number: int, _: object) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(number).name)
+
+    previous = {number: signal.signal(number, note) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @dataclass
@@ -249,6 +281,7 @@ class Trainer:
         ``init_from``: a checkpoint whose model weights a new run starts from (same model and vocabulary)."""
         self.config = config
         self.on_step = on_step
+        self._signals: list[str] = []  # SIGINT / SIGTERM received while ``run`` trains
         self.data = data
         self.out = Path(out)
         self.proc = processes
@@ -295,7 +328,7 @@ class Trainer:
         """Train until ``train.epochs`` or early stopping, then score the best model on the test
         split; one run at a time per output folder (``locks.exclusive`` on ``OUT/.run.lock``)."""
         busy = f"{self.out}: another training run is writing this folder"
-        with exclusive(self.out / ".run.lock", self.proc, busy):
+        with exclusive(self.out / ".run.lock", self.proc, busy), _signals_noted(self._signals):
             if self.proc.is_main:
                 write_config(self.out / "config.yaml", self.config)
                 self.writer = _tensorboard(self.out)
@@ -361,7 +394,21 @@ class Trainer:
                     self._save(self.out / "last.pt")
                 if self.on_step is not None:
                     self.on_step(self.at.step)
+                if self.proc.main_says(bool(self._signals)):
+                    self._stop_at_step(started)
         self.books.epoch_seconds += time.perf_counter() - started
+
+    def _stop_at_step(self, started: float) -> None:
+        """Ctrl-C or SIGTERM arrived during the step just taken: keep it in last.pt and stop."""
+        self.books.epoch_seconds += time.perf_counter() - started
+        last = self.out / "last.pt"
+        if self.proc.is_main:
+            self._save(last)
+        self.proc.barrier()
+        raise TrainingInterrupted(
+            f"{self.out}: stopped by {self._signals[0] if self._signals else 'another process'} after step "
+            f"{self.at.step}; {last} holds it: continue with --resume"
+        )
 
     def _train_step(self, global_batch: list[int], batch: CaptionBatch) -> float:
         """One optimizer step on this process's share ``batch`` of ``global_batch``; returns the

@@ -1,13 +1,22 @@
-"""``python -m sca_caption.train`` that stops after optimizer step K (``--pause-after K``, first
-argument): it prints ``PAUSED`` and sleeps, so a test can SIGKILL it at a known point mid-epoch.
-The pause is a ``Trainer`` step callback; everything else is the train CLI's own code."""
+"""``python -m sca_caption.train`` with a step callback, for tests that interrupt it at a known
+point mid-epoch. First arguments:
+
+- ``--pause-after K``: after optimizer step K it prints ``PAUSED`` and sleeps (for a SIGKILL);
+- ``--signal-after K NAME``: after step K it sends itself the real signal NAME (e.g. SIGTERM), as
+  a Ctrl-C or ``kill`` would arrive in the middle of training.
+
+Everything else is the train CLI's own code (``train.main`` with the callback's trainer)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
+from typing import Callable
 
 from sca_caption.distributed import start_processes
+from sca_caption.errors import command
 from sca_caption.prepare import prepare
 from sca_caption.train import experiment_config, parse_args
 from sca_caption.trainer import Trainer
@@ -15,19 +24,37 @@ from sca_caption.trainer import Trainer
 PAUSED = "PAUSED"
 
 
-def main(argv: list[str]) -> None:
-    assert argv[0] == "--pause-after"
-    pause_after, args = int(argv[1]), parse_args(argv[2:])
+def callback(argv: list[str]) -> tuple[Callable[[int], None], list[str]]:
+    """The step callback the first arguments ask for, and the train CLI's arguments."""
+    if argv[0] == "--pause-after":
+        step = int(argv[1])
 
-    def pause(step: int) -> None:
-        if step == pause_after:
-            print(PAUSED, flush=True)
-            time.sleep(3600)
+        def pause(at: int) -> None:
+            if at == step:
+                print(PAUSED, flush=True)
+                time.sleep(3600)
 
+        return pause, argv[2:]
+    assert argv[0] == "--signal-after"
+    step, number = int(argv[1]), signal.Signals[argv[2]]
+
+    def send(at: int) -> None:
+        if at == step:
+            os.kill(os.getpid(), number)
+
+    return send, argv[3:]
+
+
+@command
+def main(argv: list[str] | None) -> int:
+    on_step, rest = callback(argv or [])
+    args = parse_args(rest)
     config = experiment_config(args)
     processes = start_processes(args.device)
-    Trainer(config, prepare(config, progress=False, processes=processes), args.out, processes, progress=False, on_step=pause).run()
+    data = prepare(config, progress=False, processes=processes)
+    Trainer(config, data, args.out, processes, resume=args.resume, progress=False, on_step=on_step).run()
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from paused_train import PAUSED
 from sca_caption import train
-from train_support import TinyShapes, subprocess_env, tiny_shapes, train_command  # noqa: F401
+from train_support import TinyShapes, run_train, subprocess_env, tiny_shapes, train_command  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -37,3 +38,26 @@ def test_a_second_training_run_into_the_same_folder_is_refused_naming_the_first(
         first.kill()
         first.wait(timeout=60)
     assert train.main(["--no-progress", "--device", "cpu", "--out", str(tmp_path / "other"), *settings]) == 0
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_epoch_saves_the_step_and_says_how_to_resume(tiny_shapes: TinyShapes, tmp_path: Path, name: str) -> None:
+    settings = tiny_shapes.overrides(model__dropout=0.3)
+    whole = tmp_path / "whole"
+    run_train("--out", str(whole), *settings, cwd=tmp_path)  # one thread, as the interrupted run
+    out = tmp_path / "run"
+    command = [sys.executable, str(Path(__file__).with_name("paused_train.py")), "--signal-after", "3", name]
+    stopped = subprocess.run(
+        command + train_command("--out", str(out), *settings)[3:], env=subprocess_env(), capture_output=True,
+        text=True, timeout=300,
+    )
+    assert stopped.returncode == 2, stopped.stderr[-2000:]
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"error: {out}: stopped by {name} after step 3; {out / 'last.pt'} holds it: continue with --resume"
+    )
+    assert "Traceback" not in stopped.stderr
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"], saved["data_position"]) == (0, 3, 90)
+    run_train("--out", str(out), "--resume", *settings, cwd=tmp_path)
+    ended, wanted = torch.load(out / "last.pt", weights_only=True), torch.load(whole / "last.pt", weights_only=True)
+    assert all(torch.equal(v, ended["model"][k]) for k, v in wanted["model"].items())  # as if never stopped
