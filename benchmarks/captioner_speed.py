@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Callable
 
 import torch
 
-from common import SETTINGS, build_captioner, matmul_roofline, op_profile, upper_stages, with_peak_memory
+from common import SETTINGS, build_captioner, matmul_roofline, median_seconds, op_profile, upper_stages, with_peak_memory
 from sca_caption.config import TrainConfig
 from sca_caption.data.caption_dataset import CaptionBatch
 from sca_caption.models.backbones import build_backbone
@@ -113,17 +112,6 @@ def training_iteration(
 
     return iteration
 
-
-def median_seconds(run: Callable[[], None], iterations: int, warmup: int) -> float:
-    """Median seconds of ``run()`` over ``iterations`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:

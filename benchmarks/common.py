@@ -145,3 +145,15 @@ def with_peak_memory(run: Callable[[], dict[str, object]]) -> dict[str, object]:
     result = receive.recv()
     process.join()
     return result
+
+
+def median_seconds(run: Callable[[], object], iterations: int, warmup: int) -> float:
+    """Median seconds of ``run()`` over ``iterations`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]

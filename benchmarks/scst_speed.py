@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Callable
 
 import torch
 
-from common import SETTINGS, Setting, build_captioner
+from common import SETTINGS, Setting, build_captioner, median_seconds
 from sca_caption.config import TrainConfig
 from sca_caption.data.caption_dataset import CaptionBatch
 from sca_caption.data.vocab import Vocab
@@ -38,16 +37,6 @@ from sca_caption.trainer import cross_entropy_step, make_optimizer, optimizer_st
 CAPTIONS_PER_IMAGE = 5
 F8K = Setting("efficientnet_lite0", ("stage7",), 128, 384, 256)  # configs/flickr8k.yaml
 
-
-def median_seconds(run: Callable[[], None], iterations: int, warmup: int) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:

@@ -58,8 +58,13 @@ def test_forward_shapes_and_attention_sums(order: str, layers: tuple[str, ...]) 
 @pytest.mark.parametrize("layers", DEPTHS)
 @pytest.mark.parametrize("order", ORDERS)
 def test_teacher_forcing_equals_stepping(order: str, layers: tuple[str, ...]) -> None:
-    model = build(config(layers, order), dtype=torch.float64).eval()
-    features = {name: x.double() for name, x in tiny_features(layers).items()}
+    assert_teacher_forcing_equals_stepping(config(layers, order))
+
+
+def assert_teacher_forcing_equals_stepping(cfg: ModelConfig) -> None:
+    """``forward``'s logits and attention at every position equal ``step``'s, in float64."""
+    model = build(cfg, dtype=torch.float64).eval()
+    features = {name: x.double() for name, x in tiny_features(cfg.layers).items()}
     caps = captions()
     with torch.no_grad():
         out = model(features, caps)
@@ -237,17 +242,8 @@ def test_config_round_trip_and_errors() -> None:
 @pytest.mark.parametrize("normalize", [False, True])
 def test_authors_options_keep_teacher_forcing_equal_to_stepping(context_to_output: bool, normalize: bool) -> None:
     cfg = config(("conv3", "conv4"), "cs", context_to_output=context_to_output, normalize_features=normalize)
-    model = build(cfg, dtype=torch.float64).eval()
-    assert (model.decoder.out_context is not None) == context_to_output
-    features = {name: x.double() for name, x in tiny_features(("conv3", "conv4")).items()}
-    caps = captions()
-    with torch.no_grad():
-        out = model(features, caps)
-        state, memory = model.start(features)
-        for t in range(caps.shape[1] - 1):
-            step = model.step(caps[:, t], state, memory)
-            torch.testing.assert_close(step.logits, out.logits[:, t], rtol=1e-10, atol=1e-10)
-            state = step.state
+    assert (build(cfg).decoder.out_context is not None) == context_to_output
+    assert_teacher_forcing_equals_stepping(cfg)
 
 
 def test_normalized_features_make_the_decoder_blind_to_feature_scale() -> None:
