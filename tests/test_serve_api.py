@@ -134,6 +134,12 @@ def test_model_card_reports_the_scores_the_trainer_recorded(tmp_path, checkpoint
                            "validation": {"val_loss": 2.1, "CIDEr": 0.4}}
 
 
+def test_model_card_reports_an_exported_files_test_scores(tmp_path, checkpoint):
+    exported = replace(load_checkpoint(checkpoint), extra={"test_split": "test", "test_scores": {"CIDEr": 0.5, "Bleu_4": 0.2}})
+    save_checkpoint(tmp_path / "model.pt", exported)
+    assert model_card(tmp_path / "model.pt").scores == {"test_split": "test", "test": {"CIDEr": 0.5, "Bleu_4": 0.2}}
+
+
 def test_openapi_schema_documents_the_options_bodies_and_errors(client):
     schema = client.get("/openapi.json").json()
     post = schema["paths"]["/v1/captions"]["post"]

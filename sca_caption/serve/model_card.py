@@ -1,6 +1,7 @@
 """What ``GET /v1/model`` says about the checkpoint beyond the model itself: its file name and the
-scores its training recorded (the early-stopping metric, the best epoch and score, and that
-epoch's validation scores, from the trainer's bookkeeping in the checkpoint's ``extra``)."""
+scores recorded in it: a training checkpoint's (the early-stopping metric, the best epoch and
+score, and that epoch's validation scores, from the trainer's bookkeeping in ``extra``), or an
+exported model file's test scores (``sca_caption.export``: ``test`` and ``test_split``)."""
 
 from __future__ import annotations
 
@@ -33,4 +34,7 @@ def model_card(path: Path) -> ModelCard:
         best = [row for row in extra.get("history", []) if row.get("epoch") == extra["best_epoch"]]
         if best:
             scores["validation"] = {k: v for k, v in best[0].items() if k not in NOT_SCORES and v is not None}
+    if "test_scores" in extra:
+        scores["test_split"] = extra.get("test_split")
+        scores["test"] = extra["test_scores"]
     return ModelCard(path.name, scores)
