@@ -35,7 +35,7 @@ Runs (``--runs setting:order,...``), settings from ``common.py``:
   whose upper stage runs at every step for every beam), attention 512, hidden 1000, embedding 100.
 
 Each run is made with every attention backend of ``--kernels`` ("plain": the paper's equations,
-what a GPU runs; "cpu": the CPU kernels), side by side, each in a child process whose
+what a GPU runs; "cpu": the CPU kernels), side by side, each in a fresh process whose
 resident-memory rise is printed as ``peak_rss_mb``.
 
 Usage: python benchmarks/beam_speed.py [--runs lite0:cs,lite0:s,paper:cs] [--kernels plain,cpu] [--batch 64]
@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import SETTINGS, build_captioner, matmul_roofline, op_profile, upper_stages, with_peak_memory
+from common import SETTINGS, build_captioner, matmul_roofline, measured_alone, op_profile, upper_stages, with_peak_memory
 from sca_caption.data.vocab import Vocab
 from sca_caption.decoding import beam_search
 from sca_caption.models.backbones import build_backbone
@@ -215,19 +215,28 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--profile", type=int, default=0, help="profile this many more batches: where the time goes")
+    parser.add_argument("--one", type=float, default=None, help=argparse.SUPPRESS)  # the roofline: measure alone
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    runs = [spec.partition(":") for spec in args.runs.split(",")]
+    for name, _, order in runs:
+        if name not in SETTINGS or not order:
+            parser.error(f"--runs: {name}:{order} is not setting:order with setting one of {', '.join(SETTINGS)}")
 
+    if args.one is not None:  # a single run and backend, in this fresh process
+        name, _, order = runs[0]
+        print(json.dumps(with_peak_memory(lambda: run(name, order, args.kernels, args, args.one))), flush=True)
+        return
     roofline = matmul_roofline()
     gflops = float(roofline["gflops"])  # type: ignore[arg-type]
     print(json.dumps(roofline), flush=True)
-    for spec in args.runs.split(","):
-        name, _, order = spec.partition(":")
-        if name not in SETTINGS or not order:
-            parser.error(f"--runs: {spec!r} is not setting:order with setting one of {', '.join(SETTINGS)}")
+    same = ["--batch", str(args.batch), "--beam", str(args.beam), "--max-length", str(args.max_length), "--vocab",
+            str(args.vocab), "--batches", str(args.batches), "--warmup", str(args.warmup), "--threads", str(args.threads),
+            "--profile", str(args.profile), "--one", str(gflops)]
+    for name, _, order in runs:
         for kernels in args.kernels.split(","):
-            print(json.dumps(with_peak_memory(lambda: run(name, order, kernels, args, gflops))), flush=True)
+            print(json.dumps(measured_alone(["--runs", f"{name}:{order}", "--kernels", kernels, *same])), flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ Settings (random weights; only the shapes matter) from ``common.py``: ``lite0`` 
 EfficientNet-Lite0's stage7, the issue's CPU configuration) and ``paper`` (the paper's two layers
 on ResNet-152, res5c_branch2b then res5c). Each order runs with every attention backend of
 ``--kernels`` ("plain": the paper's equations, what a GPU runs; "cpu": the CPU kernels), side by
-side, each in a child process whose resident-memory rise is printed as ``peak_rss_mb``.
+side, each in a fresh process whose resident-memory rise is printed as ``peak_rss_mb``.
 
 Usage: python benchmarks/captioner_speed.py [--settings lite0,paper] [--orders cs,s] [--kernels plain,cpu]
        [--batch 64] [--steps 16] [--vocab 3000] [--iterations 10] [--warmup 2] [--bf16] [--profile N]
@@ -32,7 +32,16 @@ from typing import Callable
 
 import torch
 
-from common import SETTINGS, build_captioner, matmul_roofline, median_seconds, op_profile, upper_stages, with_peak_memory
+from common import (
+    SETTINGS,
+    build_captioner,
+    matmul_roofline,
+    measured_alone,
+    median_seconds,
+    op_profile,
+    upper_stages,
+    with_peak_memory,
+)
 from sca_caption.config import TrainConfig
 from sca_caption.data.caption_dataset import CaptionBatch
 from sca_caption.models.backbones import build_backbone
@@ -126,18 +135,24 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="forward pass under bfloat16 autocast (train.bf16)")
     parser.add_argument("--profile", type=int, default=0, help="profile this many more iterations: where the time goes")
+    parser.add_argument("--one", type=float, default=None, help=argparse.SUPPRESS)  # the roofline: measure alone
     args = parser.parse_args()
 
+    if args.one is not None:  # a single setting, order and backend, in this fresh process
+        shapes = feature_shapes(SETTINGS[args.settings].backbone, SETTINGS[args.settings].layers)
+        measure = lambda: measure_training(args.settings, shapes, args.orders, args.kernels, args, args.one)  # noqa: E731
+        print(json.dumps(with_peak_memory(measure)), flush=True)
+        return
     roofline = matmul_roofline()
     gflops = float(roofline["gflops"])  # type: ignore[arg-type]
     print(json.dumps(roofline), flush=True)
+    same = ["--batch", str(args.batch), "--steps", str(args.steps), "--vocab", str(args.vocab), "--iterations",
+            str(args.iterations), "--warmup", str(args.warmup), "--profile", str(args.profile), "--one", str(gflops)]
     for name in args.settings.split(","):
-        setting = SETTINGS[name]
-        shapes = feature_shapes(setting.backbone, setting.layers)
         for order in args.orders.split(","):
             for kernels in args.kernels.split(","):
-                measure = lambda: measure_training(name, shapes, order, kernels, args, gflops)  # noqa: E731
-                print(json.dumps(with_peak_memory(measure)), flush=True)
+                one = ["--settings", name, "--orders", order, "--kernels", kernels, *same, *(["--bf16"] if args.bf16 else [])]
+                print(json.dumps(measured_alone(one)), flush=True)
 
 
 def measure_training(

@@ -13,8 +13,10 @@ Settings (random weights; only the shapes matter):
 
 from __future__ import annotations
 
-import multiprocessing
+import json
 import resource
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -127,24 +129,24 @@ def op_profile(run: Callable[[], object], repeats: int, top: int = 12) -> dict[s
 
 
 def with_peak_memory(run: Callable[[], dict[str, object]]) -> dict[str, object]:
-    """``run()``'s result plus ``peak_rss_mb``: how far the resident memory rose above its level
-    at the start, measured in a forked child process that runs it alone (Linux)."""
-
-    def child(pipe: object) -> None:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        with open("/proc/self/statm") as statm:
-            resident_kb = int(statm.read().split()[1]) * resource.getpagesize() // 1024
-        result = run()
-        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        result["peak_rss_mb"] = round((peak_kb - min(before, resident_kb)) / 1024, 1)
-        pipe.send(result)  # type: ignore[attr-defined]
-
-    receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
-    process = multiprocessing.get_context("fork").Process(target=child, args=(send,))
-    process.start()
-    result = receive.recv()
-    process.join()
+    """``run()``'s result plus ``peak_rss_mb``: how far the resident memory rose above its level at
+    the start. Valid as the only measurement of its process (``ru_maxrss`` never falls): the
+    benchmarks run each measurement in a fresh process (``measured_alone``)."""
+    with open("/proc/self/statm") as statm:
+        resident_kb = int(statm.read().split()[1]) * resource.getpagesize() // 1024
+    result = run()
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result["peak_rss_mb"] = round((peak_kb - resident_kb) / 1024, 1)
     return result
+
+
+def measured_alone(argv: list[str]) -> dict[str, object]:
+    """This benchmark script run again in a fresh process with ``argv`` (one measurement: a
+    forked child of a process whose thread pools ran can deadlock), and the JSON line it prints."""
+    done = subprocess.run([sys.executable, sys.argv[0], *argv], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{sys.argv[0]} {' '.join(argv)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def median_seconds(run: Callable[[], object], iterations: int, warmup: int) -> float:
