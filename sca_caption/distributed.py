@@ -45,9 +45,9 @@ class Processes:
             dist.barrier()
 
     def sum(self, value: torch.Tensor) -> float:
-        """The sum of a scalar ``value`` over all processes."""
+        """The sum of a scalar ``value`` (on any device) over all processes."""
         if self.distributed:
-            value = value.clone()
+            value = value.detach().to(self.device, copy=True)  # NCCL reduces only tensors on the GPU
             dist.all_reduce(value)
         return float(value)
 
