@@ -10,10 +10,12 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from sca_caption.models.backbones import build_cache_backbone
+from sca_caption.captioning import ImageCaptioner
 from sca_caption.checkpoint import Checkpoint, capture_rng_state, save_checkpoint
 from sca_caption.data.vocab import SPECIALS
 from sca_caption.models.backbones.base import freeze
@@ -58,6 +60,18 @@ def save_tiny_checkpoint(
         ),
     )
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint (``save_tiny_checkpoint``) for a test module."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def captioner(checkpoint: Path) -> ImageCaptioner:
+    """The tiny checkpoint's captioner, with its backbone prefix."""
+    return ImageCaptioner.from_checkpoint(checkpoint)
 
 
 def shape_image(path: Path, colour: tuple[int, int, int], box: tuple[int, int, int, int], size: int = 96) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from caption_support import LAYERS, bomb_png, save_tiny_checkpoint, shape_image, truncated_jpeg
+from caption_support import LAYERS, bomb_png, captioner, checkpoint, save_tiny_checkpoint, shape_image, truncated_jpeg  # noqa: F401
 from sca_caption.caption import main
 from sca_caption.checkpoint import CheckpointError
 from sca_caption.captioning import (
@@ -25,16 +25,6 @@ from sca_caption.captioning import (
 )
 from sca_caption.data.images import MAX_PIXELS, load_image
 from sca_caption.models.backbones import build_cache_backbone
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-
-
-@pytest.fixture(scope="module")
-def captioner(checkpoint) -> ImageCaptioner:
-    return ImageCaptioner.from_checkpoint(checkpoint)
 
 
 @pytest.fixture

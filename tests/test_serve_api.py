@@ -8,28 +8,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from caption_support import LAYERS, save_tiny_checkpoint
+from caption_support import LAYERS, captioner, checkpoint  # noqa: F401
 from serve_support import as_answer, library_captions, photo_bytes
-from sca_caption.captioning import DecodeSettings, ImageCaptioner, attention_summary
+from sca_caption.captioning import DecodeSettings, attention_summary
 from sca_caption.checkpoint import load_checkpoint, save_checkpoint
 from sca_caption.serve.app import ServiceLimits, create_app
 from sca_caption.serve.model_card import model_card
 from sca_caption.serve.schemas import CaptionOptions
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-
-
-@pytest.fixture(scope="module")
-def captioner(checkpoint) -> ImageCaptioner:
-    return ImageCaptioner.from_checkpoint(checkpoint)
 
 
 @pytest.fixture(scope="module")
