@@ -13,13 +13,15 @@ training", 2020: no greedy pass).
 The log-probabilities are computed again by teacher forcing the samples through the model's
 forward (so DDP sees one forward and one backward per step, as in cross-entropy training), with
 the never-emitted ids suppressed as when sampling. With dropout on, that pass draws its own
-dropout masks: the sample comes from the same model, under other masks.
+dropout masks: the sample comes from the same model, under other masks. ``dropout_rate(model, 0)``
+around both passes makes them one distribution (``train.scst_dropout``).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,20 @@ class Rollout:
     def tokens(self) -> int:
         """Sampled tokens the loss counts (words and ``<end>``)."""
         return int((self.captions[:, 1:] != Vocab.pad).sum())
+
+
+@contextmanager
+def dropout_rate(model: nn.Module, p: float | None) -> Iterator[None]:
+    """Every ``nn.Dropout`` of ``model`` at rate ``p`` inside the block (``None``: unchanged)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Dropout)] if p is not None else []
+    saved = [m.p for m in layers]
+    for m in layers:
+        m.p = p
+    try:
+        yield
+    finally:
+        for m, rate in zip(layers, saved):
+            m.p = rate
 
 
 def sample_captions(

@@ -18,7 +18,7 @@ rates, that the interrupted run would have, and ends with the same weights.
 Self-critical training (``train.scst_after``, ``sca_caption.self_critical``): from that epoch on,
 each step samples ``train.scst_samples`` captions of each of ``data.batch_size`` training images
 and follows the CIDEr-D reward (document frequencies of the training references, cached beside the
-vocabulary) at the constant learning rate ``train.scst_lr``. The first self-critical epoch starts
+vocabulary) at the constant learning rate ``train.scst_lr`` and dropout ``train.scst_dropout``. The first self-critical epoch starts
 from the best cross-entropy epoch's weights (``best.pt``) with a fresh optimizer; cross-entropy
 early stopping moves on to it. ``init_from`` (``--init-from``) starts a run from another run's
 weights instead, e.g. ``train.scst_after=0`` on a finished cross-entropy run.
@@ -84,7 +84,7 @@ from sca_caption.models.captioner import SCACaptioner
 from sca_caption.models.tag_head import tag_targets, tag_vocabulary
 from sca_caption.prepare import PreparedData
 from sca_caption.rewards import CiderD, build_or_load_cider, cider_cache_path, train_references
-from sca_caption.self_critical import policy_loss, rollout
+from sca_caption.self_critical import dropout_rate, policy_loss, rollout
 
 # Settings that do not change what the weights become, so a resumed run may change them.
 RESUMABLE_CHANGES = frozenset(
@@ -257,6 +257,8 @@ def check_training_settings(config: ExperimentConfig) -> None:
         raise TrainingError(f"train.early_stop_metric shapes_accuracy needs the shapes dataset, not {config.data.dataset}")
     if train.scst_after is not None and train.scst_after >= train.epochs:
         raise TrainingError(f"train.scst_after is {train.scst_after}: it must be below train.epochs ({train.epochs})")
+    if train.scst_dropout is not None and train.scst_dropout >= 1.0:
+        raise TrainingError(f"train.scst_dropout must be below 1 (a dropout probability); got {train.scst_dropout}")
     if train.scst_after is not None and train.scst_baseline == "mean" and train.scst_samples < 2:
         raise TrainingError("train.scst_baseline mean needs train.scst_samples >= 2 (the mean of the other samples)")
 
@@ -433,14 +435,15 @@ class Trainer:
         torch.manual_seed(step_seed(train.seed, self.at.step, self.proc.rank))
         batch = batch.to(self.device)
         assert self.reward is not None
-        run = rollout(
-            self.model, batch.features, batch.images, reward=self.reward, samples=train.scst_samples,
-            baseline=train.scst_baseline, max_length=decoding_limit(self.config), vocab=self.vocab,
-        )
-        tokens = self.proc.sum(torch.tensor(float(run.tokens)))
-        rows = self.proc.sum(torch.tensor(float(len(run.reward))))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=train.bf16):
-            loss = policy_loss(self.ddp, batch.features, run, train.scst_samples, self.vocab) / tokens * world
+        with dropout_rate(self.model, train.scst_dropout):
+            run = rollout(
+                self.model, batch.features, batch.images, reward=self.reward, samples=train.scst_samples,
+                baseline=train.scst_baseline, max_length=decoding_limit(self.config), vocab=self.vocab,
+            )
+            tokens = self.proc.sum(torch.tensor(float(run.tokens)))
+            rows = self.proc.sum(torch.tensor(float(len(run.reward))))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=train.bf16):
+                loss = policy_loss(self.ddp, batch.features, run, train.scst_samples, self.vocab) / tokens * world
         optimizer_step(self.model, self.optimizer, loss, train.grad_clip)
         row = {
             "step": self.at.step + 1,

@@ -12,7 +12,14 @@ from sca_caption.data.vocab import SPECIALS, Vocab
 from sca_caption.decoding import beam_search
 from sca_caption.models.captioner import ModelConfig, SCACaptioner
 from sca_caption.rewards import CiderD, DocumentFrequency
-from sca_caption.self_critical import greedy_tokens, policy_loss, rollout, sample_captions, suppressed
+from sca_caption.self_critical import (
+    dropout_rate,
+    greedy_tokens,
+    policy_loss,
+    rollout,
+    sample_captions,
+    suppressed,
+)
 
 VOCAB = Vocab([*SPECIALS, "a", "dog", "cat", "runs", "sits", "red", "ball"])
 LAYERS = ("conv3",)
@@ -130,3 +137,20 @@ def test_a_step_raises_the_better_sample_and_lowers_the_worse():
     policy_loss(net, feats, run, 4, VOCAB).backward()
     optimizer.step()
     assert log_prob(best) > before[0] and log_prob(worst) < before[1]
+
+
+def test_dropout_rate_zero_makes_train_mode_the_eval_model_and_is_undone():
+    net = model(dropout=0.5)
+    feats = features()
+    captions = torch.tensor([[VOCAB.start, 4, 5, VOCAB.end]] * 3)
+    with torch.no_grad():
+        expected = net.eval()(feats, captions).logits
+        net.train()
+        with dropout_rate(net, 0.0):
+            inside = net(feats, captions).logits
+        outside = net(feats, captions).logits
+    torch.testing.assert_close(inside, expected, rtol=0, atol=0)
+    assert not torch.allclose(outside, expected), "dropout 0.5 was not restored"
+    assert {m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)} == {0.5}
+    with dropout_rate(net, None):
+        assert {m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)} == {0.5}
