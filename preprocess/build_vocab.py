@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 from sca_caption.data.datasets import CORPORA, load_corpus
-from sca_caption.data.errors import ON_BAD_CHOICES, BadInputReport, DataError
+from sca_caption.data.errors import ON_BAD_CHOICES, BadInputReport
 from sca_caption.data.vocab import build_vocab
+from sca_caption.errors import command
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, choices=CORPORA)
@@ -24,12 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     report = BadInputReport()
-    try:
-        records = load_corpus(args.dataset, args.data_root, on_bad=args.on_bad, report=report)
-        vocab = build_vocab(records, args.min_count)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    records = load_corpus(args.dataset, args.data_root, on_bad=args.on_bad, report=report)
+    vocab = build_vocab(records, args.min_count)
     vocab.save(args.out)
     print(f"{args.out}: {len(vocab)} entries (4 special) from {len(records)} images, min count {args.min_count}")
     print(report.summary())

@@ -15,20 +15,17 @@ import sys
 from pathlib import Path
 
 from sca_caption.data.download import SOURCES, download_dataset
-from sca_caption.data.errors import DataError
+from sca_caption.errors import command
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, choices=list(SOURCES))
     parser.add_argument("--root", type=Path, default=None, help="dataset folder (default: data/<dataset>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    try:
-        download_dataset(args.dataset, args.root, progress=not args.no_progress)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    download_dataset(args.dataset, args.root, progress=not args.no_progress)
     return 0
 
 

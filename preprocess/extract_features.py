@@ -18,10 +18,11 @@ from pathlib import Path
 
 from sca_caption.data.corpus import ImageRecord, corpus_hash
 from sca_caption.data.datasets import CORPORA, default_data_root, load_corpus
-from sca_caption.data.errors import ON_BAD_CHOICES, BadInputReport, DataError
+from sca_caption.data.errors import ON_BAD_CHOICES, BadInputReport
 from sca_caption.data.feature_extraction import EXTRACTION_BATCH, extract_features
 from sca_caption.data.features import CacheSpec
 from sca_caption.distributed import start_processes, stop_processes
+from sca_caption.errors import command
 from sca_caption.models.backbones import check_backbone_name, list_backbones
 
 
@@ -68,6 +69,7 @@ def extraction_inputs(args: argparse.Namespace) -> tuple[list[ImageRecord], Cach
     return records, spec
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     processes = start_processes("cpu")
@@ -84,9 +86,6 @@ def main(argv: list[str] | None = None) -> int:
             report=report,
             processes=processes,
         )
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     finally:
         stop_processes(processes)
     if not processes.is_main:

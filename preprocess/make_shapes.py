@@ -11,8 +11,10 @@ from pathlib import Path
 
 from sca_caption.data.datasets import default_data_root
 from sca_caption.data.shapes import DEFAULT_COUNTS, generate_shapes
+from sca_caption.errors import command
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=default_data_root("shapes"), help="folder to write into")

@@ -48,8 +48,8 @@ from sca_caption.captioning import (
     default_checkpoint,
     result_entry,
 )
-from sca_caption.data.errors import DataError
-from sca_caption.decoding import LENGTH_PENALTIES, DecodingError
+from sca_caption.decoding import LENGTH_PENALTIES
+from sca_caption.errors import command
 from sca_caption.io_utils import atomic_write_text
 
 
@@ -107,18 +107,15 @@ def checked_device(parser: argparse.ArgumentParser, name: str | None) -> str:
     return name
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        checkpoint = args.checkpoint
-        if checkpoint is None:
-            checkpoint, which = default_checkpoint()
-            print(f"note: no --checkpoint given: using {checkpoint} ({which})", file=sys.stderr)
-        paths = collect_images(args.paths)
-        captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device, backbone_weights=args.backbone_weights)
-    except (DataError, RuntimeError) as err:
-        _error(_one_line(err))
-        return 2
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint, which = default_checkpoint()
+        print(f"note: no --checkpoint given: using {checkpoint} ({which})", file=sys.stderr)
+    paths = collect_images(args.paths)
+    captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device, backbone_weights=args.backbone_weights)
     if args.attention is not None and not captioner.has_spatial_attention:
         _error(f"{checkpoint}: its model (order {captioner.model.config.order!r}) has no spatial attention to draw")
         return 2
@@ -133,11 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         attention=args.json is not None or args.attention is not None,
     )
     many = any(Path(p).is_dir() or GLOB_CHARACTERS.search(p) for p in args.paths)
-    try:
-        failed, entries = _run(captioner, paths, settings, args, progress=many and not args.no_progress)
-    except DecodingError as err:
-        _error(str(err))
-        return 2
+    failed, entries = _run(captioner, paths, settings, args, progress=many and not args.no_progress)
     if args.json is not None:
         atomic_write_text(args.json, _json_lines(entries))
     if failed:
@@ -195,11 +188,6 @@ def _json_lines(entries: list[dict[str, Any]]) -> str:
 
 def _error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
-
-
-def _one_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ from sca_caption.checkpoint import load_captioner
 from sca_caption.config import ExperimentConfig
 from sca_caption.data.corpus import ImageRecord, records_in_split
 from sca_caption.data.features import FeatureCache
-from sca_caption.data.shapes import DATASET_FILE, Scene, load_scenes, shapes_accuracy
+from sca_caption.data.shapes import Scene, shapes_accuracy
 from sca_caption.data.vocab import Vocab
 from sca_caption.decoding import DecodeConfig, beam_search
 from sca_caption.metrics import score_captions
 from sca_caption.models.captioner import SCACaptioner
 from sca_caption.prepare import data_root as dataset_root
-from sca_caption.prepare import ensure_features, load_records
+from sca_caption.prepare import ensure_features, load_records, split_scenes
 
 DECODE_BATCH = 50
 
@@ -44,11 +44,6 @@ class SplitEvaluation:
 def references(records: Sequence[ImageRecord]) -> dict[str, list[str]]:
     """Image id -> every caption of that image, as written in the dataset."""
     return {r.image_id: list(r.raw) for r in records}
-
-
-def scenes_for(dataset: str, root: Path, split: str) -> dict[str, Scene] | None:
-    """The ground-truth scenes of a shapes split (image id -> scene); None for other datasets."""
-    return load_scenes(root / DATASET_FILE, split) if dataset == "shapes" else None
 
 
 def decoding_limit(config: ExperimentConfig) -> int:
@@ -165,6 +160,6 @@ def evaluate_checkpoint(
     evaluation = evaluate_split(
         model, vocab, FeatureCache(cache_path, expect=spec), records_in_split(records, split), decode=config.decode,
         max_length=decoding_limit(config), device=device, meteor=meteor,
-        scenes=scenes_for(config.data.dataset, dataset_root(config), split), progress=progress,
+        scenes=split_scenes(config.data.dataset, dataset_root(config), split), progress=progress,
     )
     return evaluation, config

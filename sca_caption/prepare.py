@@ -20,16 +20,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from sca_caption.config import ExperimentConfig
-from sca_caption.data.corpus import ImageRecord, corpus_hash
+from sca_caption.data.caption_dataset import CaptionSamples, ImageSamples
+from sca_caption.data.corpus import ImageRecord, corpus_hash, records_in_split
 from sca_caption.data.datasets import default_data_root, load_corpus
 from sca_caption.data.errors import DataError
 from sca_caption.data.feature_extraction import extract_features
 from sca_caption.data.features import CacheSpec, FeatureCache, is_complete
+from sca_caption.data.shapes import DATASET_FILE, Scene, load_scenes
 from sca_caption.data.vocab import Vocab, build_vocab
 from sca_caption.distributed import ONE_PROCESS, Processes
+from sca_caption.models.tag_head import tag_targets, tag_vocabulary
 
 
 @dataclass
@@ -47,10 +50,38 @@ class PreparedData:
         """The feature cache, checked against ``cache_spec``."""
         return FeatureCache(self.cache_path, expect=self.cache_spec)
 
+    def split(self, name: str) -> list[ImageRecord]:
+        """The records of split ``name``."""
+        return records_in_split(self.records, name)
+
+    def scenes(self, split: str) -> dict[str, Scene] | None:
+        """The ground-truth scenes of a shapes split (image id -> scene); None for other datasets."""
+        return split_scenes(self.cache_spec.dataset, self.data_root, split)
+
+    def tags(self, split: str, count: int) -> list[str]:
+        """The ``count`` most frequent content words of ``split``'s captions (a tag head's classes)."""
+        return tag_vocabulary(self.split(split), count)
+
+    def caption_samples(
+        self, split: str, cache: FeatureCache, max_length: int, tags: Sequence[str] = ()
+    ) -> CaptionSamples:
+        """Every cached (image, caption) pair of ``split``, with per-image targets of ``tags``."""
+        records = self.split(split)
+        return CaptionSamples(records, self.vocab, cache, max_length, tag_targets(records, tags) if tags else None)
+
+    def image_samples(self, split: str, cache: FeatureCache) -> ImageSamples:
+        """Every cached image of ``split`` (self-critical training samples images, not captions)."""
+        return ImageSamples(self.split(split), cache)
+
 
 def data_root(config: ExperimentConfig) -> Path:
     """``data.data_root``, else ``data/<dataset>``."""
     return Path(config.data.data_root) if config.data.data_root is not None else default_data_root(config.data.dataset)
+
+
+def split_scenes(dataset: str, root: Path, split: str) -> dict[str, Scene] | None:
+    """The ground-truth scenes of a shapes split at ``root``; None for other datasets."""
+    return load_scenes(root / DATASET_FILE, split) if dataset == "shapes" else None
 
 
 def vocab_path(config: ExperimentConfig) -> Path:

@@ -64,24 +64,20 @@ from sca_caption.checkpoint import (
 from sca_caption.config import ExperimentConfig, TrainConfig, write_config
 from sca_caption.data.caption_dataset import (
     CaptionBatch,
-    CaptionSamples,
     ImageBatch,
-    ImageSamples,
     epoch_order,
     global_batches,
     image_order,
     shard,
 )
-from sca_caption.data.corpus import records_in_split
 from sca_caption.data.errors import DataError
 from sca_caption.decoding import DecodeConfig
 from sca_caption.distributed import Processes
-from sca_caption.evaluation import SplitEvaluation, decoding_limit, evaluate_split, scenes_for
+from sca_caption.evaluation import SplitEvaluation, decoding_limit, evaluate_split
 from sca_caption.io_utils import atomic_write_json, atomic_write_text
 from sca_caption.locks import exclusive
 from sca_caption.models.backbones import build_cache_backbone
 from sca_caption.models.captioner import SCACaptioner
-from sca_caption.models.tag_head import tag_targets, tag_vocabulary
 from sca_caption.prepare import PreparedData
 from sca_caption.rewards import CiderD, build_or_load_cider, cider_cache_path, train_references
 from sca_caption.self_critical import dropout_rate, policy_loss, rollout
@@ -295,15 +291,15 @@ class Trainer:
 
         self.vocab = data.vocab
         self.cache = data.open_cache()
-        train_records = records_in_split(data.records, config.data.train_split)
-        self.tags = tag_vocabulary(train_records, config.model.num_tags) if config.model.num_tags else []
-        self.train_samples = self._samples(config.data.train_split)
-        self.val_records = records_in_split(data.records, config.data.val_split)
-        self.val_samples = self._samples(config.data.val_split)
+        splits, length = config.data, config.data.max_length
+        self.tags = data.tags(splits.train_split, config.model.num_tags) if config.model.num_tags else []
+        self.train_samples = data.caption_samples(splits.train_split, self.cache, length, self.tags)
+        self.val_records = data.split(splits.val_split)
+        self.val_samples = data.caption_samples(splits.val_split, self.cache, length, self.tags)
         if not len(self.train_samples):
             raise TrainingError(f"no training samples: split {config.data.train_split!r} has no cached images")
         self.steps_per_epoch = self._steps(len(self.train_samples))
-        self.train_images = ImageSamples(train_records, self.cache)
+        self.train_images = data.image_samples(splits.train_split, self.cache)
         self.reward = self._reward() if train.scst_after is not None else None
 
         self.model = build_model(config, len(self.vocab), config.data.backbone_weights).to(self.device)
@@ -488,9 +484,9 @@ class Trainer:
         """Beam-search captions of ``split`` with the run's decoding settings, and their scores."""
         config = self.config
         return evaluate_split(
-            model, self.vocab, self.cache, records_in_split(self.data.records, split),
+            model, self.vocab, self.cache, self.data.split(split),
             decode=config.decode, max_length=decoding_limit(config), device=self.device, meteor=config.train.meteor,
-            scenes=scenes_for(config.data.dataset, self.data.data_root, split), bf16=config.train.bf16,
+            scenes=self.data.scenes(split), bf16=config.train.bf16,
             progress=self.progress,
         )
 
@@ -618,11 +614,6 @@ class Trainer:
         self.log(f"resuming {path}: epoch {self.at.epoch + 1}, step {self.at.step}, {self.at.done} captions into the epoch")
 
     # -- helpers ----------------------------------------------------------------------------------
-
-    def _samples(self, split: str) -> CaptionSamples:
-        records = records_in_split(self.data.records, split)
-        tags = tag_targets(records, self.tags) if self.tags else None
-        return CaptionSamples(records, self.vocab, self.cache, self.config.data.max_length, tags)
 
     def _order(self, epoch: int) -> Tensor:
         train = self.config.train

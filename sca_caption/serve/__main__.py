@@ -22,7 +22,7 @@ import uvicorn
 
 from sca_caption.caption import checked_device
 from sca_caption.captioning import ImageCaptioner, default_checkpoint
-from sca_caption.data.errors import DataError
+from sca_caption.errors import command
 from sca_caption.serve.app import ServiceLimits, create_app
 from sca_caption.serve.model_card import model_card
 
@@ -69,16 +69,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        checkpoint, which = (args.checkpoint, "as given") if args.checkpoint is not None else default_checkpoint()
-        print(f"sca_caption.serve: checkpoint {checkpoint} ({which}), device {args.device}", file=sys.stderr, flush=True)
-        captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device, backbone_weights=args.backbone_weights)
-        card = model_card(checkpoint)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    checkpoint, which = (args.checkpoint, "as given") if args.checkpoint is not None else default_checkpoint()
+    print(f"sca_caption.serve: checkpoint {checkpoint} ({which}), device {args.device}", file=sys.stderr, flush=True)
+    captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device, backbone_weights=args.backbone_weights)
+    card = model_card(checkpoint)
     limits = ServiceLimits(args.max_batch, args.max_wait_ms, args.max_upload_mb, args.max_images)
     uvicorn.run(create_app(captioner, card=card, limits=limits), host=args.host, port=args.port)
     return 0
