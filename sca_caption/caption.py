@@ -34,7 +34,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from sca_caption.attention_maps import png_names, render_attention
@@ -49,6 +48,7 @@ from sca_caption.captioning import (
     result_entry,
 )
 from sca_caption.decoding import LENGTH_PENALTIES
+from sca_caption.devices import add_device_option, default_device
 from sca_caption.errors import command
 from sca_caption.io_utils import atomic_write_text
 
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-channels", type=int, default=5, help="channels per word and layer in --json (default 5)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2; 0: none)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present, else cpu)")
+    add_device_option(parser)
     parser.add_argument("--backbone-weights", default=None,
                         help="imagenet, none or a state dict file: the weights the checkpoint's feature cache was "
                              "built with (default: those its config names)")
@@ -89,22 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--n-best must be between 1 and --beam ({args.beam})")
     if args.max_length is not None and args.max_length < 1:
         parser.error("--max-length must be positive")
-    args.device = checked_device(parser, args.device)
+    args.device = default_device(args.device)
     return args
-
-
-def checked_device(parser: argparse.ArgumentParser, name: str | None) -> str:
-    """``--device`` checked (the caption CLI and the service): a device torch knows and this machine
-    has; None: CUDA if present, else CPU."""
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        parser.error(f"--device {name}: not a device name (cpu, cuda, cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {name}: CUDA is not available on this machine")
-    return name
 
 
 @command

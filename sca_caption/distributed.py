@@ -84,8 +84,8 @@ def start_processes(device: str | None = None) -> Processes:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     chosen = torch.device(name)
-    if chosen.type == "cuda" and world > 1:
-        chosen = torch.device("cuda", local_rank)
+    if chosen.type == "cuda" and (world > 1 or chosen.index is None):
+        chosen = torch.device("cuda", local_rank)  # set_device needs an index: "cuda" alone is GPU 0
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     if world > 1 and not dist.is_initialized():

@@ -20,6 +20,7 @@ import torch
 
 from sca_caption.data.corpus import SPLITS
 from sca_caption.decoding import DecodeConfig
+from sca_caption.devices import add_device_option, default_device
 from sca_caption.errors import command
 from sca_caption.evaluation import evaluate_checkpoint
 from sca_caption.metrics import write_coco_results
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: results_<split>_beam<k>.json beside the checkpoint)")
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder (default: the checkpoint's)")
     parser.add_argument("--no-meteor", action="store_true", help="leave METEOR out (saves a Java start)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available)")
+    add_device_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.beam is not None and args.beam < 1:
@@ -56,7 +57,7 @@ def _results_id(image_id: str, dataset: str) -> int | str:
 @command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(default_device(args.device))
     changes = {"beam_size": args.beam, "min_length": args.min_length, "block_trigrams": args.block_trigrams}
     evaluation, config = evaluate_checkpoint(
         args.checkpoint, args.split, device=device, decode_changes=changes, data_root=args.data_root,

@@ -117,8 +117,18 @@ def prepare(
         return (records, *ensure_vocab(config, records, log))
 
     records, vocab, words_path = processes.main_first(corpus)
+    check_splits(config, records)
     cache, spec = ensure_features(config, records, progress=progress, log=log, processes=processes)
     return PreparedData(data_root(config), records, vocab, words_path, cache, spec)
+
+
+def check_splits(config: ExperimentConfig, records: Sequence[ImageRecord]) -> None:
+    """Refuse (``DataError``) a run whose train, validation or test split has no images."""
+    held = {r.split for r in records}
+    for role in ("train_split", "val_split", "test_split"):
+        split = getattr(config.data, role)
+        if split not in held:
+            raise DataError(f"{data_root(config)}: the {config.data.dataset} split {split!r} (data.{role}) has no images")
 
 
 def load_records(config: ExperimentConfig, log: Callable[[str], None] = print) -> list[ImageRecord]:

@@ -20,10 +20,11 @@ from pathlib import Path
 from sca_caption.config import ExperimentConfig, load_config
 from sca_caption.data.datasets import CORPORA
 from sca_caption.data.download import download_dataset
+from sca_caption.devices import add_device_option
 from sca_caption.distributed import start_processes, stop_processes
 from sca_caption.errors import command
 from sca_caption.prepare import data_root, prepare
-from sca_caption.trainer import Trainer, TrainResult, check_training_settings
+from sca_caption.trainer import Trainer, TrainingError, TrainResult, check_training_settings
 
 DEFAULT_DATASET = "shapes"
 
@@ -41,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--init-from", type=Path, default=None, metavar="CKPT",
                         help="start a new run from this checkpoint's model weights (e.g. train.scst_after=0 on a cross-entropy run)")
     parser.add_argument("--download", action="store_true", help="first fetch the dataset's public files (preprocess/download.py)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available)")
+    add_device_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-3 model.layers=[stage6,stage7]")
     args = parser.parse_args(argv)
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             # a finished run: re-running the same command (the README's first) redoes nothing
             print(f"{out} holds a finished run (best.pt, test_scores.json); --out DIR starts another")
             return 0
+        if args.resume and not (out / "last.pt").exists():
+            raise TrainingError(f"{out / 'last.pt'}: nothing to resume (no last.pt in {out})")
         progress = not args.no_progress
         if processes.is_main and args.download:
             download_dataset(config.data.dataset, data_root(config), progress=progress)

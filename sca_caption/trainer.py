@@ -245,7 +245,10 @@ def cross_entropy_step(
 
 def check_training_settings(config: ExperimentConfig) -> None:
     """Refuse (``TrainingError``, one line) settings that cannot work together."""
-    train = config.train
+    train, splits = config.train, config.data
+    for role in ("val_split", "test_split"):
+        if getattr(splits, role) == splits.train_split:
+            raise TrainingError(f"data.{role} is {splits.train_split!r}, the training split: pick another split")
     metric = train.early_stop_metric
     if metric == "METEOR" and not config.train.meteor:
         raise TrainingError("train.early_stop_metric is METEOR but train.meteor is false")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import uvicorn
 
-from sca_caption.caption import checked_device
 from sca_caption.captioning import ImageCaptioner, default_checkpoint
+from sca_caption.devices import add_device_option, default_device
 from sca_caption.errors import command
 from sca_caption.serve.app import ServiceLimits, create_app
 from sca_caption.serve.model_card import model_card
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"largest request body (default {DEFAULTS.max_upload_mb:g})")
     parser.add_argument("--max-images", type=int, default=DEFAULTS.max_images,
                         help=f"images in one request (default {DEFAULTS.max_images})")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present, else cpu)")
+    add_device_option(parser)
     parser.add_argument("--backbone-weights", default=None,
                         help="the weights the checkpoint's feature cache was built with (default: those its config names)")
     args = parser.parse_args(argv)
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--port {args.port}: not a port number (0-65535)")
     if not args.allow_remote and not _is_loopback(args.host):
         parser.error(f"--host {args.host} is not a loopback address: add --allow-remote to serve other machines")
-    args.device = checked_device(parser, args.device)
+    args.device = default_device(args.device)
     return args
 
 
