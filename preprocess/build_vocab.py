@@ -13,6 +13,7 @@ from sca_caption.data.datasets import CORPORA, load_corpus
 from sca_caption.data.errors import ON_BAD_CHOICES, BadInputReport
 from sca_caption.data.vocab import build_vocab
 from sca_caption.errors import command
+from sca_caption.io_utils import check_output_file
 
 
 @command
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--on-bad", choices=ON_BAD_CHOICES, default="error", help="stop at bad input, or skip and report it")
     args = parser.parse_args(argv)
 
+    check_output_file(args.out, "vocabulary file")
     report = BadInputReport()
     records = load_corpus(args.dataset, args.data_root, on_bad=args.on_bad, report=report)
     vocab = build_vocab(records, args.min_count)

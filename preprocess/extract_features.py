@@ -23,6 +23,7 @@ from sca_caption.data.feature_extraction import EXTRACTION_BATCH, extract_featur
 from sca_caption.data.features import CacheSpec
 from sca_caption.distributed import start_processes, stop_processes
 from sca_caption.errors import command
+from sca_caption.io_utils import check_output_file
 from sca_caption.models.backbones import check_backbone_name, list_backbones
 
 
@@ -72,6 +73,7 @@ def extraction_inputs(args: argparse.Namespace) -> tuple[list[ImageRecord], Cach
 @command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_output_file(args.out, "feature cache")
     processes = start_processes("cpu")
     report = BadInputReport()
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 from sca_caption.data.datasets import default_data_root
 from sca_caption.data.shapes import DEFAULT_COUNTS, generate_shapes
 from sca_caption.errors import command
+from sca_caption.io_utils import check_output_folder
 
 
 @command
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = {split: getattr(args, split) for split in DEFAULT_COUNTS}
     if any(n < 0 for n in counts.values()):
         parser.error("image counts must not be negative")
+    check_output_folder(args.out, "shapes dataset folder")
     json_path = generate_shapes(args.out, args.seed, counts)
     per_split = ", ".join(f"{split} {n}" for split, n in counts.items())
     print(f"{json_path}: {sum(counts.values())} images ({per_split}), seed {args.seed}")

@@ -50,7 +50,7 @@ from sca_caption.captioning import (
 from sca_caption.decoding import LENGTH_PENALTIES
 from sca_caption.devices import add_device_option, default_device
 from sca_caption.errors import command
-from sca_caption.io_utils import atomic_write_text
+from sca_caption.io_utils import atomic_write_text, check_output_file, check_output_folder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -96,6 +96,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.json is not None:
+        check_output_file(args.json, "--json file")
+    if args.attention is not None:
+        check_output_folder(args.attention, "--attention folder")
     checkpoint = args.checkpoint
     if checkpoint is None:
         checkpoint, which = default_checkpoint()

@@ -72,11 +72,8 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     payload.update({f.name: getattr(checkpoint, f.name) for f in fields(checkpoint)})
     payload["vocab"] = list(checkpoint.vocab)
     _require_plain(payload, path, "checkpoint")
-    try:
-        with atomic_write(path, "wb") as handle:
-            torch.save(payload, handle)
-    except OSError as error:
-        raise CheckpointError(f"{path}: could not write the checkpoint: {error}") from None
+    with atomic_write(path, "wb") as handle:
+        torch.save(payload, handle)
 
 
 def load_checkpoint(

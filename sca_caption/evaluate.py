@@ -22,6 +22,7 @@ from sca_caption.data.corpus import SPLITS
 from sca_caption.decoding import DecodeConfig
 from sca_caption.devices import add_device_option, default_device
 from sca_caption.errors import command
+from sca_caption.io_utils import check_output_file, check_output_folder
 from sca_caption.evaluation import evaluate_checkpoint
 from sca_caption.metrics import write_coco_results
 
@@ -58,18 +59,24 @@ def _results_id(image_id: str, dataset: str) -> int | str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(default_device(args.device))
+    if args.out is not None:
+        check_output_file(args.out, "results file")
+    else:
+        check_output_folder(args.checkpoint.parent, "results file (--out puts it elsewhere)")
     changes = {"beam_size": args.beam, "min_length": args.min_length, "block_trigrams": args.block_trigrams}
     evaluation, config = evaluate_checkpoint(
         args.checkpoint, args.split, device=device, decode_changes=changes, data_root=args.data_root,
         meteor=not args.no_meteor, progress=not args.no_progress,
     )
-    out = args.out or args.checkpoint.with_name(f"results_{args.split}_beam{config.decode.beam_size}.json")
-    write_coco_results(out, {_results_id(k, config.data.dataset): v for k, v in evaluation.captions.items()})
-    print(f"{out}: {len(evaluation.captions)} captions of the {args.split} split, {_describe(config.decode)}")
+    print(f"{len(evaluation.captions)} captions of the {args.split} split, {_describe(config.decode)}")
     if evaluation.missing:
         print(f"note: {len(evaluation.missing)} image(s) of the split are not in the feature cache and were not scored")
     for name, value in evaluation.scores.items():
         print(f"{name:>16} {100 * value:6.2f}")
+    sys.stdout.flush()  # the scores first: a results file that cannot be written loses nothing
+    out = args.out or args.checkpoint.with_name(f"results_{args.split}_beam{config.decode.beam_size}.json")
+    write_coco_results(out, {_results_id(k, config.data.dataset): v for k, v in evaluation.captions.items()})
+    print(f"{out}: the captions, as COCO results")
     print(json.dumps(evaluation.scores))
     return 0
 

@@ -27,6 +27,7 @@ from sca_caption.config import ExperimentConfig
 from sca_caption.data.corpus import SPLITS
 from sca_caption.errors import command
 from sca_caption.evaluation import evaluate_checkpoint
+from sca_caption.io_utils import check_output_file
 
 
 def slim(checkpoint: Checkpoint, decode_changes: dict[str, object]) -> Checkpoint:
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder (default: the checkpoint's)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    check_output_file(args.out, "model file")
     changes = {"beam_size": args.beam, "min_length": args.min_length, "block_trigrams": args.block_trigrams}
     exported = slim(load_checkpoint(args.checkpoint), changes)
     save_checkpoint(args.out, exported)

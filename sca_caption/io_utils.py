@@ -1,9 +1,15 @@
-"""Atomic file writing: a reader sees the old file or the complete new one, never a partial one.
+"""Output files: checked before the work, written atomically.
 
-The new content goes to a hidden temporary file in the target's folder (same file system, so the
-final ``os.replace`` is atomic), is flushed and fsynced, then renamed over the target; the folder
-is fsynced too so the rename survives a power cut. If writing fails, the temporary file is removed
-and the target is left as it was.
+``check_output_file`` / ``check_output_folder`` refuse, in one line and before a command does any
+work, a place it could not write: a folder where a file is wanted or the reverse, a missing
+folder under a file, a read-only or otherwise unwritable folder (tried by creating and removing a
+hidden file in the nearest folder that exists; nothing missing is created).
+
+Atomic writing: a reader sees the old file or the complete new one, never a partial one. The new
+content goes to a hidden temporary file in the target's folder (same file system, so the final
+``os.replace`` is atomic), is flushed and fsynced, then renamed over the target; the folder is
+fsynced too so the rename survives a power cut. If writing fails (a full disk), the temporary
+file is removed, the target is left as it was, and the failure is one ``OutputError`` line.
 """
 
 from __future__ import annotations
@@ -15,6 +21,45 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from sca_caption.errors import SCACaptionError, first_line
+
+
+class OutputError(SCACaptionError):
+    """An output file or folder that cannot be written; the message names it."""
+
+
+def check_output_file(path: str | os.PathLike[str], what: str = "output file") -> None:
+    """Refuse (``OutputError``) a ``path`` a file cannot be written at."""
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"{target}: is a folder, but the {what} goes here")
+    if target.exists() and not target.is_file():
+        raise OutputError(f"{target}: is not a regular file, but the {what} goes here")
+    _check_writable_folder(target.parent, target, what)
+
+
+def check_output_folder(path: str | os.PathLike[str], what: str = "output folder") -> None:
+    """Refuse (``OutputError``) a ``path`` that is not, and cannot become, a writable folder."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target}: is a file, but the {what} goes here")
+    _check_writable_folder(target, target, what)
+
+
+def _check_writable_folder(folder: Path, target: Path, what: str) -> None:
+    """The nearest existing folder at or above ``folder`` must be a folder this process can write in."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{target}: {existing} is a file, so the {what} cannot go there")
+    try:
+        fd, probe = _create_temporary(existing / "sca-caption-write-check")
+    except OSError as error:
+        raise OutputError(f"{target}: the {what} cannot be written in {existing} ({first_line(error)})") from None
+    os.close(fd)
+    probe.unlink()
+
 
 @contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
@@ -25,14 +70,20 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = _create_temporary(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_path = _create_temporary(target)
+    except OSError as error:
+        raise OutputError(f"{target}: not written ({first_line(error)})") from None
     try:
         with os.fdopen(fd, mode, encoding="utf-8" if mode == "w" else None) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_path, target)
+    except OSError as error:
+        tmp_path.unlink(missing_ok=True)
+        raise OutputError(f"{target}: not written, the file there is unchanged ({first_line(error)})") from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

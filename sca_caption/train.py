@@ -21,6 +21,7 @@ from sca_caption.config import ExperimentConfig, load_config
 from sca_caption.data.datasets import CORPORA
 from sca_caption.data.download import download_dataset
 from sca_caption.devices import add_device_option
+from sca_caption.io_utils import check_output_folder
 from sca_caption.distributed import start_processes, stop_processes
 from sca_caption.errors import command
 from sca_caption.prepare import data_root, prepare
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             # a finished run: re-running the same command (the README's first) redoes nothing
             print(f"{out} holds a finished run (best.pt, test_scores.json); --out DIR starts another")
             return 0
+        check_output_folder(out, "run folder")
         if args.resume and not (out / "last.pt").exists():
             raise TrainingError(f"{out / 'last.pt'}: nothing to resume (no last.pt in {out})")
         progress = not args.no_progress

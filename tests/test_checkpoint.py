@@ -21,6 +21,7 @@ from sca_caption.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from sca_caption.io_utils import OutputError
 
 VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "runs"]
 CONFIG = {
@@ -162,7 +163,7 @@ def test_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, t
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash_midway)
-    with pytest.raises(CheckpointError, match="could not write the checkpoint: .*No space left") as caught:
+    with pytest.raises(OutputError, match=r"last.pt: not written, the file there is unchanged \(OSError: .*No space left") as caught:
         save_checkpoint(path, replace(previous, step=4))
     assert "\n" not in str(caught.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

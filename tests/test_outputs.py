@@ -1,0 +1,99 @@
+"""Output locations checked before the work (issue #16, RELIABILITY.md): every command refuses, in
+one line and before it reads a model or an image, a place it could not write its output."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from sca_caption import caption, evaluate, export, train
+from sca_caption.io_utils import OutputError, atomic_write_text, check_output_file, check_output_folder
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "preprocess"))
+import build_vocab  # noqa: E402
+import extract_features  # noqa: E402
+import make_shapes  # noqa: E402
+
+UNWRITABLE = Path("/sys/sca-caption-test")  # refused even to root
+
+
+def places(tmp_path: Path) -> dict[str, Path]:
+    """A file, a folder, a path under a file, and an unwritable path."""
+    (tmp_path / "a_file").write_text("mine\n")
+    (tmp_path / "a_folder").mkdir()
+    return {
+        "file": tmp_path / "a_file",
+        "folder": tmp_path / "a_folder",
+        "under a file": tmp_path / "a_file" / "out",
+        "unwritable": UNWRITABLE / "out",
+    }
+
+
+MISSING_CKPT = "no-such-checkpoint.pt"  # the output check must come first: this is never opened
+COMMANDS: dict[str, tuple[str, Callable[[Path], list[str]], Callable[[list[str]], int]]] = {
+    # name: (what the output is: "file" or "folder", argv for an output path, main)
+    "caption --json": ("file", lambda p: ["--checkpoint", MISSING_CKPT, "--json", str(p), "x.jpg"], caption.main),
+    "caption --attention": ("folder", lambda p: ["--checkpoint", MISSING_CKPT, "--attention", str(p), "x.jpg"],
+                            caption.main),
+    "evaluate --out": ("file", lambda p: ["--checkpoint", MISSING_CKPT, "--out", str(p)], evaluate.main),
+    "export OUT": ("file", lambda p: [MISSING_CKPT, str(p)], export.main),
+    "train --out": ("folder", lambda p: ["--dataset", "flickr8k", "--data-root", "no-such-root", "--out", str(p)],
+                    train.main),
+    "build_vocab --out": ("file", lambda p: ["--dataset", "flickr8k", "--data-root", "no-such-root", "--out", str(p)],
+                          build_vocab.main),
+    "extract_features --out": ("file", lambda p: ["--dataset", "flickr8k", "--data-root", "no-such-root",
+                                                  "--backbone", "efficientnet_lite0", "--layers", "stage7",
+                                                  "--out", str(p)], extract_features.main),
+    "make_shapes --out": ("folder", lambda p: ["--out", str(p), "--train", "1", "--val", "1", "--test", "1"],
+                          make_shapes.main),
+}
+EXPECTED = {
+    ("file", "folder"): "is a folder, but the",
+    ("folder", "file"): "is a file, but the",
+    ("file", "under a file"): "is a file, so the",
+    ("folder", "under a file"): "is a file, so the",
+    ("file", "unwritable"): "cannot be written in /sys",
+    ("folder", "unwritable"): "cannot be written in /sys",
+}
+
+
+CASES = [(name, place) for name, (kind, _, _) in sorted(COMMANDS.items()) for k, place in EXPECTED if k == kind]
+
+
+@pytest.mark.parametrize(("name", "place"), CASES)
+def test_an_output_that_cannot_be_written_is_refused_first(name, place, tmp_path, capsys, monkeypatch):
+    kind, argv, main = COMMANDS[name]
+    monkeypatch.chdir(tmp_path)
+    target = places(tmp_path)[place]
+    assert main(argv(target)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {target}: ") and EXPECTED[kind, place] in err[0], err
+    assert (tmp_path / "a_file").read_text() == "mine\n" and list((tmp_path / "a_folder").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder"]  # nothing made, no data/
+
+
+def test_the_checks_create_nothing_and_accept_writable_places(tmp_path):
+    (tmp_path / "existing.json").write_text("x")
+    check_output_file(tmp_path / "new" / "deeper" / "out.json")
+    check_output_folder(tmp_path / "new" / "run")
+    check_output_file(tmp_path / "existing.json")
+    check_output_folder(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.json"]
+
+
+def test_a_failed_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    atomic_write_text(path, "old\n")
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", full_disk)
+    with pytest.raises(OutputError, match=r"results.json: not written, the file there is unchanged .*No space left"):
+        atomic_write_text(path, "new\n")
+    monkeypatch.undo()
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
