@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from sca_caption.data.corpus import corpus_hash
+from sca_caption.data.corpus import images_hash
 from sca_caption.data.datasets import load_corpus
 from sca_caption.data.feature_extraction import EXTRACTION_BATCH, extract_features
 from sca_caption.data.features import CacheSpec
@@ -40,7 +40,7 @@ def main() -> None:
 
     processes = start_processes("cpu")
     records = load_corpus("flickr8k", args.data_root)[: args.images]
-    spec = CacheSpec("flickr8k", str(args.data_root), args.backbone, tuple(args.layers), corpus_hash(records))
+    spec = CacheSpec("flickr8k", str(args.data_root), args.backbone, tuple(args.layers), images_hash(records))
     if processes.is_main:
         args.out.unlink(missing_ok=True)
     processes.barrier()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sca_caption.data.corpus import corpus_hash
+from sca_caption.data.corpus import images_hash
 from sca_caption.data.datasets import load_corpus
 from sca_caption.data.feature_extraction import extract_features
 from sca_caption.data.features import CacheSpec
@@ -66,7 +66,7 @@ def main() -> None:
     preloaded = {**common, "images": len(images), "img_per_s": round(bare, 1)}
     print(json.dumps({"benchmark": "bare_forward_preloaded", **preloaded}), flush=True)
 
-    spec = CacheSpec("flickr8k", str(args.data_root), args.backbone, tuple(args.layers), corpus_hash(records))
+    spec = CacheSpec("flickr8k", str(args.data_root), args.backbone, tuple(args.layers), images_hash(records))
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         out = Path(folder) / "features.h5"

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sca_caption.data.corpus import ImageRecord, corpus_hash
+from sca_caption.data.corpus import ImageRecord, images_hash
 from sca_caption.data.datasets import CORPORA, default_data_root, load_corpus
 from sca_caption.data.errors import ON_BAD_CHOICES, BadInputReport
 from sca_caption.data.feature_extraction import EXTRACTION_BATCH, extract_features
@@ -63,7 +63,7 @@ def extraction_inputs(args: argparse.Namespace) -> tuple[list[ImageRecord], Cach
         data_root=str(data_root),
         backbone=args.backbone,
         layers=tuple(args.layers),
-        corpus_hash=corpus_hash(records),
+        images_hash=images_hash(records),
         weights=args.weights,
         limit=args.limit,
     )

@@ -18,7 +18,7 @@ dataclass is built directly. ``to_dict``/``from_dict`` convert to and from plain
 (lists, not tuples) for checkpoints.
 
 The feature cache a run reads is built for ``model.backbone`` and ``model.layers``; ``data``
-names only its path (``ExperimentConfig.feature_cache_path``).
+names only its path (``prepare.feature_cache_path``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class DataConfig:
     test_split: str = field(default="test", metadata={"choices": SPLITS})
     min_count: int = field(default=5, metadata={"min": 1})  # a word's train-split count to get an id
     max_length: int = field(default=20, metadata={"min": 1})  # words kept per caption
-    feature_cache: str | None = None  # HDF5 feature cache; None: see ExperimentConfig.feature_cache_path
+    feature_cache: str | None = None  # HDF5 feature cache; None: see prepare.feature_cache_path
     backbone_weights: str = "imagenet"  # the feature cache's backbone weights: imagenet, none (seed-0 random) or a file
     batch_size: int = field(default=32, metadata={"min": 1})
     num_workers: int = field(default=0, metadata={"min": 0})
@@ -106,14 +106,6 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-
-    def feature_cache_path(self) -> Path:
-        """``data.feature_cache``, else ``data/features/<dataset>_<backbone>_<layer>-<layer>.h5``
-        under the working folder (not under the data root, which may be read-only)."""
-        if self.data.feature_cache is not None:
-            return Path(self.data.feature_cache)
-        layers = "-".join(self.model.layers)
-        return Path("data") / "features" / f"{self.data.dataset}_{self.model.backbone}_{layers}.h5"
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (tuples as lists): safe for JSON, YAML and weights-only checkpoints."""

@@ -3,12 +3,15 @@
 ``prepare(config)`` does only what is missing, printing a line for each thing it makes:
 
 - the corpus: ``load_corpus`` (for ``shapes`` this generates the dataset the first time);
-- the vocabulary of the train split, written as ``<dataset>_vocab_min<k>.json`` beside the feature
-  cache. It is rebuilt from the corpus on every call (a second at most) and the file rewritten
-  only when it differs, so the file never goes stale;
-- the HDF5 feature cache (``ExperimentConfig.feature_cache_path``) for the model's backbone,
-  attended layers and ``data.backbone_weights``, extracted with a progress bar when absent,
-  unfinished (it resumes) or built for other settings or another corpus (it is rebuilt).
+- the vocabulary of the train split, ``<dataset>_vocab_min<k>_<key>.json`` beside the feature
+  cache, ``key`` a hash of the corpus (ids, files, splits, captions): another corpus gets another file;
+- the HDF5 feature cache (``feature_cache_path``) for the model's backbone, attended layers and
+  ``data.backbone_weights``, extracted with a progress bar when absent or unfinished (it resumes).
+  By default its file name carries a hash of what it is made from (``CacheSpec.file_name``), so
+  other images, layers or weights get another file; a file at ``data.feature_cache`` that was made
+  from something else is refused, never replaced.
+
+Derived files are never replaced in place: a run reading one never sees it change.
 
 The same can be done step by step with ``preprocess/build_vocab.py`` and
 ``preprocess/extract_features.py``. Under torchrun every process calls ``prepare`` with its
@@ -24,7 +27,7 @@ from typing import Callable, Sequence
 
 from sca_caption.config import ExperimentConfig
 from sca_caption.data.caption_dataset import CaptionSamples, ImageSamples
-from sca_caption.data.corpus import ImageRecord, corpus_hash, records_in_split
+from sca_caption.data.corpus import ImageRecord, corpus_hash, images_hash, records_in_split
 from sca_caption.data.datasets import default_data_root, load_corpus
 from sca_caption.data.errors import DataError
 from sca_caption.data.feature_extraction import extract_features
@@ -84,9 +87,19 @@ def split_scenes(dataset: str, root: Path, split: str) -> dict[str, Scene] | Non
     return load_scenes(root / DATASET_FILE, split) if dataset == "shapes" else None
 
 
-def vocab_path(config: ExperimentConfig) -> Path:
-    """``<dataset>_vocab_min<k>.json`` in the feature cache's folder."""
-    return config.feature_cache_path().parent / f"{config.data.dataset}_vocab_min{config.data.min_count}.json"
+def feature_cache_path(config: ExperimentConfig, spec: CacheSpec) -> Path:
+    """``data.feature_cache``, else ``data/features/<CacheSpec.file_name>`` under the working folder
+    (not under the data root, which may be read-only)."""
+    if config.data.feature_cache is not None:
+        return Path(config.data.feature_cache)
+    return Path("data") / "features" / spec.file_name()
+
+
+def vocab_path(config: ExperimentConfig, records: Sequence[ImageRecord]) -> Path:
+    """``<dataset>_vocab_min<k>_<corpus hash>.json`` in the default feature cache folder, or beside
+    ``data.feature_cache``."""
+    folder = Path(config.data.feature_cache).parent if config.data.feature_cache is not None else Path("data") / "features"
+    return folder / f"{config.data.dataset}_vocab_min{config.data.min_count}_{corpus_hash(records)[:8]}.json"
 
 
 def cache_spec(config: ExperimentConfig, records: list[ImageRecord]) -> CacheSpec:
@@ -96,7 +109,7 @@ def cache_spec(config: ExperimentConfig, records: list[ImageRecord]) -> CacheSpe
         data_root=str(data_root(config)),
         backbone=config.model.backbone,
         layers=tuple(config.model.layers),
-        corpus_hash=corpus_hash(records),
+        images_hash=images_hash(records),
         weights=config.data.backbone_weights,
     )
 
@@ -139,12 +152,15 @@ def load_records(config: ExperimentConfig, log: Callable[[str], None] = print) -
 def ensure_vocab(
     config: ExperimentConfig, records: list[ImageRecord], log: Callable[[str], None] = print
 ) -> tuple[Vocab, Path]:
-    """The train split's vocabulary, and its file (written when absent or different)."""
+    """The train split's vocabulary, and its file (written when absent; a file there with other
+    words is refused, never replaced)."""
     vocab = build_vocab(records, config.data.min_count)
-    path = vocab_path(config)
-    if not _holds_vocab(path, vocab):
+    path = vocab_path(config, records)
+    if not path.exists():
         vocab.save(path)
         log(f"{path}: vocabulary of {len(vocab)} entries")
+    elif not _holds_vocab(path, vocab):
+        raise DataError(f"{path}: holds another vocabulary than this corpus gives; not overwritten: remove it")
     return vocab, path
 
 
@@ -159,7 +175,7 @@ def ensure_features(
     """The feature cache's path and spec, after extracting it if it is not complete for them
     (with ``processes``, by all of them together)."""
     spec = cache_spec(config, records)
-    path = config.feature_cache_path()
+    path = feature_cache_path(config, spec)
     if not processes.main_says(is_complete(path, spec)):
         log(f"extracting {spec.backbone} features of {len(records)} images, as `{spec.command(path)}` does")
         extract_features(
@@ -176,5 +192,5 @@ def _holds_vocab(path: Path, vocab: Vocab) -> bool:
     """Whether ``path`` is a vocabulary file with exactly ``vocab``'s words."""
     try:
         return Vocab.load(path).words == vocab.words
-    except DataError:  # absent, unreadable or not a vocabulary: it gets rewritten
+    except DataError:  # unreadable or not a vocabulary
         return False

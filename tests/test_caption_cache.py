@@ -9,7 +9,7 @@ import torch
 
 from caption_support import LAYERS, save_tiny_checkpoint, shape_image
 from sca_caption.captioning import CaptionedImage, DecodeSettings, ImageCaptioner
-from sca_caption.data.corpus import ImageRecord, corpus_hash
+from sca_caption.data.corpus import ImageRecord, images_hash
 from sca_caption.data.feature_extraction import extract_features
 from sca_caption.data.features import CacheSpec, FeatureCache
 from sca_caption.data.images import load_image
@@ -31,7 +31,7 @@ def cached(tmp_path_factory):
     records = [ImageRecord(p.stem, p, "test", ("x",), (("x",),)) for p in paths]
     spec = CacheSpec(
         dataset="shapes", data_root=str(folder), backbone="efficientnet_lite0", layers=LAYERS,
-        corpus_hash=corpus_hash(records), weights="imagenet",
+        images_hash=images_hash(records), weights="imagenet",
     )
     out = folder / "features.h5"
     extract_features(records, spec, out, batch_size=2, workers=0, progress=False)

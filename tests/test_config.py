@@ -207,13 +207,6 @@ def test_from_dict_checks_like_a_file():
     assert ExperimentConfig.from_dict({"train": {"lr": 0.5}}).train == TrainConfig(lr=0.5)
 
 
-def test_feature_cache_path_defaults_per_dataset_backbone_and_layers():
-    config = load_config("shapes", overrides=["model.layers=[stage6,stage7]", "data.data_root=/read/only"])
-    assert config.feature_cache_path() == Path("data/features/shapes_efficientnet_lite0_stage6-stage7.h5")
-    chosen = load_config("shapes", overrides=["data.feature_cache=/scratch/f.h5"])
-    assert chosen.feature_cache_path() == Path("/scratch/f.h5")
-
-
 @lru_cache(maxsize=None)
 def backbone_taps(name: str):
     return build_backbone(name, weights=None)

@@ -7,6 +7,7 @@ import os
 import pickle
 import queue
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from sca_caption.data.corpus import ImageRecord, corpus_hash
+from sca_caption.data.corpus import ImageRecord, images_hash
 from sca_caption.data.datasets import load_corpus
 from sca_caption.data.errors import BadInputReport, DataError
 from sca_caption.data.feature_extraction import extract_features
@@ -54,7 +55,7 @@ def _records(folder: Path, count: int, bad: dict[int, bytes] | None = None) -> l
 
 
 def _spec(records: list[ImageRecord], **changes: object) -> CacheSpec:
-    spec = CacheSpec("shapes", "data/shapes", "efficientnet_lite0", LAYERS, corpus_hash(records), weights="none")
+    spec = CacheSpec("shapes", "data/shapes", "efficientnet_lite0", LAYERS, images_hash(records), weights="none")
     return replace(spec, **changes)
 
 
@@ -101,7 +102,7 @@ def test_cache_holds_prefix_outputs_of_the_same_batches(built: tuple[list[ImageR
         assert f["taps/stage6"].chunks == (1, 192, 7, 7) and f["taps/stage6"].dtype == np.float16
         attrs = dict(f.attrs)
     assert attrs["complete"] and attrs["backbone"] == "efficientnet_lite0" and attrs["input_size"] == 224
-    assert attrs["normalization"] == "tf" and attrs["corpus_hash"] == corpus_hash(records)
+    assert attrs["normalization"] == "tf" and attrs["images_hash"] == images_hash(records)
     assert attrs["version"] == "0.1.0" and attrs["layers"] == '["stage6", "stage7"]'
 
 
@@ -188,7 +189,7 @@ def test_unfinished_unreadable_and_absent_caches_are_refused(
     [
         ({"backbone": "efficientnet_lite2"}, "backbone efficientnet_lite0, expected efficientnet_lite2"),
         ({"layers": ("stage5", "stage7")}, "layers stage6 stage7, expected stage5 stage7"),
-        ({"corpus_hash": "0123456789abcdef"}, "expected 0123456789abcdef"),
+        ({"images_hash": "0123456789abcdef"}, "expected 0123456789abcdef"),
         ({"version": "9.9.9"}, "version 0.1.0, expected 9.9.9"),
         ({"weights": "imagenet"}, "weights none, expected imagenet"),
     ],
@@ -235,7 +236,7 @@ def test_bad_image_error_then_skip(tmp_path: Path) -> None:
         _extract(records, out, batch_size=2)
 
 
-def test_parts_of_other_settings_are_discarded(tmp_path: Path) -> None:
+def test_parts_of_other_settings_or_a_foreign_folder_are_refused_not_emptied(tmp_path: Path) -> None:
     records = _records(tmp_path / "images", 4)
     _extract(records, tmp_path / "fresh.h5")
     parts = tmp_path / "f.h5.parts"
@@ -243,10 +244,17 @@ def test_parts_of_other_settings_are_discarded(tmp_path: Path) -> None:
     (parts / "manifest.json").write_text('{"batch_size": 2}')
     np.savez(parts / "part-000000.npz", indices=np.arange(3), failed=np.zeros(0, np.int64), problems=np.zeros(0, str),
              tap_stage6=np.zeros((3, 192, 7, 7), np.float16))
+    with pytest.raises(DataError, match=r"f.h5.parts: the unfinished extraction of other settings \(dataset None there"):
+        _extract(records, tmp_path / "f.h5")
+    assert sorted(p.name for p in parts.iterdir()) == ["manifest.json", "part-000000.npz"]
+    (parts / "manifest.json").unlink()
+    with pytest.raises(DataError, match=r"f.h5.parts: not the parts folder of an extraction; not touched"):
+        _extract(records, tmp_path / "f.h5")
+    assert [p.name for p in parts.iterdir()] == ["part-000000.npz"] and not (tmp_path / "f.h5").exists()
+    shutil.rmtree(parts)
     _extract(records, tmp_path / "f.h5")
-    fresh, resumed = _datasets(tmp_path / "fresh.h5"), _datasets(tmp_path / "f.h5")
-    assert fresh.keys() == resumed.keys() and all(np.array_equal(fresh[k], resumed[k]) for k in fresh)
-    assert not parts.exists()
+    fresh, again = _datasets(tmp_path / "fresh.h5"), _datasets(tmp_path / "f.h5")
+    assert fresh.keys() == again.keys() and all(np.array_equal(fresh[k], again[k]) for k in fresh)
 
 
 EXTRACT = REPO / "preprocess" / "extract_features.py"

@@ -15,6 +15,7 @@ from PIL import Image
 from sca_caption.data import shapes
 from sca_caption.config import load_config
 from sca_caption.data.datasets import load_corpus
+from sca_caption.data.errors import DataError
 from sca_caption.data.shapes import (
     COLOURS,
     Mention,
@@ -192,12 +193,36 @@ def test_accuracy_averages_over_scenes_and_counts_missing_captions_wrong():
     assert shapes_accuracy(captions, scenes) == 0.5
 
 
-def test_load_corpus_generates_shapes_when_missing(tmp_path: Path, monkeypatch):
+def test_load_corpus_generates_shapes_only_at_the_default_root(tmp_path: Path, monkeypatch):
     real = shapes.generate_shapes
     monkeypatch.setattr(shapes, "generate_shapes", lambda root: real(root, seed=0, counts=TINY))
-    records = load_corpus("shapes", tmp_path / "shapes")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"no shapes dataset in elsewhere/shapes: .*make it with `python preprocess/make_shapes.py --out elsewhere/shapes`"):
+        load_corpus("shapes", Path("elsewhere") / "shapes")  # a mistyped data root: nothing is made
+    assert list(tmp_path.iterdir()) == []
+    records = load_corpus("shapes")
     assert len(records) == 10 and all(r.path.is_file() and len(r.raw) == 5 for r in records)
-    assert records == load_corpus("shapes", tmp_path / "shapes")
+    assert records == load_corpus("shapes", Path("data") / "shapes")
+
+
+def test_the_generator_writes_only_into_an_empty_folder_or_a_shapes_dataset(tmp_path: Path):
+    other = tmp_path / "flickr8k"
+    (other / "Flicker8k_Dataset").mkdir(parents=True)
+    (other / "Flickr8k.token.txt").write_text("a.jpg#0\ta dog\n")
+    with pytest.raises(DataError, match=r"flickr8k: holds 'Flicker8k_Dataset', so it is not a shapes dataset"):
+        generate_shapes(other, seed=0, counts=TINY)
+    assert sorted(p.name for p in other.iterdir()) == ["Flicker8k_Dataset", "Flickr8k.token.txt"]
+    assert list((other / "Flicker8k_Dataset").iterdir()) == []
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(DataError, match="is a file, not a folder for the shapes dataset"):
+        generate_shapes(tmp_path / "a_file", seed=0, counts=TINY)
+    root = tmp_path / "shapes"
+    generate_shapes(root, seed=0, counts=TINY)
+    (root / "dataset_shapes.json").unlink()  # an unfinished dataset is finished
+    generate_shapes(root, seed=1, counts=TINY)
+    (root / "images" / "holiday.jpg").write_bytes(b"mine")
+    with pytest.raises(DataError, match="holds 'images', so it is not a shapes dataset"):
+        generate_shapes(root, seed=0, counts=TINY)
 
 
 def test_load_corpus_regenerates_a_dataset_of_an_older_generator_with_its_seed_and_counts(tmp_path: Path):

@@ -34,8 +34,17 @@ def records_in_split(records: Iterable[ImageRecord], split: str) -> list[ImageRe
     return [r for r in records if r.split == split]
 
 
+def images_hash(records: Sequence[ImageRecord]) -> str:
+    """A short hash of the image ids and file names, in order: what a feature cache is made from
+    besides its backbone (not the captions: a caption-only change keeps the cache)."""
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(json.dumps([r.image_id, r.path.name]).encode())
+    return digest.hexdigest()[:16]
+
+
 def corpus_hash(records: Sequence[ImageRecord]) -> str:
-    """A short hash of image ids, file names, splits and tokens: names the corpus a cache was built from."""
+    """A short hash of image ids, file names, splits and tokens: names the corpus a vocabulary was built from."""
     digest = hashlib.sha256()
     for r in records:
         digest.update(json.dumps([r.image_id, r.path.name, r.split, r.tokens]).encode())

@@ -38,6 +38,8 @@ def karpathy_file(name: str, data_root: Path) -> Path:
 
 def how_to_get(name: str, data_root: Path) -> str:
     """How to get dataset ``name`` into ``data_root``: the end of every "no dataset" error."""
+    if name == "shapes":
+        return f"make it with `python preprocess/make_shapes.py --out {shlex.quote(str(data_root))}`"
     command = f"`python preprocess/download.py --dataset {name} --root {shlex.quote(str(data_root))}`"
     if name == "flickr30k":
         return f"{command} fetches {karpathy_file(name, data_root).name}; {flickr30k_images_hint(data_root)}"
@@ -75,7 +77,7 @@ def load_corpus(
         if stale is not None:  # written by an older generator: made again with its seed and counts
             log(f"{karpathy}: written by an older shapes generator; generating the dataset again")
             shapes.generate_shapes(root, **stale)
-        elif not karpathy.exists():
+        elif not karpathy.exists() and root == default_data_root(name):  # a data root given is never made
             log(f"generating the shapes dataset in {root}")
             shapes.generate_shapes(root)
     if karpathy.exists():

@@ -40,9 +40,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from sca_caption.data.corpus import ImageRecord, corpus_hash
+from sca_caption.data.corpus import ImageRecord, images_hash
 from sca_caption.data.errors import BadInputReport, DataError, SkippedEntry
-from sca_caption.data.features import TAPS_GROUP, CacheSpec, is_complete
+from sca_caption.data.features import TAPS_GROUP, CacheSpec, is_complete, what_is_at
 from sca_caption.data.images import load_image
 from sca_caption.distributed import ONE_PROCESS, Processes
 from sca_caption.io_utils import atomic_write, atomic_write_json
@@ -121,7 +121,7 @@ def extract_features(
 ) -> ExtractionResult:
     """Write (or finish writing) the feature cache of ``records`` for ``spec`` at ``out``.
 
-    records: the corpus in order, already cut to ``spec.limit``; ``spec.corpus_hash`` must be theirs.
+    records: the corpus in order, already cut to ``spec.limit``; ``spec.images_hash`` must be theirs.
     on_bad: "error" stops at the first image that cannot be decoded (``DataError``); "skip" leaves it
     out, lists it in the file and in ``report``. Rerunning after a kill resumes where it stopped.
     processes: the run's processes, every one calling this alike (module docstring); rank 0 shows
@@ -131,8 +131,8 @@ def extract_features(
     out = Path(out)
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
-    if spec.corpus_hash != corpus_hash(records):
-        raise ValueError("spec.corpus_hash is not the hash of the records given")
+    if spec.images_hash != images_hash(records):
+        raise ValueError("spec.images_hash is not the hash of the records given")
     if not records:
         raise DataError(f"{out}: no images to extract features from")
     parts = out.with_name(out.name + ".parts")
@@ -141,9 +141,11 @@ def extract_features(
         if processes.main_says(is_complete(out, spec)):
             skipped = _file_skipped(out, records)
             _settle_skipped(skipped, on_bad, report)
-            if main:
+            if main and (parts / MANIFEST).is_file():  # a finished extraction's leftover parts
                 shutil.rmtree(parts, ignore_errors=True)
             return ExtractionResult(out, _file_images(out), skipped, already_complete=True)
+        if out.exists() or out.is_symlink():  # never replaced: it was made from something else
+            raise DataError(f"{out}: {what_is_at(out, spec)}; not overwritten: remove it or name another output")
         backbone = freeze(build_cache_backbone(spec.backbone, spec.weights))
         try:
             prefix, _ = backbone.split(spec.layers)
@@ -341,16 +343,22 @@ def _settle_skipped(skipped: Sequence[SkippedEntry], on_bad: str, report: BadInp
 
 
 def _prepare_parts(parts: Path, manifest: dict[str, object]) -> None:
-    """Make the parts folder for ``manifest``: keep parts of the same settings, drop others and
-    any temporary file a killed run left."""
+    """Make the parts folder for ``manifest``, or keep the parts of an unfinished extraction of the
+    same settings (dropping any temporary file a killed run left); a folder there that holds
+    anything else is refused, never emptied."""
     manifest_path = parts / MANIFEST
-    if parts.exists():
+    if parts.exists() or parts.is_symlink():
         try:
-            same = json.loads(manifest_path.read_text()) == manifest
+            found = json.loads(manifest_path.read_text()) if parts.is_dir() else None
         except (OSError, ValueError):
-            same = False
-        if not same:
-            shutil.rmtree(parts)
+            found = None
+        if not isinstance(found, dict):
+            raise DataError(f"{parts}: not the parts folder of an extraction; not touched: remove it or name another output")
+        if found != manifest:
+            keys = [k for k, v in manifest.items() if found.get(k) != v]
+            changed = "; ".join(f"{k} {found.get(k)!r} there, {manifest[k]!r} here" for k in keys[:2])
+            changed += f"; {len(keys) - 2} more" if len(keys) > 2 else ""
+            raise DataError(f"{parts}: the unfinished extraction of other settings ({changed}); remove it to start over")
     parts.mkdir(parents=True, exist_ok=True)
     for stale in parts.glob(".*.tmp"):
         stale.unlink()

@@ -7,12 +7,13 @@ A cache file (written by ``sca_caption.data.feature_extraction``) holds:
 - ``image_ids`` (N,): the images present, in corpus order;
 - ``skipped_ids`` / ``skipped_problems``: images left out under ``--on-bad-image skip`` and why;
 - attrs: dataset, data_root, backbone, weights, layers, taps, input_size, normalization (name,
-  mean, std), corpus_hash (of the records covered), limit, batch_size, version (the
+  mean, std), images_hash (of the records covered), limit, batch_size, version (the
   ``sca_caption.__version__`` that wrote it) and ``complete`` (set last, True only for a finished file).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -31,26 +32,26 @@ from sca_caption.data.errors import DataError
 TAPS_GROUP = "taps"
 EXTRACT_SCRIPT = "preprocess/extract_features.py"
 # Attrs that must equal the expected value for a cache to be used (data_root and limit only shape
-# the rebuild command: the corpus itself is pinned by corpus_hash).
-CHECKED_ATTRS = ("backbone", "weights", "layers", "corpus_hash", "version")
+# the command that builds it: the images themselves are pinned by images_hash).
+CHECKED_ATTRS = ("backbone", "weights", "layers", "images_hash", "version")
 
 
 @dataclass(frozen=True)
 class CacheSpec:
     """What a feature cache is built from; also the arguments of the command that builds it.
 
-    The extractor stores it in the file; a trainer builds the one it needs (``corpus_hash`` of its
+    The extractor stores it in the file; a trainer builds the one it needs (``images_hash`` of its
     records) and passes it to ``FeatureCache(path, expect=...)``.
 
     weights: "imagenet", "none" (random init) or the path of a state dict file.
-    corpus_hash: ``corpus_hash`` of the records the cache covers (the first ``limit`` if given).
+    images_hash: ``corpus.images_hash`` of the records the cache covers (the first ``limit`` if given).
     """
 
     dataset: str
     data_root: str
     backbone: str
     layers: tuple[str, ...]
-    corpus_hash: str
+    images_hash: str
     weights: str = "imagenet"
     limit: int | None = None
     version: str = __version__
@@ -65,6 +66,13 @@ class CacheSpec:
             parts += ["--limit", str(self.limit)]
         return shlex.join(parts)
 
+    def file_name(self) -> str:
+        """``<dataset>_<backbone>_<layer>-<layer>_<key>.h5``: the default cache file of this spec,
+        ``key`` a hash of every checked attr, so caches of other images, weights or versions
+        never share a path."""
+        key = hashlib.sha256(json.dumps([self.dataset, *(str(getattr(self, a)) for a in CHECKED_ATTRS)]).encode())
+        return f"{self.dataset}_{self.backbone}_{'-'.join(self.layers)}_{key.hexdigest()[:8]}.h5"
+
     def attrs(self) -> dict[str, Any]:
         """The spec as HDF5 attrs (``limit`` None stored as 0)."""
         return {
@@ -73,7 +81,7 @@ class CacheSpec:
             "backbone": self.backbone,
             "weights": self.weights,
             "layers": json.dumps(list(self.layers)),
-            "corpus_hash": self.corpus_hash,
+            "images_hash": self.images_hash,
             "limit": self.limit or 0,
             "version": self.version,
         }
@@ -86,7 +94,7 @@ class CacheSpec:
             data_root=str(attrs["data_root"]),
             backbone=str(attrs["backbone"]),
             layers=tuple(json.loads(attrs["layers"])),
-            corpus_hash=str(attrs["corpus_hash"]),
+            images_hash=str(attrs["images_hash"]),
             weights=str(attrs["weights"]),
             limit=int(attrs["limit"]) or None,
             version=str(attrs["version"]),
@@ -111,6 +119,21 @@ def is_complete(path: Path, spec: CacheSpec) -> bool:
             return bool(f.attrs.get("complete", False)) and not differences(CacheSpec.from_attrs(f.attrs), spec)
     except (OSError, KeyError, ValueError):
         return False
+
+
+def what_is_at(path: Path, spec: CacheSpec) -> str:
+    """What ``path`` holds, for a refusal to overwrite it with the cache of ``spec``."""
+    if not path.is_file():
+        return "not a regular file"
+    try:
+        with h5py.File(path, "r") as f:
+            found, complete = CacheSpec.from_attrs(f.attrs), bool(f.attrs.get("complete", False))
+    except (OSError, KeyError, ValueError):
+        return "not a feature cache of this sca-caption version"
+    if not complete:
+        return "an unfinished feature cache"
+    diff = differences(found, spec)
+    return f"a feature cache built with {'; '.join(diff)}" if diff else "the feature cache these settings need"
 
 
 class FeatureCache:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -37,6 +38,7 @@ from sca_caption.io_utils import atomic_write_json
 DATASET_FILE = "dataset_shapes.json"
 GRAMMAR = 4  # version of the generator (captions and drawing), kept in the dataset file; a file of another is stale
 IMAGE_FOLDER = "images"
+IMAGE_NAME = re.compile(r"(train|val|test)_\d{5}\.jpg|\..*\.tmp")  # the generator's files and temporaries
 DEFAULT_COUNTS = {"train": 4000, "val": 200, "test": 500}
 CAPTIONS_PER_IMAGE = 5
 
@@ -353,10 +355,12 @@ def load_scenes(json_path: Path, split: str | None = None) -> dict[str, Scene]:
 def generate_shapes(out_dir: Path, seed: int = 0, counts: Mapping[str, int] = DEFAULT_COUNTS) -> Path:
     """Write the images and ``dataset_shapes.json`` (Karpathy format plus a ``scene`` per image) into
     ``out_dir``; returns the JSON's path. Image i of a split depends only on (seed, split, i).
-    The JSON is written last, atomically, so its presence means the dataset is complete."""
+    The JSON is written last, atomically, so its presence means the dataset is complete. Only an
+    empty or absent folder, or one holding a (possibly unfinished) shapes dataset, is written into."""
     unknown = set(counts) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown split names {sorted(unknown)}; expected some of {SPLITS}")
+    check_shapes_folder(Path(out_dir))
     image_dir = Path(out_dir) / IMAGE_FOLDER
     image_dir.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -386,6 +390,23 @@ def generate_shapes(out_dir: Path, seed: int = 0, counts: Mapping[str, int] = DE
     dataset = {"dataset": "shapes", "grammar": GRAMMAR, "seed": seed, "counts": dict(counts), "images": entries}
     atomic_write_json(json_path, dataset, indent=None)
     return json_path
+
+
+def check_shapes_folder(folder: Path) -> None:
+    """Refuse (``DataError``) a ``folder`` that holds anything but a shapes dataset, finished or not."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise DataError(f"{folder}: is a file, not a folder for the shapes dataset")
+    for entry in sorted(folder.iterdir()):
+        if entry.name == DATASET_FILE or IMAGE_NAME.fullmatch(entry.name):
+            continue
+        if entry.name == IMAGE_FOLDER and entry.is_dir() and all(IMAGE_NAME.fullmatch(p.name) for p in entry.iterdir()):
+            continue
+        raise DataError(
+            f"{folder}: holds {entry.name!r}, so it is not a shapes dataset; the shapes generator writes only "
+            "into an empty folder or a shapes dataset"
+        )
 
 
 def stale_dataset(json_path: Path) -> dict[str, Any] | None:
