@@ -22,8 +22,8 @@ prefix it was trained on.
 
 from __future__ import annotations
 
-import glob
 import math
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -74,14 +74,16 @@ def default_checkpoint(folder: Path = CHECKPOINTS) -> tuple[Path, str]:
 
 
 def collect_images(arguments: Sequence[str]) -> list[Path]:
-    """The image files named by ``arguments``, in argument order.
+    """The image files named by ``arguments``, in argument order, each file once (links to a file
+    already listed, and repeated arguments, are dropped).
 
     - a folder: its files with an image extension (``IMAGE_EXTENSIONS``, any case), sorted by name,
-      not recursive;
+      not recursive, hidden names (``.*``, e.g. macOS's ``._photo.jpg``) left out;
     - a glob pattern (``*``, ``?`` or ``[`` in a path that does not exist as written; ``**``
-      recurses): its matches, sorted, a matched folder expanded as above;
-    - anything else: an image file, taken as it is, existing or not (a missing, unreadable or
-      non-image file is reported when it is decoded, and the other images are still captioned).
+      recurses without following links to folders, so link loops end): its matches, sorted, hidden
+      names left out as a shell does, a matched folder expanded as above;
+    - anything else: an image file, taken as it is, existing or not (a missing, unreadable, special
+      or non-image file is reported when it is decoded, and the other images are still captioned).
 
     A pattern that matches nothing or a folder that holds no image is a ``NoImagesError``.
     """
@@ -91,19 +93,44 @@ def collect_images(arguments: Sequence[str]) -> list[Path]:
         if path.is_dir():
             paths += _folder_images(path)
         elif GLOB_CHARACTERS.search(argument) and not path.exists():
-            matches = sorted(glob.glob(argument, recursive=True))
+            matches = _glob(argument)
             if not matches:
                 raise NoImagesError(f"{argument}: the pattern matches no file")
             for match in matches:
-                paths += _folder_images(Path(match)) if Path(match).is_dir() else [Path(match)]
+                paths += _folder_images(match) if match.is_dir() else [match]
         else:
             paths.append(path)
-    return paths
+    seen: set[str] = set()
+    unique = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            unique.append(path)
+    return unique
+
+
+def _glob(pattern: str) -> list[Path]:
+    """The sorted matches of a glob ``pattern``: ``pathlib`` globbing from the pattern's longest
+    literal prefix (it never follows a link to a folder under ``**``, unlike ``glob.glob``, which
+    a folder linking to itself twice keeps busy for ever)."""
+    parts = Path(pattern).parts
+    literal = next(i for i, part in enumerate(parts) if GLOB_CHARACTERS.search(part))
+    base = Path(*parts[:literal]) if literal else Path(".")
+    rest = "/".join(parts[literal:])
+    try:
+        matches = [m for m in base.glob(rest) if not any(p.startswith(".") for p in m.relative_to(base).parts)]
+    except (OSError, ValueError):  # an unreadable folder on the way, or a pattern pathlib refuses
+        return []
+    return sorted(matches, key=str)
 
 
 def _folder_images(folder: Path) -> list[Path]:
     try:
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
+        images = sorted(
+            p for p in folder.iterdir()
+            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and not p.is_dir()
+        )
     except OSError as err:
         raise NoImagesError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
     if not images:

@@ -35,6 +35,7 @@ import yaml
 from sca_caption.data.corpus import SPLITS
 from sca_caption.data.datasets import CORPORA
 from sca_caption.data.errors import DataError
+from sca_caption.data.input_files import read_text
 from sca_caption.decoding import DecodeConfig
 from sca_caption.self_critical import BASELINES
 from sca_caption.io_utils import atomic_write_text
@@ -215,9 +216,9 @@ def _checked(section: str, key: Any, value: Any, where: str) -> Any:
 def _add_yaml(merged: _Merged, path: Path) -> None:
     """Read one YAML file into ``merged``, with line numbers for its keys."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read the config file: {error}") from None
+        text = read_text(path, "config file")
+    except DataError as error:
+        raise ConfigError(f"{path}: cannot read the config file: {str(error).removeprefix(f'{path}: ')}") from None
     try:
         layer = yaml.safe_load(text)
         lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))

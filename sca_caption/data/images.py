@@ -32,6 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from sca_caption.data.errors import DataError
+from sca_caption.data.input_files import open_regular
 from sca_caption.errors import first_line
 
 MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS: a 3-channel image of 0.25 GiB
@@ -42,16 +43,7 @@ WHITE = (255, 255, 255)
 
 def load_image(path: str | Path, size: int) -> Tensor:
     """The image at ``path`` as a float tensor (3, size, size) in [0, 1]; ``DataError`` if it cannot be."""
-    path = Path(path)
-    try:
-        file = open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, not an image file") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot open ({first_line(err)})") from None
-    with file:
+    with open_regular(path, "image file") as file:
         return _decode(file, path, size)
 
 

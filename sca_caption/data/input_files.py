@@ -1,22 +1,63 @@
-"""Reading input files, with one-line ``DataError``s for a missing or unreadable file or broken JSON."""
+"""Reading input files, with one-line ``DataError``s for a missing or unreadable file or broken JSON.
+
+Only regular files are read: a FIFO, socket or device (which could block forever or never end)
+is refused by name without being read, and opening never blocks (``O_NONBLOCK``, cleared once the
+file is known to be regular).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sca_caption.data.errors import DataError
+from sca_caption.errors import first_line
+
+KINDS = {stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+         stat.S_ISBLK: "a block device"}
 
 
-def read_text(path: Path) -> str:
-    """The UTF-8 text of ``path``; a missing or unreadable file is a ``DataError``."""
+def open_regular(path: str | os.PathLike[str], what: str = "file") -> IO[bytes]:
+    """``path`` open for binary reading if it is a regular file (links followed); anything else is a
+    one-line ``DataError`` naming ``what`` it should have been."""
+    path = Path(path)
+    a_what = f"{'an' if what[0] in 'aeiou' else 'a'} {what}"
     try:
-        return path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read ({err})") from None
+        raise DataError(f"{path}: {what} not found") from None
+    except OSError as err:  # a socket cannot be opened at all (ENXIO); permissions, link loops, ...
+        kind = _kind(path)
+        raise DataError(f"{path}: {kind}, not {a_what}" if kind else f"{path}: cannot open ({first_line(err)})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(mode) else next((k for test, k in KINDS.items() if test(mode)), "not a regular file")
+        raise DataError(f"{path}: is {kind}, not {a_what}; not read")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _kind(path: Path) -> str | None:
+    """``"is a socket"`` etc. for a special file at ``path``, else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    kind = next((k for test, k in KINDS.items() if test(mode)), None)
+    return f"is {kind}" if kind else None
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """The UTF-8 text of the regular file ``path``; a missing, special or unreadable one is a ``DataError``."""
+    with open_regular(path, what) as handle:
+        try:
+            return handle.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: cannot read ({err})") from None
 
 
 def read_json(path: Path) -> Any:
