@@ -3,7 +3,6 @@ captioned, exit status 1; nothing to caption, exit status 2)."""
 
 from __future__ import annotations
 
-import builtins
 import errno
 import json
 import os
@@ -147,15 +146,15 @@ def test_bad_files_are_reported_in_one_line_each_and_the_rest_captioned(capsys, 
 def test_unreadable_file_is_reported_and_the_rest_captioned(capsys, monkeypatch, tmp_path, checkpoint, photos):
     locked = shape_image(tmp_path / "locked.png", (220, 30, 30), (10, 10, 40, 40))
     locked.chmod(0)
-    if os.access(locked, os.R_OK):  # root reads anything: fail open() as the OS does for other users
-        real_open = builtins.open
+    if os.access(locked, os.R_OK):  # root reads anything: fail the open as the OS does for other users
+        real_open = os.open
 
         def denying_open(file, *args, **kwargs):
             if isinstance(file, (str, os.PathLike)) and Path(file) == locked:
                 raise PermissionError(errno.EACCES, "Permission denied", str(file))
             return real_open(file, *args, **kwargs)
 
-        monkeypatch.setattr(builtins, "open", denying_open)
+        monkeypatch.setattr(os, "open", denying_open)
     status, out, err = run(capsys, "--checkpoint", str(checkpoint), "--workers", "0", str(locked), str(photos / "c.png"))
     assert status == 1 and len(out) == 1 and out[0].startswith(f"{photos / 'c.png'}\t")
     assert len(err) == 2 and err[0].startswith(f"error: {locked}: ") and "Permission denied" in err[0]
@@ -215,7 +214,7 @@ def test_collect_images_expands_folders_and_globs_in_argument_order(tmp_path, ph
     shape_image(photos / "sub" / "d.webp", (1, 2, 3), (0, 0, 5, 5))
     given = tmp_path / "given.txt"  # named explicitly: kept, and reported later if it does not decode
     found = collect_images([str(photos / "*.png"), str(given), str(photos)])
-    assert found == [photos / "c.png", given, photos / "B.PNG", photos / "a.jpg", photos / "c.png"]
+    assert found == [photos / "c.png", given, photos / "B.PNG", photos / "a.jpg"]  # c.png once
     assert collect_images([str(tmp_path / "**" / "*.webp")]) == [photos / "sub" / "d.webp"]
     with pytest.raises(NoImagesError, match="matches no file"):
         collect_images([str(tmp_path / "*.gif")])
