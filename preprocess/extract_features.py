@@ -22,7 +22,7 @@ from sca_caption.data.errors import ON_BAD_CHOICES, BadInputReport
 from sca_caption.data.feature_extraction import EXTRACTION_BATCH, extract_features
 from sca_caption.data.features import CacheSpec
 from sca_caption.distributed import start_processes, stop_processes
-from sca_caption.errors import command
+from sca_caption.errors import Interrupted, command
 from sca_caption.io_utils import check_output_file
 from sca_caption.models.backbones import check_backbone_name, list_backbones
 
@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             report=report,
             processes=processes,
         )
+    except KeyboardInterrupt:
+        parts = args.out.with_name(args.out.name + ".parts")
+        raise Interrupted(f"{args.out}: extraction interrupted; its finished parts in {parts} are kept: "
+                          "the same command continues") from None
     finally:
         stop_processes(processes)
     if not processes.is_main:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,8 @@ from sca_caption.captioning import (
 )
 from sca_caption.decoding import LENGTH_PENALTIES
 from sca_caption.devices import add_device_option, default_device
-from sca_caption.errors import command
-from sca_caption.io_utils import atomic_write_text, check_output_file, check_output_folder
+from sca_caption.errors import Interrupted, command
+from sca_caption.io_utils import atomic_write, atomic_write_text, check_output_file, check_output_folder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -120,23 +121,39 @@ def main(argv: list[str] | None = None) -> int:
         attention=args.json is not None or args.attention is not None,
     )
     many = any(Path(p).is_dir() or GLOB_CHARACTERS.search(p) for p in args.paths)
-    failed, entries = _run(captioner, paths, settings, args, progress=many and not args.no_progress)
+    tally = Tally()
+    try:
+        _run(captioner, paths, settings, args, tally, progress=many and not args.no_progress)
+    except KeyboardInterrupt:
+        if args.json is not None:
+            atomic_write_text(args.json, _json_lines(tally.entries))
+        kept = f"; {args.json} holds the captions of those" if args.json is not None else ""
+        raise Interrupted(f"interrupted after {tally.done} of {len(paths)} images{kept}") from None
     if args.json is not None:
-        atomic_write_text(args.json, _json_lines(entries))
+        atomic_write_text(args.json, _json_lines(tally.entries))
+    failed = tally.failed
     if failed:
         _error(f"{failed} of {len(paths)} image{'s' if len(paths) != 1 else ''} could not be captioned")
     return 1 if failed else 0
 
 
+@dataclass
+class Tally:
+    """How far ``_run`` got: images done (captioned or failed), failures, and the JSON entries."""
+
+    done: int = 0
+    failed: int = 0
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+
 def _run(
-    captioner: ImageCaptioner, paths: list[Path], settings: DecodeSettings, args: argparse.Namespace, progress: bool
-) -> tuple[int, list[dict[str, Any]]]:
-    """Caption ``paths``, printing as results come; returns the failure count and the JSON entries."""
+    captioner: ImageCaptioner, paths: list[Path], settings: DecodeSettings, args: argparse.Namespace, tally: Tally,
+    progress: bool,
+) -> None:
+    """Caption ``paths``, printing as results come and counting them in ``tally``."""
     names = png_names(paths) if args.attention is not None else []
     if args.attention is not None:
         args.attention.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    entries: list[dict[str, Any]] = []
     results = captioner.caption_files(
         paths, settings, batch_size=args.batch_size, workers=args.workers, keep_images=args.attention is not None
     )
@@ -144,12 +161,13 @@ def _run(
         for index, result in enumerate(results):
             bar.update(1)
             if isinstance(result, FailedImage):
-                failed += 1
+                tally.failed += 1
+                tally.done += 1
                 tqdm.write(f"error: {result.problem}", file=sys.stderr)
                 continue
             _print_captions(result, args.n_best is not None)
             if args.json is not None:
-                entries.append(
+                tally.entries.append(
                     result_entry(
                         result, captioner.layers, n_best=args.n_best is not None, attention=True,
                         top_channels=args.top_channels,
@@ -159,8 +177,9 @@ def _run(
                 best = result.captions[0]
                 title = f"{result.path}: {best.text}  (score {best.hypothesis.score:.4f})"
                 assert result.image is not None
-                render_attention(result.image, best, captioner.layers, title).save(args.attention / names[index])
-    return failed, entries
+                with atomic_write(args.attention / names[index]) as handle:
+                    render_attention(result.image, best, captioner.layers, title).save(handle, format="PNG")
+            tally.done += 1
 
 
 def _print_captions(result: CaptionedImage, scored: bool) -> None:

@@ -6,17 +6,29 @@ is an ``SCACaptionError``: ``DataError`` (and its ``ConfigError``, ``CheckpointE
 the file, key or setting and the problem. Command-line entry points are wrapped in ``command``,
 which prints such an error as ``error: <line>`` on stderr and exits 2; any other exception is a
 bug and keeps its traceback.
+
+Ctrl-C and SIGTERM: inside ``command`` SIGTERM interrupts like Ctrl-C (``KeyboardInterrupt``). A
+command that keeps something of its work says what in an ``Interrupted`` error; any other
+interruption is one line too (every file the project writes is written atomically, so what is on
+disk is complete). Both exit 2, as an error does.
 """
 
 from __future__ import annotations
 
 import functools
+import signal
 import sys
-from typing import Callable
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 
 class SCACaptionError(ValueError):
     """A problem the user can fix; the message is one line naming the file or setting."""
+
+
+class Interrupted(SCACaptionError):
+    """Ctrl-C or SIGTERM stopped a command; the message says what was kept and how to go on."""
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -33,10 +45,32 @@ def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
         try:
-            return main(argv)
+            with _sigterm_interrupts():
+                return main(argv)
         except SCACaptionError as error:
             lines = str(error).strip().splitlines()
             print(f"error: {lines[0] if lines else type(error).__name__}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print("error: interrupted; the files written so far are complete (each is written atomically)", file=sys.stderr)
+            return 2
 
     return run
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises ``KeyboardInterrupt`` while the block runs (in the main thread; elsewhere
+    signals cannot be handled and the block runs as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_number: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,72 @@
+"""Ctrl-C and SIGTERM with real signals (issue #16, RELIABILITY.md): ``caption`` writes the JSON
+of the images it finished and says so; extraction keeps its finished parts and says the same
+command continues; neither prints a traceback. (Training: tests/test_misuse.py.)"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from caption_support import checkpoint, shape_image  # noqa: F401
+from sca_caption.data.shapes import generate_shapes
+from train_support import subprocess_env
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+SIGNALS = [signal.SIGINT, signal.SIGTERM]
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_caption_interrupted_writes_the_json_of_the_images_done(checkpoint: Path, tmp_path: Path, sig):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(400):
+        shape_image(photos / f"p{i:03d}.png", (200, 30 + i % 200, 30), (10, 10, 50 + i % 40, 60))
+    results = tmp_path / "out.json"
+    command = [sys.executable, "-u", "-m", "sca_caption.caption", "--checkpoint", str(checkpoint), "--no-progress",
+               "--batch-size", "1", "--workers", "0", "--json", str(results), str(photos)]
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    first = process.stdout.readline()  # the first image is captioned: interrupt now
+    assert first.startswith(str(photos / "p000.png"))
+    process.send_signal(sig)
+    rest, err = process.communicate(timeout=120)
+    printed = [first, *rest.splitlines()]
+    assert process.returncode == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    done = len(json.loads(results.read_text()))
+    assert last == f"error: interrupted after {done} of 400 images; {results} holds the captions of those"
+    assert 1 <= done < 400 and len(printed) == done  # every caption printed is in the file, no more
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_extraction_interrupted_keeps_its_parts_and_the_same_command_finishes(tmp_path: Path, sig):
+    root = tmp_path / "shapes"
+    generate_shapes(root, seed=0, counts={"train": 300, "val": 2, "test": 2})
+    out = tmp_path / "f.h5"
+    command = [sys.executable, str(REPO / "preprocess" / "extract_features.py"), "--dataset", "shapes",
+               "--data-root", str(root), "--backbone", "efficientnet_lite0", "--weights", "none", "--layers",
+               "stage7", "--out", str(out), "--batch-size", "2", "--workers", "0"]
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parts = out.with_name(out.name + ".parts")
+    deadline = time.monotonic() + 120
+    while len(list(parts.glob("part-*.npz"))) < 2:
+        assert process.poll() is None, "it finished before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"error: {out}: extraction interrupted; its finished parts in {parts} are kept: the same command continues"
+    )
+    kept = len(list(parts.glob("part-*.npz")))
+    assert 2 <= kept < 152 and not out.exists()
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and out.exists() and not parts.exists(), done.stderr[-2000:]
