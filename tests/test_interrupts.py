@@ -5,6 +5,7 @@ command continues; neither prints a traceback. (Training: tests/test_misuse.py.)
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 from caption_support import checkpoint, shape_image  # noqa: F401
 from sca_caption.data.shapes import generate_shapes
+from sca_caption.errors import command
 from train_support import subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -70,3 +72,18 @@ def test_extraction_interrupted_keeps_its_parts_and_the_same_command_finishes(tm
     assert 2 <= kept < 152 and not out.exists()
     done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and out.exists() and not parts.exists(), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_any_command_interrupted_is_one_line_and_status_2(capsys, sig):
+    @command
+    def main(argv: list[str] | None = None) -> int:
+        os.kill(os.getpid(), sig)
+        time.sleep(10)  # the signal arrives first
+        return 0
+
+    assert main([]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: interrupted; the files written so far are complete (each is written atomically)"
+    ]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
