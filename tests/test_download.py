@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -310,7 +313,7 @@ def test_flickr30k_without_images_says_where_they_come_from_and_where_they_go(se
 
 
 def test_datasets_without_a_download_are_refused(tmp_path: Path):
-    with pytest.raises(DataError, match="shapes dataset is generated on first use"):
+    with pytest.raises(DataError, match=r"shapes dataset is generated \(at data/shapes on first use, elsewhere by preprocess/make_shapes.py\)"):
         download_dataset("shapes", tmp_path)
     with pytest.raises(DataError, match="no download for dataset 'mnist'; choose one of flickr8k, flickr30k, coco"):
         download_dataset("mnist", tmp_path)
@@ -351,3 +354,34 @@ def test_train_download_fetches_nothing_already_in_place_and_explains_flickr30k_
     assert f"{root}: dataset_flickr30k.json already in place" in captured.out
     assert captured.err.startswith(f"error: {root}: dataset_flickr30k.json is in place, but not the images; ")
     assert FLICKR30K_FORM in captured.err and captured.err.count("\n") == 1
+
+
+def test_a_second_download_into_the_same_folder_is_refused_naming_the_first(server, tmp_path: Path):
+    served, base = server
+    served.files = flickr8k_archives()
+    root = tmp_path / "flickr8k"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(root / DOWNLOAD_FOLDER / ".download.lock")],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "HELD"
+        with pytest.raises(DataError, match=rf"flickr8k: another download is writing this dataset folder \(process {holder.pid}\)"):
+            fetch(root, sources_for(base, served.files))
+        assert served.requests == []
+    finally:
+        holder.kill()
+        holder.wait()
+    fetch(root, sources_for(base, served.files))  # the holder is gone: the lock is free
+    assert_complete_flickr8k(root)
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from sca_caption.distributed import ONE_PROCESS
+from sca_caption.locks import exclusive
+with exclusive(Path(sys.argv[1]), ONE_PROCESS, "busy"):
+    print("HELD", flush=True)
+    time.sleep(120)
+"""

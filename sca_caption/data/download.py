@@ -42,6 +42,8 @@ from sca_caption.data.datasets import (
     karpathy_file,
 )
 from sca_caption.data.errors import DataError
+from sca_caption.distributed import ONE_PROCESS
+from sca_caption.locks import exclusive
 
 DOWNLOAD_FOLDER = ".download"
 CHUNK = 1 << 20
@@ -147,18 +149,25 @@ def download_dataset(
         raise ValueError(f"attempts must be at least 1, got {attempts}")
     if name not in SOURCES:
         if name == "shapes":
-            raise DataError("the shapes dataset is generated on first use; there is nothing to download")
+            raise DataError(
+                "the shapes dataset is generated (at data/shapes on first use, elsewhere by "
+                "preprocess/make_shapes.py); there is nothing to download"
+            )
         raise DataError(f"no download for dataset {name!r}; choose one of {', '.join(SOURCES)}")
     root = Path(root) if root is not None else default_data_root(name)
     if root.exists() and not root.is_dir():
         raise DataError(f"{root}: expected a dataset folder, found a file")
-    for source in SOURCES[name] if sources is None else sources:
-        if all((root / entry).exists() for entry in source.provides):
-            log(f"{root}: {', '.join(source.provides)} already in place")
-            continue
-        archive = _fetch(source, root / DOWNLOAD_FOLDER, progress=progress, log=log, attempts=attempts, timeout=timeout)
-        _extract_into(archive, source, root, progress=progress)
-        archive.unlink()
+    busy = f"{root}: another download is writing this dataset folder"
+    with exclusive(root / DOWNLOAD_FOLDER / ".download.lock", ONE_PROCESS, busy):
+        for source in SOURCES[name] if sources is None else sources:
+            if all((root / entry).exists() for entry in source.provides):
+                log(f"{root}: {', '.join(source.provides)} already in place")
+                continue
+            archive = _fetch(
+                source, root / DOWNLOAD_FOLDER, progress=progress, log=log, attempts=attempts, timeout=timeout
+            )
+            _extract_into(archive, source, root, progress=progress)
+            archive.unlink()
     _remove_if_empty(root / DOWNLOAD_FOLDER)
     if name == "flickr30k" and not any((root / folder).is_dir() for folder in FLICKR30K_IMAGE_FOLDERS):
         raise DataError(f"{root}: {karpathy_file(name, root).name} is in place, but not the images; {flickr30k_images_hint(root)}")
