@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,7 @@ from sca_caption.captioning import (
 from sca_caption.decoding import LENGTH_PENALTIES
 from sca_caption.devices import add_device_option, default_device
 from sca_caption.errors import Interrupted, command
-from sca_caption.io_utils import atomic_write, atomic_write_text, check_output_file, check_output_folder
+from sca_caption.io_utils import OutputError, atomic_write, atomic_write_text, check_output_file, check_output_folder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint, which = default_checkpoint()
         print(f"note: no --checkpoint given: using {checkpoint} ({which})", file=sys.stderr)
     paths = collect_images(args.paths)
+    _check_outputs_are_not_inputs(args, paths)
     captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device, backbone_weights=args.backbone_weights)
     if args.attention is not None and not captioner.has_spatial_attention:
         _error(f"{checkpoint}: its model (order {captioner.model.config.order!r}) has no spatial attention to draw")
@@ -135,6 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         _error(f"{failed} of {len(paths)} image{'s' if len(paths) != 1 else ''} could not be captioned")
     return 1 if failed else 0
+
+
+def _check_outputs_are_not_inputs(args: argparse.Namespace, paths: list[Path]) -> None:
+    """Refuse (``OutputError``) a ``--json`` file or an ``--attention`` PNG that is one of the images."""
+    inputs = {os.path.realpath(p) for p in paths}
+    outputs = [(args.json, "--json")] if args.json is not None else []
+    if args.attention is not None:
+        outputs += [(args.attention / name, f"--attention {args.attention}") for name in png_names(paths)]
+    for path, option in outputs:
+        if os.path.realpath(path) in inputs:
+            raise OutputError(f"{path}: is one of the images to caption; {option} would overwrite it")
 
 
 @dataclass

@@ -97,3 +97,20 @@ def test_a_failed_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch
         atomic_write_text(path, "new\n")
     monkeypatch.undo()
     assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_caption_never_writes_its_json_or_attention_maps_over_an_input_image(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.png").write_bytes(b"my photo")
+    (photos / "dog.jpg").write_bytes(b"my other photo")
+    for argv, named in [
+        (["--attention", str(photos), str(photos)], photos / "cat.png"),  # cat.png's map would be cat.png
+        (["--json", str(photos / "dog.jpg"), str(photos)], photos / "dog.jpg"),
+    ]:
+        assert caption.main(["--checkpoint", MISSING_CKPT, *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {named}: is one of the images to caption; {argv[0]} " + (
+            f"{photos} would overwrite it" if argv[0] == "--attention" else "would overwrite it")]
+    assert (photos / "cat.png").read_bytes() == b"my photo" and (photos / "dog.jpg").read_bytes() == b"my other photo"
