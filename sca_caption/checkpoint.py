@@ -250,5 +250,6 @@ def check_prefix(path: str | Path, model: SCACaptioner, prefix: BackbonePrefix, 
     if bytes(model.encoder.prefix_fingerprint.cpu().tolist()) != prefix.fingerprint():
         raise CheckpointError(
             f"{path}: {model.config.backbone} with weights {weights!r} is not the backbone its features came from; "
-            "pass the weights its feature cache was built with"
+            "pass the weights its feature cache was built with (or, for a checkpoint of an older sca-caption, "
+            "`python -m sca_caption.export` it: export checks the backbone against the feature cache)"
         )

@@ -6,7 +6,11 @@ file reproduces them exactly).
     python -m sca_caption.export CKPT OUT --beam 3 --min-length 2 --split test
 
 The decoding settings written into the file (``config.decode``, the training run's unless changed
-here) are what `evaluate`, `caption` and the service use unless told otherwise. The file stays a
+here) are what `evaluate`, `caption` and the service use unless told otherwise. The scores are
+measured on the feature cache, the captions of `caption` and the service on a backbone prefix built
+anew: so export first builds that prefix as `caption` does and checks that it reproduces the
+cache's features on a few images of the split, then records its fingerprint in the file (which
+`caption` checks). A prefix that does not reproduce the cache is refused in one line. The file stays a
 checkpoint of the same format (``sca_caption.checkpoint``), loadable with ``load_captioner``; it
 cannot resume training. ``extra`` holds ``test_scores`` (0-1 scale), ``test_split`` and the
 source checkpoint's epoch and step.
@@ -22,12 +26,20 @@ from pathlib import Path
 
 import torch
 
-from sca_caption.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from sca_caption.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from sca_caption.config import ExperimentConfig
-from sca_caption.data.corpus import SPLITS
+from sca_caption.data.corpus import SPLITS, ImageRecord, records_in_split
+from sca_caption.data.features import FeatureCache
+from sca_caption.data.images import load_image
 from sca_caption.errors import command
 from sca_caption.evaluation import evaluate_checkpoint
 from sca_caption.io_utils import check_output_file
+from sca_caption.models.backbones import build_cache_backbone
+from sca_caption.models.backbones.base import freeze
+from sca_caption.prepare import data_root, ensure_features, load_records
+
+CHECKED_IMAGES = 8  # images of the split on which the rebuilt prefix must reproduce the cache
+TOLERANCE = 1e-2  # rtol and atol against the cache's float16 rows (other weights differ by far more)
 
 
 def slim(checkpoint: Checkpoint, decode_changes: dict[str, object]) -> Checkpoint:
@@ -42,6 +54,32 @@ def slim(checkpoint: Checkpoint, decode_changes: dict[str, object]) -> Checkpoin
         checkpoint, model=weights, optimizer={}, data_order=torch.zeros(0, dtype=torch.long), data_position=0,
         config=config.to_dict(), extra=source,
     )
+
+
+def reproduced_fingerprint(config: ExperimentConfig, split: str, source: Path) -> bytes:
+    """The fingerprint of the backbone prefix ``config`` names, built as the caption tool builds
+    it, once it has reproduced the feature cache's rows of the first ``CHECKED_IMAGES`` cached
+    images of ``split`` (a ``CheckpointError`` naming ``source`` otherwise)."""
+    records = load_records(config)
+    cache_path, spec = ensure_features(config, records, progress=False, log=lambda _: None)
+    cache = FeatureCache(cache_path, expect=spec)
+    cached = set(cache.image_ids)
+    chosen: list[ImageRecord] = [r for r in records_in_split(records, split) if r.image_id in cached][:CHECKED_IMAGES]
+    backbone = freeze(build_cache_backbone(config.model.backbone, config.data.backbone_weights))
+    prefix, _ = backbone.split(config.model.layers)
+    images = torch.stack([load_image(r.path, backbone.input_size) for r in chosen])
+    with torch.inference_mode():
+        rebuilt = {tap: x.to(torch.float16).float() for tap, x in prefix(images).items()}
+    stored = cache.read_batch([cache.index_of(r.image_id) for r in chosen])
+    for tap, x in rebuilt.items():
+        if not torch.allclose(x, stored[tap], rtol=TOLERANCE, atol=TOLERANCE):
+            difference = float((x - stored[tap]).abs().max())
+            raise CheckpointError(
+                f"{source}: {config.model.backbone} with weights {config.data.backbone_weights!r}, built here, does not "
+                f"reproduce the feature cache {cache_path} at {tap} (max |difference| {difference:.3g} on "
+                f"{len(chosen)} images of {data_root(config)}): captions would not match the recorded scores"
+            )
+    return prefix.fingerprint()
 
 
 @command
@@ -62,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     check_output_file(args.out, "model file")
     changes = {"beam_size": args.beam, "min_length": args.min_length, "block_trigrams": args.block_trigrams}
     exported = slim(load_checkpoint(args.checkpoint), changes)
+    config = ExperimentConfig.from_dict(exported.config, source=str(args.checkpoint))
+    if args.data_root is not None:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_root=str(args.data_root)))
+    fingerprint = torch.frombuffer(bytearray(reproduced_fingerprint(config, args.split, args.checkpoint)), dtype=torch.uint8)
+    exported = dataclasses.replace(exported, model={**exported.model, "encoder.prefix_fingerprint": fingerprint})
     save_checkpoint(args.out, exported)
     evaluation, _ = evaluate_checkpoint(
         args.out, args.split, device=torch.device("cpu"), data_root=args.data_root, progress=not args.no_progress

@@ -4,13 +4,15 @@ computed directly from the dataset's references, and one-line errors."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from sca_caption import evaluate, export, train
-from sca_caption.checkpoint import load_captioner, load_checkpoint
+from sca_caption.captioning import ImageCaptioner
+from sca_caption.checkpoint import CheckpointError, load_captioner, load_checkpoint, save_checkpoint
 from sca_caption.data.shapes import DATASET_FILE, load_scenes, shapes_accuracy
 from sca_caption.metrics import score_captions
 from train_support import TinyShapes, tiny_shapes  # noqa: F401
@@ -94,3 +96,25 @@ def test_export_writes_a_float16_model_whose_recorded_scores_evaluate_reproduces
     assert printed == recorded  # exactly: the scores were measured on the exported file itself
     model, _, config = load_captioner(shipped)
     assert next(model.parameters()).dtype == torch.float32 and config.decode.min_length == 2
+
+
+def test_export_records_the_fingerprint_of_a_prefix_that_reproduces_the_cache(checkpoint, tmp_path, capsys, monkeypatch):
+    stale = tmp_path / "stale.pt"  # a checkpoint whose fingerprint an older sca-caption computed otherwise
+    old = load_checkpoint(checkpoint)
+    save_checkpoint(stale, replace(old, model={**old.model, "encoder.prefix_fingerprint": torch.zeros(32, dtype=torch.uint8)}))
+    with pytest.raises(CheckpointError, match="is not the backbone its features came from.*sca_caption.export"):
+        ImageCaptioner.from_checkpoint(stale)
+    shipped = tmp_path / "model.pt"
+    assert export.main([str(stale), str(shipped), "--no-progress", "--split", "val"]) == 0
+    capsys.readouterr()
+    ImageCaptioner.from_checkpoint(shipped)  # the fingerprint the caption tool checks is recorded
+
+    def other_weights(name: str, weights: str):  # a prefix that does not compute the cached features
+        return real_build(name, "none" if weights != "none" else "imagenet")
+
+    real_build = export.build_cache_backbone
+    monkeypatch.setattr(export, "build_cache_backbone", other_weights)
+    assert export.main([str(stale), str(tmp_path / "refused.pt"), "--no-progress", "--split", "val"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "built here, does not reproduce the feature cache" in err[0] and "at stage7" in err[0]
+    assert not (tmp_path / "refused.pt").exists()

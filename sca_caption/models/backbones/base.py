@@ -149,14 +149,17 @@ class BackbonePrefix(nn.Module):
 
     def fingerprint(self) -> bytes:
         """The sha256 digest (32 bytes) of everything the prefix computes with: the weights and
-        buffers of the stages it runs, its normalisation, input size and outputs. Two prefixes
-        with the same fingerprint give the same features."""
+        buffers of the stages it runs (in the order the stages hold them, by shape and value, not
+        by module name, so another implementation of the same network has the same fingerprint),
+        its normalisation, input size and outputs. Two prefixes with the same fingerprint give the
+        same features."""
         digest = hashlib.sha256()
         norm = self.backbone.normalization
         digest.update(repr((self.backbone.name, norm.mean, norm.std, self.backbone.input_size, self.outputs)).encode())
         for name in self.backbone.taps[: self.backbone.taps.index(self._until) + 1]:
-            for key, value in sorted(self.backbone.stages[name].state_dict().items()):
-                digest.update(f"{name}.{key}".encode())
+            digest.update(name.encode())
+            for value in self.backbone.stages[name].state_dict().values():
+                digest.update(repr(tuple(value.shape)).encode())
                 digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.digest()
 
