@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from sca_caption.data.datasets import CORPORA, load_corpus
-from sca_caption.data.errors import ON_BAD_CHOICES, BadInputReport
-from sca_caption.data.vocab import build_vocab
+from sca_caption.data.errors import ON_BAD_CHOICES, BadInputReport, DataError
+from sca_caption.data.vocab import Vocab, build_vocab
 from sca_caption.errors import command
 from sca_caption.io_utils import check_output_file
 
@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     check_output_file(args.out, "vocabulary file")
+    if args.out.exists():  # only a vocabulary is replaced
+        try:
+            Vocab.load(args.out)
+        except DataError as err:
+            raise DataError(f"{args.out}: exists and is not a vocabulary file; not overwritten") from err
     report = BadInputReport()
     records = load_corpus(args.dataset, args.data_root, on_bad=args.on_bad, report=report)
     vocab = build_vocab(records, args.min_count)

@@ -98,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     check_output_file(args.out, "model file")
+    if args.out.exists() and args.out.resolve() == args.checkpoint.resolve():
+        raise CheckpointError(f"{args.out}: is the checkpoint to export; name another model file")
+    if args.out.exists():  # only a checkpoint is replaced
+        try:
+            load_checkpoint(args.out)
+        except CheckpointError:
+            raise CheckpointError(f"{args.out}: exists and is not an sca-caption checkpoint; not overwritten") from None
     changes = {"beam_size": args.beam, "min_length": args.min_length, "block_trigrams": args.block_trigrams}
     exported = slim(load_checkpoint(args.checkpoint), changes)
     config = ExperimentConfig.from_dict(exported.config, source=str(args.checkpoint))

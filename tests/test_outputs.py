@@ -114,3 +114,18 @@ def test_caption_never_writes_its_json_or_attention_maps_over_an_input_image(tmp
         assert err == [f"error: {named}: is one of the images to caption; {argv[0]} " + (
             f"{photos} would overwrite it" if argv[0] == "--attention" else "would overwrite it")]
     assert (photos / "cat.png").read_bytes() == b"my photo" and (photos / "dog.jpg").read_bytes() == b"my other photo"
+
+
+def test_export_and_build_vocab_replace_only_their_own_kind_of_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}\n')
+    assert build_vocab.main(["--dataset", "flickr8k", "--data-root", "no-such-root", "--out", str(notes)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {notes}: exists and is not a vocabulary file; not overwritten"]
+    assert export.main([MISSING_CKPT, str(notes)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {notes}: exists and is not an sca-caption checkpoint; not overwritten"
+    ]
+    assert export.main([str(notes), str(notes)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {notes}: is the checkpoint to export; name another model file"]
+    assert notes.read_text() == '{"mine": true}\n'
