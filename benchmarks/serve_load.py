@@ -40,7 +40,7 @@ from sca_caption.captioning import DecodeSettings, ImageCaptioner, collect_image
 from sca_caption.data.images import load_image
 
 REPO = Path(__file__).resolve().parents[1]
-STARTED = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+STARTED = re.compile(r"sca_caption.serve: serving on http://127\.0\.0\.1:(\d+)")
 
 
 class Server:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from sca_caption.captioning import DecodeSettings, ImageCaptioner
 from sca_caption.serve.__main__ import main, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
-STARTED = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+STARTED = re.compile(r"sca_caption.serve: serving on http://127\.0\.0\.1:(\d+)")
 
 
 def wait_for_port(log: Path, process: subprocess.Popen, timeout: float = 120.0) -> int:
@@ -36,7 +37,8 @@ def wait_for_port(log: Path, process: subprocess.Popen, timeout: float = 120.0) 
 
 
 @pytest.mark.slow
-def test_the_real_server_serves_on_loopback_and_shuts_down(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_the_real_server_serves_on_loopback_and_shuts_down(tmp_path, stop):
     checkpoint = save_tiny_checkpoint(tmp_path / "checkpoints" / "shapes" / "best.pt")
     log = tmp_path / "server.log"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -62,9 +64,9 @@ def test_the_real_server_serves_on_loopback_and_shuts_down(tmp_path):
             assert http.post("/v1/captions", content=b"x", headers={"content-type": "image/png"}).status_code == 422
             assert http.get("/").text.startswith("<!doctype html>")
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         status = process.wait(timeout=60)
-    assert status == 0 and "Application shutdown complete" in log.read_text()
+    assert status == 0 and "Application shutdown complete" in log.read_text() and "error" not in log.read_text()
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
@@ -94,3 +96,16 @@ def test_without_any_checkpoint_it_says_how_to_make_one(capsys, monkeypatch, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no checkpoint: neither checkpoints/flickr8k_cs_lite0.pt")
     assert "python -m sca_caption.train" in err[0]
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no checkpoint here: the port is refused first
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    try:
+        assert main(["--port", str(port)]) == 2
+    finally:
+        taken.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: 127.0.0.1:{port}: cannot listen there (OSError: [Errno 98]")
+    assert err[0].endswith("pick another --port or --host")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import socket
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import uvicorn
 
 from sca_caption.captioning import ImageCaptioner, default_checkpoint
 from sca_caption.devices import add_device_option, default_device
-from sca_caption.errors import command
+from sca_caption.errors import SCACaptionError, command, first_line
 from sca_caption.serve.app import ServiceLimits, create_app
 from sca_caption.serve.model_card import model_card
 
@@ -69,15 +70,35 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+class ServiceError(SCACaptionError):
+    """The service cannot start where asked (the address is taken or not this machine's)."""
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` and listening, made before the model loads so that a port in
+    use is one line at once (``ServiceError``), not an error after the model has loaded."""
+    try:
+        return socket.create_server((host, port))
+    except OSError as error:
+        raise ServiceError(f"{host}:{port}: cannot listen there ({first_line(error)}); pick another --port or --host") from None
+
+
 @command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    sock = listening_socket(args.host, args.port)
     checkpoint, which = (args.checkpoint, "as given") if args.checkpoint is not None else default_checkpoint()
     print(f"sca_caption.serve: checkpoint {checkpoint} ({which}), device {args.device}", file=sys.stderr, flush=True)
     captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device, backbone_weights=args.backbone_weights)
     card = model_card(checkpoint)
     limits = ServiceLimits(args.max_batch, args.max_wait_ms, args.max_upload_mb, args.max_images)
-    uvicorn.run(create_app(captioner, card=card, limits=limits), host=args.host, port=args.port)
+    config = uvicorn.Config(create_app(captioner, card=card, limits=limits), host=args.host, port=args.port)
+    host, port = sock.getsockname()[:2]
+    print(f"sca_caption.serve: serving on http://{host}:{port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down cleanly on Ctrl-C/SIGTERM, then passes the signal on
+        pass
     return 0
 
 
