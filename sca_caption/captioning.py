@@ -38,6 +38,7 @@ from sca_caption.data.errors import DataError
 from sca_caption.data.feature_extraction import ImageFiles, collate_decoded
 from sca_caption.data.vocab import Vocab
 from sca_caption.decoding import DecodeConfig, Hypothesis, beam_search
+from sca_caption.errors import main_process_takes_interrupts
 from sca_caption.evaluation import decoding_limit
 from sca_caption.models.backbones import BackbonePrefix, TappedBackbone, build_cache_backbone
 from sca_caption.models.backbones.base import freeze
@@ -287,6 +288,7 @@ class ImageCaptioner:
             num_workers=min(workers, math.ceil(len(paths) / batch_size)),
             collate_fn=collate_decoded,
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=main_process_takes_interrupts,
         )
         for batch in loader:
             results: dict[int, CaptionedImage | FailedImage] = {i: FailedImage(paths[i], p) for i, p in batch.failed}

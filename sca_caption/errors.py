@@ -58,6 +58,15 @@ def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
     return run
 
 
+def main_process_takes_interrupts(_worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGINT and SIGTERM, so a Ctrl-C (which
+    a terminal sends to the whole process group) or a kill of the group reaches only the main
+    process, which stops as it says it will; a worker killed by the signal makes torch raise in
+    the middle of whatever the main process is doing. The workers still end with the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 @contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
     """SIGTERM raises ``KeyboardInterrupt`` while the block runs (in the main thread; elsewhere

@@ -73,6 +73,7 @@ from sca_caption.data.caption_dataset import (
 from sca_caption.data.errors import DataError
 from sca_caption.decoding import DecodeConfig
 from sca_caption.distributed import Processes
+from sca_caption.errors import main_process_takes_interrupts
 from sca_caption.evaluation import SplitEvaluation, decoding_limit, evaluate_split
 from sca_caption.io_utils import atomic_write_json, atomic_write_text
 from sca_caption.locks import exclusive
@@ -369,6 +370,7 @@ class Trainer:
             batch_size=None,
             num_workers=data.num_workers,
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=main_process_takes_interrupts,
         )
         bar = tqdm(
             total=steps, initial=steps - len(batches), unit="step",

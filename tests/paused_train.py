@@ -3,7 +3,9 @@ point mid-epoch. First arguments:
 
 - ``--pause-after K``: after optimizer step K it prints ``PAUSED`` and sleeps (for a SIGKILL);
 - ``--signal-after K NAME``: after step K it sends itself the real signal NAME (e.g. SIGTERM), as
-  a Ctrl-C or ``kill`` would arrive in the middle of training.
+  ``kill`` would arrive in the middle of training;
+- ``--signal-group-after K NAME``: the same to its whole process group (its DataLoader workers
+  too), as a terminal's Ctrl-C arrives (start it in a session of its own).
 
 Everything else is the train CLI's own code (``train.main`` with the callback's trainer)."""
 
@@ -35,12 +37,12 @@ def callback(argv: list[str]) -> tuple[Callable[[int], None], list[str]]:
                 time.sleep(3600)
 
         return pause, argv[2:]
-    assert argv[0] == "--signal-after"
-    step, number = int(argv[1]), signal.Signals[argv[2]]
+    assert argv[0] in ("--signal-after", "--signal-group-after")
+    step, number, group = int(argv[1]), signal.Signals[argv[2]], argv[0] == "--signal-group-after"
 
     def send(at: int) -> None:
         if at == step:
-            os.kill(os.getpid(), number)
+            os.killpg(os.getpgid(0), number) if group else os.kill(os.getpid(), number)
 
     return send, argv[3:]
 

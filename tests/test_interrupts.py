@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from caption_support import checkpoint, shape_image  # noqa: F401
 from sca_caption.data.shapes import generate_shapes
-from sca_caption.errors import command
+from sca_caption.errors import command, main_process_takes_interrupts
 from train_support import subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -87,3 +88,27 @@ def test_any_command_interrupted_is_one_line_and_status_2(capsys, sig):
         "error: interrupted; the files written so far are complete (each is written atomically)"
     ]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
+class Slow(torch.utils.data.Dataset):
+    """Items that take a while to load, as images do."""
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, index: int) -> int:
+        time.sleep(0.05)
+        return index
+
+
+def test_dataloader_workers_leave_ctrl_c_and_sigterm_to_the_main_process():
+    loader = torch.utils.data.DataLoader(Slow(), batch_size=2, num_workers=1,
+                                         worker_init_fn=main_process_takes_interrupts)
+    iterator = iter(loader)
+    got = [next(iterator)]
+    (worker,) = iterator._workers  # the worker a terminal's Ctrl-C, or a kill of the group, reaches too
+    for sig in SIGNALS:
+        os.kill(worker.pid, sig)
+    time.sleep(0.5)  # torch raises in the main process as soon as a worker dies by a signal
+    got += list(iterator)
+    assert torch.cat(got).tolist() == list(range(40))

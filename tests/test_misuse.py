@@ -41,15 +41,20 @@ def test_a_second_training_run_into_the_same_folder_is_refused_naming_the_first(
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
-def test_a_signal_mid_epoch_saves_the_step_and_says_how_to_resume(tiny_shapes: TinyShapes, tmp_path: Path, name: str) -> None:
-    settings = tiny_shapes.overrides(model__dropout=0.3)
+@pytest.mark.parametrize("to", ["the process", "its group"])  # the group: DataLoader workers too, as Ctrl-C does
+def test_a_signal_mid_epoch_saves_the_step_and_says_how_to_resume(
+    tiny_shapes: TinyShapes, tmp_path: Path, name: str, to: str
+) -> None:
+    group = to == "its group"  # small batches: the worker is still loading when the signal comes
+    settings = tiny_shapes.overrides(model__dropout=0.3, data__num_workers=int(group), data__batch_size=5 if group else 30)
     whole = tmp_path / "whole"
     run_train("--out", str(whole), *settings, cwd=tmp_path)  # one thread, as the interrupted run
     out = tmp_path / "run"
-    command = [sys.executable, str(Path(__file__).with_name("paused_train.py")), "--signal-after", "3", name]
+    how = "--signal-group-after" if to == "its group" else "--signal-after"
+    command = [sys.executable, str(Path(__file__).with_name("paused_train.py")), how, "3", name]
     stopped = subprocess.run(
         command + train_command("--out", str(out), *settings)[3:], env=subprocess_env(), capture_output=True,
-        text=True, timeout=300,
+        text=True, timeout=300, start_new_session=True,
     )
     assert stopped.returncode == 2, stopped.stderr[-2000:]
     assert stopped.stderr.strip().splitlines()[-1] == (
@@ -57,7 +62,7 @@ def test_a_signal_mid_epoch_saves_the_step_and_says_how_to_resume(tiny_shapes: T
     )
     assert "Traceback" not in stopped.stderr
     saved = torch.load(out / "last.pt", weights_only=True)
-    assert (saved["epoch"], saved["step"], saved["data_position"]) == (0, 3, 90)
+    assert (saved["epoch"], saved["step"], saved["data_position"]) == (0, 3, 15 if group else 90)
     run_train("--out", str(out), "--resume", *settings, cwd=tmp_path)
     ended, wanted = torch.load(out / "last.pt", weights_only=True), torch.load(whole / "last.pt", weights_only=True)
     assert all(torch.equal(v, ended["model"][k]) for k, v in wanted["model"].items())  # as if never stopped

@@ -45,6 +45,7 @@ from sca_caption.data.errors import BadInputReport, DataError, SkippedEntry
 from sca_caption.data.features import TAPS_GROUP, CacheSpec, is_complete, what_is_at
 from sca_caption.data.images import load_image
 from sca_caption.distributed import ONE_PROCESS, Processes
+from sca_caption.errors import main_process_takes_interrupts
 from sca_caption.io_utils import atomic_write, atomic_write_json
 from sca_caption.locks import exclusive
 from sca_caption.models.backbones import BackbonePrefix, build_cache_backbone
@@ -211,6 +212,7 @@ def _write_parts(
         batch_sampler=[batches[k] for k in todo],
         num_workers=workers,
         collate_fn=collate_decoded,
+        worker_init_fn=main_process_takes_interrupts,
     )
     total = sum(len(batches[k]) for k in mine)
     bar = tqdm(total=total, initial=done_images, unit="img", desc="features", disable=not progress)
