@@ -93,7 +93,8 @@ class TrainConfig:
     scst_samples: int = field(default=5, metadata={"min": 1})  # sampled captions per image
     scst_baseline: str = field(default="greedy", metadata={"choices": BASELINES})
     scst_lr: float = field(default=5e-5, metadata={"min": 0.0})  # constant learning rate of the self-critical epochs
-    scst_dropout: float | None = field(default=None, metadata={"min": 0.0})  # dropout of the self-critical epochs; None: model.dropout
+    # dropout of the self-critical epochs (0: sampling and the loss pass see one distribution); None: model.dropout
+    scst_dropout: float | None = field(default=0.0, metadata={"min": 0.0})
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "model": ModelConfig, "decode": DecodeConfig}

@@ -18,9 +18,9 @@ rates, that the interrupted run would have, and ends with the same weights.
 Self-critical training (``train.scst_after``, ``sca_caption.self_critical``): from that epoch on,
 each step samples ``train.scst_samples`` captions of each of ``data.batch_size`` training images
 and follows the CIDEr-D reward (document frequencies of the training references, cached beside the
-vocabulary) at the constant learning rate ``train.scst_lr`` and dropout ``train.scst_dropout``. The first self-critical epoch starts
-from the best cross-entropy epoch's weights (``best.pt``) with a fresh optimizer; cross-entropy
-early stopping moves on to it. ``init_from`` (``--init-from``) starts a run from another run's
+vocabulary) at the constant learning rate ``train.scst_lr`` and dropout ``train.scst_dropout``. The
+first self-critical epoch starts from the best cross-entropy epoch's weights (``best.pt``) with a
+fresh optimizer; cross-entropy early stopping moves on to it. ``init_from`` (``--init-from``) starts a run from another run's
 weights instead, e.g. ``train.scst_after=0`` on a finished cross-entropy run.
 
 Ctrl-C or SIGTERM: the step in progress is finished, saved in ``last.pt``, and the run stops with
