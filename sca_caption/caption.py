@@ -51,7 +51,7 @@ from sca_caption.captioning import (
 )
 from sca_caption.decoding import LENGTH_PENALTIES
 from sca_caption.devices import add_device_option, default_device
-from sca_caption.errors import Interrupted, command
+from sca_caption.errors import Interrupted, SCACaptionError, command
 from sca_caption.io_utils import OutputError, atomic_write, atomic_write_text, check_output_file, check_output_folder
 
 
@@ -126,11 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     tally = Tally()
     try:
         _run(captioner, paths, settings, args, tally, progress=many and not args.no_progress)
-    except KeyboardInterrupt:
-        if args.json is not None:
+    except (KeyboardInterrupt, SCACaptionError) as stopped:  # keep what was done
+        kept = ""
+        if args.json is not None and tally.entries:
             atomic_write_text(args.json, _json_lines(tally.entries))
-        kept = f"; {args.json} holds the captions of those" if args.json is not None else ""
-        raise Interrupted(f"interrupted after {tally.done} of {len(paths)} images{kept}") from None
+            kept = f"; {args.json} holds the captions of those"
+        if isinstance(stopped, KeyboardInterrupt):
+            raise Interrupted(f"interrupted after {tally.done} of {len(paths)} images{kept}") from None
+        raise
     if args.json is not None:
         atomic_write_text(args.json, _json_lines(tally.entries))
     failed = tally.failed

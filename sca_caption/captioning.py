@@ -38,7 +38,7 @@ from sca_caption.data.errors import DataError
 from sca_caption.data.feature_extraction import ImageFiles, collate_decoded
 from sca_caption.data.vocab import Vocab
 from sca_caption.decoding import DecodeConfig, Hypothesis, beam_search
-from sca_caption.errors import main_process_takes_interrupts
+from sca_caption.errors import first_line, main_process_takes_interrupts
 from sca_caption.evaluation import decoding_limit
 from sca_caption.models.backbones import BackbonePrefix, TappedBackbone, build_cache_backbone
 from sca_caption.models.backbones.base import freeze
@@ -119,10 +119,15 @@ def _glob(pattern: str) -> list[Path]:
     literal = next(i for i, part in enumerate(parts) if GLOB_CHARACTERS.search(part))
     base = Path(*parts[:literal]) if literal else Path(".")
     rest = "/".join(parts[literal:])
+    hidden_asked = any(part.startswith(".") for part in parts[literal:])  # e.g. ".*.jpg"
     try:
-        matches = [m for m in base.glob(rest) if not any(p.startswith(".") for p in m.relative_to(base).parts)]
-    except (OSError, ValueError):  # an unreadable folder on the way, or a pattern pathlib refuses
-        return []
+        matches = [
+            m for m in base.glob(rest) if hidden_asked or not any(p.startswith(".") for p in m.relative_to(base).parts)
+        ]
+    except OSError as err:
+        raise NoImagesError(f"{pattern}: cannot search ({first_line(err)})") from None
+    except ValueError as err:  # a pattern pathlib refuses, e.g. "**a"
+        raise NoImagesError(f"{pattern}: not a usable pattern ({err})") from None
     return sorted(matches, key=str)
 
 

@@ -18,9 +18,11 @@ def device_name(name: str) -> str:
         raise argparse.ArgumentTypeError(f"{name!r} is not a device name ({HELP.split(' (')[0]})") from None
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{name!r}: only cpu and cuda devices are supported")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise argparse.ArgumentTypeError(f"{name!r}: there is one cpu device, cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{name!r}: CUDA is not available on this machine")
-    if device.index is not None and device.index >= torch.cuda.device_count():
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     return name
 

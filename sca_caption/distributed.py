@@ -17,6 +17,8 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from sca_caption.devices import default_device
+
 # Rank 0 validates alone (beam search over a whole split can take minutes) while the others wait.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 T = TypeVar("T")
@@ -82,8 +84,7 @@ def start_processes(device: str | None = None) -> Processes:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    chosen = torch.device(name)
+    chosen = torch.device(default_device(device))
     if chosen.type == "cuda" and (world > 1 or chosen.index is None):
         chosen = torch.device("cuda", local_rank)  # set_device needs an index: "cuda" alone is GPU 0
     if chosen.type == "cuda":

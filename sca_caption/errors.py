@@ -9,13 +9,14 @@ bug and keeps its traceback.
 
 Ctrl-C and SIGTERM: inside ``command`` SIGTERM interrupts like Ctrl-C (``KeyboardInterrupt``). A
 command that keeps something of its work says what in an ``Interrupted`` error; any other
-interruption is one line too (every file the project writes is written atomically, so what is on
-disk is complete). Both exit 2, as an error does.
+interruption is one line too (the project's outputs are written atomically, so none is left half
+written). Both exit 2, as an error does.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 import threading
@@ -52,19 +53,24 @@ def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
             print(f"error: {lines[0] if lines else type(error).__name__}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("error: interrupted; the files written so far are complete (each is written atomically)", file=sys.stderr)
+            print("error: interrupted (Ctrl-C or SIGTERM)", file=sys.stderr)
             return 2
 
     return run
 
 
 def main_process_takes_interrupts(_worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn``: the worker ignores SIGINT and SIGTERM, so a Ctrl-C (which
-    a terminal sends to the whole process group) or a kill of the group reaches only the main
-    process, which stops as it says it will; a worker killed by the signal makes torch raise in
-    the middle of whatever the main process is doing. The workers still end with the main process."""
+    """A DataLoader ``worker_init_fn``: a Ctrl-C (which a terminal sends to the whole process
+    group) is ignored by the worker and a SIGTERM ends it with status 0, so the main process stops
+    as it says it will. A worker killed by the signal makes torch raise in the middle of whatever
+    the main process is doing; one that exits does not (and torch's own clean-up, which ends
+    workers with SIGTERM, still works)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_quietly)
+
+
+def _exit_quietly(_number: int, _frame: object) -> None:
+    os._exit(0)
 
 
 @contextmanager

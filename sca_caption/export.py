@@ -56,15 +56,18 @@ def slim(checkpoint: Checkpoint, decode_changes: dict[str, object]) -> Checkpoin
     )
 
 
-def reproduced_fingerprint(config: ExperimentConfig, split: str, source: Path) -> bytes:
+def reproduced_fingerprint(config: ExperimentConfig, split: str, source: Path, progress: bool = True) -> bytes:
     """The fingerprint of the backbone prefix ``config`` names, built as the caption tool builds
     it, once it has reproduced the feature cache's rows of the first ``CHECKED_IMAGES`` cached
-    images of ``split`` (a ``CheckpointError`` naming ``source`` otherwise)."""
+    images of ``split`` (a ``CheckpointError`` naming ``source`` otherwise). A missing feature
+    cache is extracted first."""
     records = load_records(config)
-    cache_path, spec = ensure_features(config, records, progress=False, log=lambda _: None)
+    cache_path, spec = ensure_features(config, records, progress=progress)
     cache = FeatureCache(cache_path, expect=spec)
     cached = set(cache.image_ids)
     chosen: list[ImageRecord] = [r for r in records_in_split(records, split) if r.image_id in cached][:CHECKED_IMAGES]
+    if not chosen:
+        raise CheckpointError(f"{source}: no image of the {split} split is in the feature cache {cache_path}")
     backbone = freeze(build_cache_backbone(config.model.backbone, config.data.backbone_weights))
     prefix, _ = backbone.split(config.model.layers)
     images = torch.stack([load_image(r.path, backbone.input_size) for r in chosen])
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ExperimentConfig.from_dict(exported.config, source=str(args.checkpoint))
     if args.data_root is not None:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_root=str(args.data_root)))
-    fingerprint = torch.frombuffer(bytearray(reproduced_fingerprint(config, args.split, args.checkpoint)), dtype=torch.uint8)
+    fingerprint = torch.frombuffer(bytearray(reproduced_fingerprint(config, args.split, args.checkpoint, progress=not args.no_progress)), dtype=torch.uint8)
     exported = dataclasses.replace(exported, model={**exported.model, "encoder.prefix_fingerprint": fingerprint})
     save_checkpoint(args.out, exported)
     evaluation, _ = evaluate_checkpoint(

@@ -127,10 +127,10 @@ def prepare(
 
     def corpus() -> tuple[list[ImageRecord], Vocab, Path]:
         records = load_records(config, log)
+        check_splits(config, records)
         return (records, *ensure_vocab(config, records, log))
 
     records, vocab, words_path = processes.main_first(corpus)
-    check_splits(config, records)
     cache, spec = ensure_features(config, records, progress=progress, log=log, processes=processes)
     return PreparedData(data_root(config), records, vocab, words_path, cache, spec)
 

@@ -158,7 +158,7 @@ def train_references(records: Sequence[ImageRecord], vocab: Vocab, split: str = 
 
 
 def cider_cache_path(vocab_path: Path) -> Path:
-    """The document-frequency cache beside a vocabulary: ``<name>_vocab_min<k>.cider.pt``."""
+    """The document-frequency cache beside a vocabulary: ``<name>_vocab_min<k>_<key>.cider.pt``."""
     return Path(vocab_path).with_suffix(".cider.pt")
 
 

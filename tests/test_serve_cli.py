@@ -19,7 +19,7 @@ import pytest
 from caption_support import save_tiny_checkpoint
 from serve_support import as_answer, library_captions, photo_bytes
 from sca_caption.captioning import DecodeSettings, ImageCaptioner
-from sca_caption.serve.__main__ import main, parse_args
+from sca_caption.serve.__main__ import listening_socket, main, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 STARTED = re.compile(r"sca_caption.serve: serving on http://127\.0\.0\.1:(\d+)")
@@ -92,7 +92,7 @@ def test_impossible_limits_are_usage_errors(capsys, argv):
 
 def test_without_any_checkpoint_it_says_how_to_make_one(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    assert main([]) == 2
+    assert main(["--port", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no checkpoint: neither checkpoints/flickr8k_cs_lite0.pt")
     assert "python -m sca_caption.train" in err[0]
@@ -107,5 +107,14 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(capsys, monkeypatch, t
     finally:
         taken.close()
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: 127.0.0.1:{port}: cannot listen there (OSError: [Errno 98]")
+    assert len(err) == 1 and err[0].startswith(f"error: 127.0.0.1:{port}: cannot listen there (OSError: ")
+    assert "in use" in err[0]
     assert err[0].endswith("pick another --port or --host")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_listening_socket_takes_ipv4_and_ipv6_loopback(host):
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    with listening_socket(host, 0) as sock:
+        assert sock.getsockname()[0] == host and sock.getsockname()[1] > 0

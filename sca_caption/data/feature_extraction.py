@@ -354,6 +354,9 @@ def _prepare_parts(parts: Path, manifest: dict[str, object]) -> None:
             found = json.loads(manifest_path.read_text()) if parts.is_dir() else None
         except (OSError, ValueError):
             found = None
+        temporaries_only = parts.is_dir() and all(p.name.startswith(".") and p.name.endswith(".tmp") for p in parts.iterdir())
+        if found is None and temporaries_only:  # killed between making the folder and writing its manifest
+            found = manifest
         if not isinstance(found, dict):
             raise DataError(f"{parts}: not the parts folder of an extraction; not touched: remove it or name another output")
         if found != manifest:

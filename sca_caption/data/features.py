@@ -114,6 +114,8 @@ def differences(found: CacheSpec, expected: CacheSpec) -> list[str]:
 
 def is_complete(path: Path, spec: CacheSpec) -> bool:
     """Whether ``path`` is a finished cache built from ``spec``."""
+    if not path.is_file():  # absent, or a folder or FIFO h5py would fail on or wait at
+        return False
     try:
         with h5py.File(path, "r") as f:
             return bool(f.attrs.get("complete", False)) and not differences(CacheSpec.from_attrs(f.attrs), spec)

@@ -33,12 +33,13 @@ from sca_caption.data.corpus import SPLITS
 from sca_caption.data.errors import DataError
 from sca_caption.data.input_files import read_json
 from sca_caption.data.tokenize import tokenize
+from sca_caption.errors import first_line
 from sca_caption.io_utils import atomic_write_json
 
 DATASET_FILE = "dataset_shapes.json"
 GRAMMAR = 4  # version of the generator (captions and drawing), kept in the dataset file; a file of another is stale
 IMAGE_FOLDER = "images"
-IMAGE_NAME = re.compile(r"(train|val|test)_\d{5}\.jpg|\..*\.tmp")  # the generator's files and temporaries
+IMAGE_NAME = re.compile(r"(train|val|test)_\d{5,}\.jpg|\..*\.tmp")  # the generator's files and temporaries
 DEFAULT_COUNTS = {"train": 4000, "val": 200, "test": 500}
 CAPTIONS_PER_IMAGE = 5
 
@@ -398,10 +399,15 @@ def check_shapes_folder(folder: Path) -> None:
         return
     if not folder.is_dir():
         raise DataError(f"{folder}: is a file, not a folder for the shapes dataset")
-    for entry in sorted(folder.iterdir()):
+    try:
+        entries = sorted(folder.iterdir())
+        images = sorted((folder / IMAGE_FOLDER).iterdir()) if (folder / IMAGE_FOLDER).is_dir() else []
+    except OSError as err:
+        raise DataError(f"{folder}: cannot list the folder ({first_line(err)})") from None
+    for entry in entries:
         if entry.name == DATASET_FILE or IMAGE_NAME.fullmatch(entry.name):
             continue
-        if entry.name == IMAGE_FOLDER and entry.is_dir() and all(IMAGE_NAME.fullmatch(p.name) for p in entry.iterdir()):
+        if entry.name == IMAGE_FOLDER and entry.is_dir() and all(IMAGE_NAME.fullmatch(p.name) for p in images):
             continue
         raise DataError(
             f"{folder}: holds {entry.name!r}, so it is not a shapes dataset; the shapes generator writes only "

@@ -77,8 +77,9 @@ class ServiceError(SCACaptionError):
 def listening_socket(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` and listening, made before the model loads so that a port in
     use is one line at once (``ServiceError``), not an error after the model has loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # ::1, :: are IPv6
     try:
-        return socket.create_server((host, port))
+        return socket.create_server((host, port), family=family)
     except OSError as error:
         raise ServiceError(f"{host}:{port}: cannot listen there ({first_line(error)}); pick another --port or --host") from None
 
@@ -86,19 +87,20 @@ def listening_socket(host: str, port: int) -> socket.socket:
 @command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sock = listening_socket(args.host, args.port)
-    checkpoint, which = (args.checkpoint, "as given") if args.checkpoint is not None else default_checkpoint()
-    print(f"sca_caption.serve: checkpoint {checkpoint} ({which}), device {args.device}", file=sys.stderr, flush=True)
-    captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device, backbone_weights=args.backbone_weights)
-    card = model_card(checkpoint)
-    limits = ServiceLimits(args.max_batch, args.max_wait_ms, args.max_upload_mb, args.max_images)
-    config = uvicorn.Config(create_app(captioner, card=card, limits=limits), host=args.host, port=args.port)
-    host, port = sock.getsockname()[:2]
-    print(f"sca_caption.serve: serving on http://{host}:{port} (Ctrl-C stops)", file=sys.stderr, flush=True)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn shut down cleanly on Ctrl-C/SIGTERM, then passes the signal on
-        pass
+    with listening_socket(args.host, args.port) as sock:
+        checkpoint, which = (args.checkpoint, "as given") if args.checkpoint is not None else default_checkpoint()
+        print(f"sca_caption.serve: checkpoint {checkpoint} ({which}), device {args.device}", file=sys.stderr, flush=True)
+        captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device, backbone_weights=args.backbone_weights)
+        card = model_card(checkpoint)
+        limits = ServiceLimits(args.max_batch, args.max_wait_ms, args.max_upload_mb, args.max_images)
+        config = uvicorn.Config(create_app(captioner, card=card, limits=limits), host=args.host, port=args.port)
+        host, port = sock.getsockname()[:2]
+        where = f"[{host}]" if ":" in host else host
+        print(f"sca_caption.serve: serving on http://{where}:{port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn shut down cleanly on Ctrl-C/SIGTERM, then passes the signal on
+            pass
     return 0
 
 

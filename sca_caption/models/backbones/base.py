@@ -151,8 +151,8 @@ class BackbonePrefix(nn.Module):
         """The sha256 digest (32 bytes) of everything the prefix computes with: the weights and
         buffers of the stages it runs (in the order the stages hold them, by shape and value, not
         by module name, so another implementation of the same network has the same fingerprint),
-        its normalisation, input size and outputs. Two prefixes with the same fingerprint give the
-        same features."""
+        its normalisation, input size and outputs. It names the weights, not the code: that another
+        implementation computes the same features is what ``export`` checks on the feature cache."""
         digest = hashlib.sha256()
         norm = self.backbone.normalization
         digest.update(repr((self.backbone.name, norm.mean, norm.std, self.backbone.input_size, self.outputs)).encode())
