@@ -159,8 +159,9 @@ def test_unfinished_unreadable_and_absent_caches_are_refused(
     with h5py.File(unfinished, "a") as f:
         f.attrs["complete"] = False
     message = _refusal(unfinished, spec)
-    assert "unfinished" in message and message.endswith(f"rebuild it with: {spec.command(unfinished)}")
-    assert "rebuild it with: python preprocess/extract_features.py --dataset shapes" in _refusal(unfinished, None)
+    beside = unfinished.with_name(spec.file_name())
+    assert "unfinished" in message and message.endswith(f"build one beside it with: {spec.command(beside)}")
+    assert "build one beside it with: python preprocess/extract_features.py --dataset shapes" in _refusal(unfinished, None)
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(out.read_bytes()[:4096])  # a file cut mid-write
     assert "not a readable HDF5 file" in _refusal(garbage, spec)
@@ -200,7 +201,8 @@ def test_mismatched_cache_refused_with_rebuild_command(
     records, out = built
     expect = _spec(records, **change)
     message = _refusal(out, expect)
-    assert shown in message and message.endswith(f"rebuild it with: {expect.command(out)}")
+    beside = out.with_name(expect.file_name())
+    assert shown in message and message.endswith(f"build one beside it with: {expect.command(beside)}")
 
 
 def test_rebuild_command_is_quoted_for_the_shell() -> None:

@@ -224,8 +224,14 @@ class FeatureCache:
 
     def _validate(self, expect: CacheSpec | None) -> tuple[CacheSpec, dict[str, Any]]:
         def refuse(problem: str, spec: CacheSpec | None) -> DataError:
-            how = f"; rebuild it with: {spec.command(self.path)}" if spec is not None else ""
-            return DataError(f"{self.path}: {problem}{how}")
+            """The refusal, with the command that makes the cache ``spec`` names: here when nothing
+            is here, else beside this file under its default name (a file is never replaced)."""
+            if spec is None:
+                return DataError(f"{self.path}: {problem}")
+            if not self.path.exists():
+                return DataError(f"{self.path}: {problem}; build it with: {spec.command(self.path)}")
+            beside = self.path.with_name(spec.file_name())
+            return DataError(f"{self.path}: {problem}; build one beside it with: {spec.command(beside)}")
 
         if not self.path.is_file():
             raise refuse("no feature cache here", expect)
