@@ -87,18 +87,20 @@ def split_scenes(dataset: str, root: Path, split: str) -> dict[str, Scene] | Non
     return load_scenes(root / DATASET_FILE, split) if dataset == "shapes" else None
 
 
+FEATURES_FOLDER = Path("data") / "features"  # under the working folder: the data root may be read-only
+
+
 def feature_cache_path(config: ExperimentConfig, spec: CacheSpec) -> Path:
-    """``data.feature_cache``, else ``data/features/<CacheSpec.file_name>`` under the working folder
-    (not under the data root, which may be read-only)."""
+    """``data.feature_cache``, else ``FEATURES_FOLDER/<CacheSpec.file_name>``."""
     if config.data.feature_cache is not None:
         return Path(config.data.feature_cache)
-    return Path("data") / "features" / spec.file_name()
+    return FEATURES_FOLDER / spec.file_name()
 
 
 def vocab_path(config: ExperimentConfig, records: Sequence[ImageRecord]) -> Path:
     """``<dataset>_vocab_min<k>_<corpus hash>.json`` in the default feature cache folder, or beside
     ``data.feature_cache``."""
-    folder = Path(config.data.feature_cache).parent if config.data.feature_cache is not None else Path("data") / "features"
+    folder = Path(config.data.feature_cache).parent if config.data.feature_cache is not None else FEATURES_FOLDER
     return folder / f"{config.data.dataset}_vocab_min{config.data.min_count}_{corpus_hash(records)[:8]}.json"
 
 

@@ -25,7 +25,7 @@ from sca_caption.io_utils import check_output_folder
 from sca_caption.distributed import start_processes, stop_processes
 from sca_caption.errors import command
 from sca_caption.prepare import data_root, prepare
-from sca_caption.trainer import Trainer, TrainingError, TrainResult, check_training_settings
+from sca_caption.trainer import Trainer, TrainResult, check_training_settings, resume_checkpoint
 
 DEFAULT_DATASET = "shapes"
 
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{out} holds a finished run (best.pt, test_scores.json); --out DIR starts another")
             return 0
         check_output_folder(out, "run folder")
-        if args.resume and not (out / "last.pt").exists():
-            raise TrainingError(f"{out / 'last.pt'}: nothing to resume (no last.pt in {out})")
+        if args.resume:
+            resume_checkpoint(out)  # refused before any preparation when there is none
         progress = not args.no_progress
         if processes.is_main and args.download:
             download_dataset(config.data.dataset, data_root(config), progress=progress)

@@ -244,6 +244,14 @@ def cross_entropy_step(
     return loss.detach()
 
 
+def resume_checkpoint(out: Path) -> Path:
+    """``out/last.pt``, the checkpoint ``--resume`` continues; a ``TrainingError`` when there is none."""
+    last = Path(out) / "last.pt"
+    if not last.exists():
+        raise TrainingError(f"{last}: nothing to resume (no last.pt in {out})")
+    return last
+
+
 def check_training_settings(config: ExperimentConfig) -> None:
     """Refuse (``TrainingError``, one line) settings that cannot work together."""
     train, splits = config.train, config.data
@@ -312,7 +320,7 @@ class Trainer:
         self.at = Position(0, 0, self._order(0), 0)
         last = self.out / "last.pt"
         if resume:
-            self._restore(last)
+            self._restore(resume_checkpoint(self.out))
         elif last.exists():
             raise TrainingError(f"{last} exists: pass --resume to continue that run, or --out for a new one")
         elif init_from is not None:
@@ -596,8 +604,6 @@ class Trainer:
         )
 
     def _restore(self, path: Path) -> None:
-        if not path.exists():
-            raise TrainingError(f"{path}: nothing to resume (no last.pt in {self.out})")
         expected = self.config.to_dict()
         for name in RESUMABLE_CHANGES:
             section, key = name.split(".")

@@ -112,26 +112,32 @@ def differences(found: CacheSpec, expected: CacheSpec) -> list[str]:
     return out
 
 
-def is_complete(path: Path, spec: CacheSpec) -> bool:
-    """Whether ``path`` is a finished cache built from ``spec``."""
-    if not path.is_file():  # absent, or a folder or FIFO h5py would fail on or wait at
-        return False
+def _stored_spec(path: Path) -> tuple[CacheSpec, bool] | None:
+    """The spec a cache file at ``path`` was built from and whether it is finished; None for
+    anything else (absent, not a regular file — h5py would wait at a FIFO — or not a cache)."""
+    if not path.is_file():
+        return None
     try:
         with h5py.File(path, "r") as f:
-            return bool(f.attrs.get("complete", False)) and not differences(CacheSpec.from_attrs(f.attrs), spec)
+            return CacheSpec.from_attrs(f.attrs), bool(f.attrs.get("complete", False))
     except (OSError, KeyError, ValueError):
-        return False
+        return None
+
+
+def is_complete(path: Path, spec: CacheSpec) -> bool:
+    """Whether ``path`` is a finished cache built from ``spec``."""
+    stored = _stored_spec(path)
+    return stored is not None and stored[1] and not differences(stored[0], spec)
 
 
 def what_is_at(path: Path, spec: CacheSpec) -> str:
     """What ``path`` holds, for a refusal to overwrite it with the cache of ``spec``."""
     if not path.is_file():
         return "not a regular file"
-    try:
-        with h5py.File(path, "r") as f:
-            found, complete = CacheSpec.from_attrs(f.attrs), bool(f.attrs.get("complete", False))
-    except (OSError, KeyError, ValueError):
+    stored = _stored_spec(path)
+    if stored is None:
         return "not a feature cache of this sca-caption version"
+    found, complete = stored
     if not complete:
         return "an unfinished feature cache"
     diff = differences(found, spec)

@@ -30,25 +30,23 @@ def open_regular(path: str | os.PathLike[str], what: str = "file") -> IO[bytes]:
     except FileNotFoundError:
         raise DataError(f"{path}: {what} not found") from None
     except OSError as err:  # a socket cannot be opened at all (ENXIO); permissions, link loops, ...
-        kind = _kind(path)
-        raise DataError(f"{path}: {kind}, not {a_what}" if kind else f"{path}: cannot open ({first_line(err)})") from None
+        try:
+            kind = _special_kind(os.stat(path).st_mode)
+        except OSError:
+            kind = None
+        raise DataError(f"{path}: is {kind}, not {a_what}" if kind else f"{path}: cannot open ({first_line(err)})") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        kind = "a folder" if stat.S_ISDIR(mode) else next((k for test, k in KINDS.items() if test(mode)), "not a regular file")
+        kind = "a folder" if stat.S_ISDIR(mode) else _special_kind(mode) or "not a regular file"
         raise DataError(f"{path}: is {kind}, not {a_what}; not read")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 
 
-def _kind(path: Path) -> str | None:
-    """``"is a socket"`` etc. for a special file at ``path``, else None."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
-    kind = next((k for test, k in KINDS.items() if test(mode)), None)
-    return f"is {kind}" if kind else None
+def _special_kind(mode: int) -> str | None:
+    """"a socket" etc. for the ``st_mode`` of a FIFO, socket or device, else None."""
+    return next((kind for test, kind in KINDS.items() if test(mode)), None)
 
 
 def read_text(path: Path, what: str = "file") -> str:
