@@ -35,6 +35,7 @@ from torch import Tensor
 
 from sca_caption.config import ExperimentConfig
 from sca_caption.data.errors import DataError
+from sca_caption.data.input_files import open_regular
 from sca_caption.data.vocab import Vocab
 from sca_caption.io_utils import atomic_write
 from sca_caption.models.backbones import BackbonePrefix, build_backbone
@@ -136,10 +137,13 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 def _read(path: Path) -> dict[str, Any]:
     """The checkpoint's dict on the CPU, checked for format and keys."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        handle = open_regular(path, "checkpoint file")  # a FIFO would block torch.load forever
+    except DataError as error:
+        raise CheckpointError(str(error)) from None
+    try:
+        with handle:
+            payload = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # its text advises weights_only=False: never repeat that
         if "Unsupported global" in str(error):
             raise CheckpointError(

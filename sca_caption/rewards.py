@@ -44,6 +44,7 @@ from torch import Tensor
 from sca_caption.data.corpus import ImageRecord, records_in_split
 from sca_caption.data.errors import DataError
 from sca_caption.data.vocab import Vocab
+from sca_caption.errors import first_line
 from sca_caption.io_utils import atomic_write
 
 NGRAMS = 4
@@ -188,7 +189,7 @@ def load_document_frequency(path: Path, vocab: Vocab, references: References) ->
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # missing, unreadable, or not a torch file of plain data
-        raise CiderCacheError(f"{path}: not a readable CIDEr-D cache ({_first_line(err)})") from None
+        raise CiderCacheError(f"{path}: not a readable CIDEr-D cache ({first_line(err)})") from None
     if not isinstance(state, dict) or state.get("format") != FILE_FORMAT or state.get("ngrams") != NGRAMS:
         raise CiderCacheError(f"{path}: not a CIDEr-D cache (expected format {FILE_FORMAT!r}, n = 1..{NGRAMS})")
     expected = _fingerprints(vocab, references)
@@ -217,12 +218,6 @@ def _fingerprints(vocab: Vocab, references: References) -> dict[str, Any]:
         "images": len(references),
         "references_sha256": hashlib.sha256(refs.encode()).hexdigest(),
     }
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of an error's message, or its type where it has none."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def _reference_ngrams(references: References, vocab_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

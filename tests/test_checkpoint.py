@@ -279,8 +279,8 @@ def foreign_files(folder: Path) -> dict[str, tuple[Path, str]]:
     partial = folder / "partial.pt"
     torch.save({"format": FORMAT, "model": {}, "epoch": 0}, partial)
     files["partial"] = (partial, "checkpoint lacks optimizer, step, data_order")
-    files["missing"] = (folder / "missing.pt", "no such checkpoint file")
-    files["folder"] = (folder, "no such checkpoint file")
+    files["missing"] = (folder / "missing.pt", "checkpoint file not found")
+    files["folder"] = (folder, "is a folder, not a checkpoint file; not read")
     return files
 
 

@@ -78,7 +78,7 @@ def test_evaluate_with_meteor(checkpoint, capsys):
 def test_evaluate_errors_are_one_line(tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {tmp_path / 'missing.pt'}: no such checkpoint file"]
+    assert err == [f"error: {tmp_path / 'missing.pt'}: checkpoint file not found"]
 
 
 def test_export_writes_a_float16_model_whose_recorded_scores_evaluate_reproduces(checkpoint, tmp_path, capsys):

@@ -30,6 +30,7 @@ from sca_caption.data.feature_extraction import extract_features
 from sca_caption.data.features import CacheSpec, FeatureCache
 from sca_caption.data.images import load_image
 from sca_caption.data.shapes import generate_shapes
+from sca_caption.io_utils import OutputError
 from sca_caption.models.backbones import build_backbone
 from sca_caption.models.backbones.base import freeze
 from paused_extract import PAUSED
@@ -128,6 +129,23 @@ def test_progress_is_reported_after_each_part_and_each_merged_part(tmp_path: Pat
         ("merge", 3, parts), ("merge", 6, parts), ("merge", 7, parts),
     ]
     assert FeatureCache(out).image_ids == tuple(r.image_id for r in records)
+
+
+def test_a_full_disk_while_merging_is_one_line_and_the_rerun_merges_the_kept_parts(tmp_path: Path) -> None:
+    records = _records(tmp_path / "images", 7)
+    out = tmp_path / "f.h5"
+
+    def full_disk(stage: str, count: int) -> None:
+        if stage == "merge":
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OutputError, match=r"f.h5: not written, the file there is unchanged .*No space left") as caught:
+        _extract(records, out, on_progress=full_disk)
+    assert "\n" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5.parts", "images"]  # no temporary file
+    stages: list[str] = []
+    _extract(records, out, on_progress=lambda stage, count: stages.append(stage))
+    assert set(stages) == {"merge"} and FeatureCache(out).image_ids == tuple(r.image_id for r in records)
 
 
 def test_dataloader_with_two_workers_reads_every_row(built: tuple[list[ImageRecord], Path]) -> None:

@@ -17,10 +17,12 @@ from PIL import Image
 
 from caption_support import checkpoint, shape_image  # noqa: F401
 from sca_caption.captioning import collect_images
+from sca_caption.checkpoint import CheckpointError, load_checkpoint
 from sca_caption.config import ConfigError, load_config
 from sca_caption.data.errors import DataError
 from sca_caption.data.images import load_image
 from sca_caption.data.input_files import read_text
+from sca_caption.models.backbones import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,6 +61,18 @@ def test_a_fifo_is_refused_by_name_without_blocking(fifo: Path, tmp_path: Path):
     os.mkfifo(config)
     error = finishes(lambda: load_config("shapes", config))
     assert isinstance(error, ConfigError) and str(error).startswith(f"{config}: cannot read the config file: is a named pipe")
+
+
+def test_a_fifo_given_as_a_checkpoint_or_weights_is_refused_by_name_without_blocking(tmp_path: Path):
+    path = tmp_path / "best.pt"
+    os.mkfifo(path)
+    error = finishes(lambda: load_checkpoint(path))
+    assert isinstance(error, CheckpointError) and str(error) == f"{path}: is a named pipe (FIFO), not a checkpoint file; not read"
+    weights = tmp_path / "weights.pth"
+    os.mkfifo(weights)
+    for name in ("efficientnet_lite0", "timm:test_resnet"):  # our state-dict reader, and timm's (by name)
+        error = finishes(lambda: build_backbone(name, weights=weights))
+        assert isinstance(error, DataError) and str(error) == f"{weights}: is a named pipe (FIFO), not a weights file; not read"
 
 
 def test_sockets_and_devices_are_refused_by_name(tmp_path: Path):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -46,7 +45,7 @@ from sca_caption.data.features import TAPS_GROUP, CacheSpec, is_complete, what_i
 from sca_caption.data.images import load_image
 from sca_caption.distributed import ONE_PROCESS, Processes
 from sca_caption.errors import main_process_takes_interrupts
-from sca_caption.io_utils import atomic_write, atomic_write_json
+from sca_caption.io_utils import atomic_path, atomic_write, atomic_write_json
 from sca_caption.locks import exclusive
 from sca_caption.models.backbones import BackbonePrefix, build_cache_backbone
 from sca_caption.models.backbones.base import freeze
@@ -269,7 +268,7 @@ def _merge(
     out: Path,
     on_progress: Progress | None,
 ) -> None:
-    """All part files -> OUT, through a temporary HDF5 file renamed into place once complete."""
+    """All part files -> OUT, through a temporary HDF5 file renamed into place once complete (``atomic_path``)."""
     part_files = [_part_path(parts, k) for k in range(math.ceil(len(records) / batch_size))]
     present: list[int] = []
     failed: list[int] = []
@@ -283,9 +282,8 @@ def _merge(
     size = backbone.input_size
     with torch.inference_mode():
         shapes = {tap: tuple(x.shape[1:]) for tap, x in prefix(torch.zeros(1, 3, size, size)).items()}
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     row = 0
-    try:
+    with atomic_path(out) as tmp:
         with h5py.File(tmp, "w") as f:
             for tap, shape in shapes.items():
                 f.create_dataset(
@@ -314,12 +312,6 @@ def _merge(
                 batch_size=batch_size,
             )
             f.attrs["complete"] = True
-        _fsync_file(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_file(out.parent)
 
 
 def _write_strings(f: h5py.File, name: str, values: Sequence[str]) -> None:
@@ -406,10 +398,3 @@ def _exclusive(out: Path, processes: Processes) -> Iterator[None]:
                 stale.unlink()
         yield
 
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -36,6 +36,7 @@ from torch import nn
 
 from sca_caption._timm import import_timm
 from sca_caption.data.errors import DataError
+from sca_caption.data.input_files import open_regular
 from sca_caption.models.backbones.base import (
     IMAGENET as IMAGENET_NORMALIZATION,
     Normalization,
@@ -108,8 +109,7 @@ def create_model(name: str, weights: WeightsSpec) -> nn.Module:
                 f"fetch {filename} from there elsewhere and pass weights='/path/to/{filename}'"
             ) from None
     path = Path(weights)
-    if not path.is_file():
-        raise DataError(f"{path}: weights file not found")
+    open_regular(path, "weights file").close()  # timm reads it by name: refuse a missing or special file first
     try:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     except Exception as err:  # safetensors, torch.load and load_state_dict each raise their own types

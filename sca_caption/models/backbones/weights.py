@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sca_caption.data.errors import DataError
+from sca_caption.data.input_files import open_regular
 from sca_caption.errors import first_line
 
 WeightsSpec = str | os.PathLike[str] | None
@@ -55,12 +56,11 @@ def load_weights(module: nn.Module, weights: WeightsSpec, layout: WeightsLayout)
 
 def read_state_dict(path: Path) -> Mapping[str, Tensor]:
     """The state dict stored in ``path`` (tensors only, loaded on the CPU)."""
-    if not path.is_file():
-        raise DataError(f"{path}: weights file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises many types for a foreign or corrupt file
-        raise DataError(f"{path}: not a readable PyTorch state dict ({first_line(err)})") from None
+    with open_regular(path, "weights file") as handle:  # a FIFO would block torch.load forever
+        try:
+            state = torch.load(handle, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch.load raises many types for a foreign or corrupt file
+            raise DataError(f"{path}: not a readable PyTorch state dict ({first_line(err)})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise DataError(f"{path}: expected a state dict of tensors, found a {type(state).__name__}")
     return state
