@@ -43,6 +43,8 @@ class Setting:
 SETTINGS = {
     "lite0": Setting("efficientnet_lite0", ("stage7",), 256, 512, 256),
     "paper": Setting("resnet152", ("res5c_branch2b", "res5c"), 512, 1000, 100),
+    "flickr8k": Setting("efficientnet_lite0", ("stage7",), 128, 384, 256),  # configs/flickr8k.yaml
+    "flickr8k_two": Setting("efficientnet_lite0", ("stage6", "stage7"), 128, 384, 256),  # its two-layer variant
 }
 
 

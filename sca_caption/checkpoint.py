@@ -229,22 +229,28 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> tuple[SCACaptioner, Vocab, ExperimentConfig]:
-    """The trained captioner of a checkpoint (eval mode, on ``device``), its vocabulary and its
-    experiment config: the one way ``evaluate``, ``caption`` and the trainer's test scoring
-    rebuild a model. The backbone stages inside the model come with the checkpoint, so the
-    backbone is built without weights. Every problem is a one-line ``CheckpointError``."""
-    checkpoint = load_checkpoint(path)
+    """The trained captioner of a checkpoint file (eval mode, on ``device``), its vocabulary and
+    its experiment config: the one way ``evaluate``, ``caption`` and the trainer's test scoring
+    rebuild a model (``captioner_from``). Every problem is a one-line ``CheckpointError``."""
+    return captioner_from(load_checkpoint(path), path, device)
+
+
+def captioner_from(
+    checkpoint: Checkpoint, source: str | Path, device: str | torch.device = "cpu"
+) -> tuple[SCACaptioner, Vocab, ExperimentConfig]:
+    """``load_captioner`` of a checkpoint in memory (``source`` names it in errors). The backbone
+    stages inside the model come with the checkpoint, so the backbone is built without weights."""
     try:
-        config = ExperimentConfig.from_dict(checkpoint.config, source=str(path))
+        config = ExperimentConfig.from_dict(checkpoint.config, source=str(source))
         vocab = Vocab(checkpoint.vocab)
         model = SCACaptioner(config.model, len(vocab), build_backbone(config.model.backbone, weights=None))
     except (DataError, ModelConfigError, ValueError, TypeError) as err:  # a config or backbone this version lacks
-        raise CheckpointError(f"{path}: {err}") from None
+        raise CheckpointError(f"{source}: {err}") from None
     try:
         model.load_state_dict(checkpoint.model)
     except RuntimeError as err:  # missing, unexpected or misshapen tensors
         first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-        raise CheckpointError(f"{path}: model weights do not fit its config ({first[:200]})") from None
+        raise CheckpointError(f"{source}: model weights do not fit its config ({first[:200]})") from None
     return model.eval().to(device), vocab, config
 
 

@@ -157,9 +157,27 @@ def evaluate_checkpoint(
         config = replace(config, data=replace(config.data, data_root=str(data_root)))
     records = load_records(config)
     cache_path, spec = ensure_features(config, records, progress=progress)
-    evaluation = evaluate_split(
-        model, vocab, FeatureCache(cache_path, expect=spec), records_in_split(records, split), decode=config.decode,
+    cache = FeatureCache(cache_path, expect=spec)
+    evaluation = evaluate_model(model, vocab, config, records, cache, split, device=device, meteor=meteor, progress=progress)
+    return evaluation, config
+
+
+def evaluate_model(
+    model: SCACaptioner,
+    vocab: Vocab,
+    config: ExperimentConfig,
+    records: Sequence[ImageRecord],
+    cache: FeatureCache,
+    split: str,
+    *,
+    device: torch.device,
+    meteor: bool = True,
+    progress: bool = False,
+) -> SplitEvaluation:
+    """``evaluate_split`` of ``split`` of the corpus ``records`` with the decoding settings and
+    caption length of ``config`` (the shapes dataset's scenes included)."""
+    return evaluate_split(
+        model, vocab, cache, records_in_split(records, split), decode=config.decode,
         max_length=decoding_limit(config), device=device, meteor=meteor,
         scenes=split_scenes(config.data.dataset, dataset_root(config), split), progress=progress,
     )
-    return evaluation, config

@@ -1,6 +1,7 @@
 """Turn a training checkpoint into a model file to ship: float16 weights, no optimizer state, and
-its test scores recorded in it (measured on the exported file itself, so that `evaluate` on the
-file reproduces them exactly).
+its test scores recorded in it (measured on the exported float16 weights, as the file loads them,
+so that `evaluate` on the file reproduces them exactly). The file is written once, when its scores
+are known: an interrupted export leaves the file already at OUT as it was.
 
     python -m sca_caption.export runs/f8k_cs/best.pt checkpoints/flickr8k_cs_lite0.pt
     python -m sca_caption.export CKPT OUT --beam 3 --min-length 2 --split test
@@ -23,16 +24,17 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
-from sca_caption.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from sca_caption.checkpoint import Checkpoint, CheckpointError, captioner_from, load_checkpoint, save_checkpoint
 from sca_caption.config import ExperimentConfig
 from sca_caption.data.corpus import SPLITS, ImageRecord, records_in_split
 from sca_caption.data.features import FeatureCache
 from sca_caption.data.images import load_image
 from sca_caption.errors import command
-from sca_caption.evaluation import evaluate_checkpoint
+from sca_caption.evaluation import evaluate_model
 from sca_caption.io_utils import check_output_file
 from sca_caption.models.backbones import build_cache_backbone
 from sca_caption.models.backbones.base import freeze
@@ -56,18 +58,16 @@ def slim(checkpoint: Checkpoint, decode_changes: dict[str, object]) -> Checkpoin
     )
 
 
-def reproduced_fingerprint(config: ExperimentConfig, split: str, source: Path, progress: bool = True) -> bytes:
+def reproduced_fingerprint(
+    config: ExperimentConfig, records: Sequence[ImageRecord], cache: FeatureCache, split: str, source: Path
+) -> bytes:
     """The fingerprint of the backbone prefix ``config`` names, built as the caption tool builds
-    it, once it has reproduced the feature cache's rows of the first ``CHECKED_IMAGES`` cached
-    images of ``split`` (a ``CheckpointError`` naming ``source`` otherwise). A missing feature
-    cache is extracted first."""
-    records = load_records(config)
-    cache_path, spec = ensure_features(config, records, progress=progress)
-    cache = FeatureCache(cache_path, expect=spec)
+    it, once it has reproduced the feature ``cache``'s rows of the first ``CHECKED_IMAGES`` cached
+    images of ``split`` of the corpus ``records`` (a ``CheckpointError`` naming ``source`` otherwise)."""
     cached = set(cache.image_ids)
-    chosen: list[ImageRecord] = [r for r in records_in_split(records, split) if r.image_id in cached][:CHECKED_IMAGES]
+    chosen = [r for r in records_in_split(records, split) if r.image_id in cached][:CHECKED_IMAGES]
     if not chosen:
-        raise CheckpointError(f"{source}: no image of the {split} split is in the feature cache {cache_path}")
+        raise CheckpointError(f"{source}: no image of the {split} split is in the feature cache {cache.path}")
     backbone = freeze(build_cache_backbone(config.model.backbone, config.data.backbone_weights))
     prefix, _ = backbone.split(config.model.layers)
     images = torch.stack([load_image(r.path, backbone.input_size) for r in chosen])
@@ -79,7 +79,7 @@ def reproduced_fingerprint(config: ExperimentConfig, split: str, source: Path, p
             difference = float((x - stored[tap]).abs().max())
             raise CheckpointError(
                 f"{source}: {config.model.backbone} with weights {config.data.backbone_weights!r}, built here, does not "
-                f"reproduce the feature cache {cache_path} at {tap} (max |difference| {difference:.3g} on "
+                f"reproduce the feature cache {cache.path} at {tap} (max |difference| {difference:.3g} on "
                 f"{len(chosen)} images of {data_root(config)}): captions would not match the recorded scores"
             )
     return prefix.fingerprint()
@@ -113,11 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     config = ExperimentConfig.from_dict(exported.config, source=str(args.checkpoint))
     if args.data_root is not None:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_root=str(args.data_root)))
-    fingerprint = torch.frombuffer(bytearray(reproduced_fingerprint(config, args.split, args.checkpoint, progress=not args.no_progress)), dtype=torch.uint8)
-    exported = dataclasses.replace(exported, model={**exported.model, "encoder.prefix_fingerprint": fingerprint})
-    save_checkpoint(args.out, exported)
-    evaluation, _ = evaluate_checkpoint(
-        args.out, args.split, device=torch.device("cpu"), data_root=args.data_root, progress=not args.no_progress
+    records = load_records(config)
+    cache_path, spec = ensure_features(config, records, progress=not args.no_progress)
+    cache = FeatureCache(cache_path, expect=spec)
+    fingerprint = reproduced_fingerprint(config, records, cache, args.split, args.checkpoint)
+    fingerprint_tensor = torch.frombuffer(bytearray(fingerprint), dtype=torch.uint8)
+    exported = dataclasses.replace(exported, model={**exported.model, "encoder.prefix_fingerprint": fingerprint_tensor})
+    model, vocab, _ = captioner_from(exported, args.checkpoint)  # the float16 weights, as the file will load them
+    evaluation = evaluate_model(
+        model, vocab, config, records, cache, args.split, device=torch.device("cpu"), progress=not args.no_progress
     )
     extra = {**exported.extra, "test_split": args.split, "test_scores": evaluation.scores}
     save_checkpoint(args.out, dataclasses.replace(exported, extra=extra))

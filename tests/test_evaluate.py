@@ -93,9 +93,23 @@ def test_export_writes_a_float16_model_whose_recorded_scores_evaluate_reproduces
     assert saved.config["decode"]["beam_size"] == 3 and saved.config["decode"]["min_length"] == 2
     recorded = saved.extra["test_scores"]
     printed = _run(["--checkpoint", str(shipped), "--split", "test"], capsys)  # the recorded settings, METEOR on
-    assert printed == recorded  # exactly: the scores were measured on the exported file itself
+    assert printed == recorded  # exactly: the scores were measured on the exported weights
     model, _, config = load_captioner(shipped)
     assert next(model.parameters()).dtype == torch.float32 and config.decode.min_length == 2
+
+
+def test_an_interrupted_export_leaves_the_model_file_there_as_it_was(checkpoint, tmp_path, capsys, monkeypatch):
+    shipped = tmp_path / "model.pt"
+    assert export.main([str(checkpoint), str(shipped), "--no-progress", "--split", "val"]) == 0
+    before = shipped.read_bytes()
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the new file's scores are measured
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "evaluate_model", interrupted)
+    assert export.main([str(checkpoint), str(shipped), "--no-progress", "--split", "test", "--beam", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: interrupted (Ctrl-C or SIGTERM)"
+    assert shipped.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
 def test_export_records_the_fingerprint_of_a_prefix_that_reproduces_the_cache(checkpoint, tmp_path, capsys, monkeypatch):
