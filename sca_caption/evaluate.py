@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from sca_caption.data.corpus import SPLITS
+from sca_caption.decode_options import add_decode_options, decode_changes
 from sca_caption.decoding import DecodeConfig
 from sca_caption.devices import add_device_option, default_device
 from sca_caption.errors import command
@@ -34,19 +35,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="a best.pt or last.pt of a training run")
     parser.add_argument("--split", choices=SPLITS, default="test")
-    parser.add_argument("--beam", type=int, default=None, help="beam size (1: greedy; default: the checkpoint's decode.beam_size)")
-    parser.add_argument("--min-length", type=int, default=None, metavar="N", help="at least N words (default: the checkpoint's)")
-    parser.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=None,
-                        help="never repeat a trigram (default: the checkpoint's)")
+    add_decode_options(parser)
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: results_<split>_beam<k>.json beside the checkpoint)")
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder (default: the checkpoint's)")
     parser.add_argument("--no-meteor", action="store_true", help="leave METEOR out (saves a Java start)")
     add_device_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    if args.beam is not None and args.beam < 1:
-        parser.error("--beam must be at least 1")
-    return args
+    return parser.parse_args(argv)
 
 
 def _results_id(image_id: str, dataset: str) -> int | str:
@@ -63,9 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         check_output_file(args.out, "results file")
     else:
         check_output_folder(args.checkpoint.parent, "results file (--out puts it elsewhere)")
-    changes = {"beam_size": args.beam, "min_length": args.min_length, "block_trigrams": args.block_trigrams}
     evaluation, config = evaluate_checkpoint(
-        args.checkpoint, args.split, device=device, decode_changes=changes, data_root=args.data_root,
+        args.checkpoint, args.split, device=device, decode_changes=decode_changes(args), data_root=args.data_root,
         meteor=not args.no_meteor, progress=not args.no_progress,
     )
     print(f"{len(evaluation.captions)} captions of the {args.split} split, {_describe(config.decode)}")

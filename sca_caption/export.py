@@ -33,6 +33,7 @@ from sca_caption.config import ExperimentConfig
 from sca_caption.data.corpus import SPLITS, ImageRecord, records_in_split
 from sca_caption.data.features import FeatureCache
 from sca_caption.data.images import load_image
+from sca_caption.decode_options import add_decode_options, decode_changes
 from sca_caption.errors import command
 from sca_caption.evaluation import evaluate_model
 from sca_caption.io_utils import check_output_file
@@ -93,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="a best.pt of a training run")
     parser.add_argument("out", type=Path, help="the model file to write")
     parser.add_argument("--split", choices=SPLITS, default="test", help="the split whose scores are recorded")
-    parser.add_argument("--beam", type=int, default=None, help="decode.beam_size to record (default: the run's)")
-    parser.add_argument("--min-length", type=int, default=None, help="decode.min_length to record")
-    parser.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=None,
-                        help="decode.block_trigrams to record")
+    add_decode_options(parser, default="recorded as the training run had it")
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder (default: the checkpoint's)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -108,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             load_checkpoint(args.out)
         except CheckpointError:
             raise CheckpointError(f"{args.out}: exists and is not an sca-caption checkpoint; not overwritten") from None
-    changes = {"beam_size": args.beam, "min_length": args.min_length, "block_trigrams": args.block_trigrams}
-    exported = slim(load_checkpoint(args.checkpoint), changes)
+    exported = slim(load_checkpoint(args.checkpoint), decode_changes(args))
     config = ExperimentConfig.from_dict(exported.config, source=str(args.checkpoint))
     if args.data_root is not None:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_root=str(args.data_root)))

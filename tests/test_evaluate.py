@@ -61,6 +61,9 @@ def test_evaluate_decodes_with_the_checkpoints_settings_unless_told(checkpoint, 
     _run(["--checkpoint", str(checkpoint), "--split", "val", "--beam", "3", "--min-length", "2", "--no-meteor"], capsys)
     captions = json.loads((checkpoint.parent / "results_val_beam3.json").read_text())
     assert all(len(e["caption"].split()) >= 2 for e in captions)
+    assert evaluate.main(["--no-progress", "--checkpoint", str(checkpoint), "--split", "val", "--no-meteor",
+                          "--length-penalty", "wu", "--length-alpha", "1.5", "--block-trigrams"]) == 0
+    assert "captions of the val split, beam 2, length penalty wu (alpha 1.5), trigrams blocked" in capsys.readouterr().out
 
 
 def test_evaluate_defaults_the_results_path_beside_the_checkpoint(checkpoint, capsys):
@@ -83,7 +86,7 @@ def test_evaluate_errors_are_one_line(tmp_path, capsys):
 
 def test_export_writes_a_float16_model_whose_recorded_scores_evaluate_reproduces(checkpoint, tmp_path, capsys):
     shipped = tmp_path / "model.pt"
-    assert export.main([str(checkpoint), str(shipped), "--beam", "3", "--min-length", "2", "--no-progress"]) == 0
+    assert export.main([str(checkpoint), str(shipped), "--beam", "3", "--min-length", "2", "--length-penalty", "average", "--no-progress"]) == 0
     capsys.readouterr()
     saved = load_checkpoint(shipped)
     assert saved.optimizer == {} and len(saved.data_order) == 0
@@ -91,6 +94,7 @@ def test_export_writes_a_float16_model_whose_recorded_scores_evaluate_reproduces
     assert floats and all(v.dtype == torch.float16 for v in floats)
     assert shipped.stat().st_size < checkpoint.stat().st_size / 2  # no optimizer, half the bytes per weight
     assert saved.config["decode"]["beam_size"] == 3 and saved.config["decode"]["min_length"] == 2
+    assert saved.config["decode"]["length_penalty"] == "average"
     recorded = saved.extra["test_scores"]
     printed = _run(["--checkpoint", str(shipped), "--split", "test"], capsys)  # the recorded settings, METEOR on
     assert printed == recorded  # exactly: the scores were measured on the exported weights

@@ -1,5 +1,5 @@
-"""Validate early and completely (issue #16, RELIABILITY.md): a bad ``--device`` is a usage error
-in every command before any work, and the device "cuda" names GPU 0."""
+"""Validate early and completely (issue #16, RELIABILITY.md): a bad ``--device`` or decoding flag is
+a usage error in every command before any work, and the device "cuda" names GPU 0."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from train_support import tiny_shapes  # noqa: F401
 
-from sca_caption import caption, evaluate, train
+from sca_caption import caption, evaluate, export, train
 from sca_caption.data.shapes import generate_shapes
 from sca_caption.distributed import start_processes
 from sca_caption.serve import __main__ as serve
@@ -34,6 +34,31 @@ def test_a_bad_device_is_a_one_line_usage_error_before_any_work(command, device,
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and BAD[device] in err[-1] and "--device" in err[-1]
     assert "Traceback" not in "\n".join(err)
+    assert list(tmp_path.iterdir()) == []
+
+
+DECODING = {
+    "evaluate": lambda out, flags: evaluate.main(["--checkpoint", str(out / "best.pt"), *flags]),
+    "caption": lambda out, flags: caption.main(["--checkpoint", str(out / "best.pt"), *flags, "x.jpg"]),
+    "export": lambda out, flags: export.main([str(out / "best.pt"), str(out / "model.pt"), *flags]),
+}
+BAD_DECODING = {
+    ("--beam", "0"): "argument --beam: 0 is below 1",
+    ("--beam", "three"): "argument --beam: 'three' is not an integer",
+    ("--min-length", "-1"): "argument --min-length: -1 is below 0",
+    ("--length-alpha", "-0.5"): "argument --length-alpha: -0.5 is below 0.0",
+    ("--length-penalty", "long"): "argument --length-penalty: invalid choice: 'long'",
+}
+
+
+@pytest.mark.parametrize("command", sorted(DECODING))
+@pytest.mark.parametrize("flags", sorted(BAD_DECODING))
+def test_a_bad_decoding_flag_is_a_one_line_usage_error_before_any_work(command, flags, tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        DECODING[command](tmp_path / "run", list(flags))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and BAD_DECODING[flags] in err[-1], err
     assert list(tmp_path.iterdir()) == []
 
 
