@@ -79,9 +79,9 @@ def _describe(decode: DecodeConfig) -> str:
     """"beam 3", plus the constraints and penalty that are on."""
     parts = [f"beam {decode.beam_size}"]
     if decode.length_penalty != "none":
-        parts.append(f"length penalty {decode.length_penalty} (alpha {decode.alpha})")
+        parts.append(f"length penalty {decode.length_penalty}" + (f" (alpha {decode.alpha})" if decode.length_penalty == "wu" else ""))
     if decode.min_length:
-        parts.append(f"at least {decode.min_length} words")
+        parts.append(f"at least {decode.min_length} word{'s' if decode.min_length != 1 else ''}")
     if decode.block_trigrams:
         parts.append("trigrams blocked")
     return ", ".join(parts)
