@@ -3,7 +3,8 @@
 Captions the first N images of Flicker8k_Dataset/ (sorted, as the CLI orders a folder) with the
 library behind ``python -m sca_caption.caption``, writing its stdout lines to /dev/null, and prints
 one JSON line per batch size: ``images_per_s`` over the captioning (model loading excluded and
-reported as ``load_s``), the mean caption length, threads and workers. Target: >= 25 images/s for
+reported as ``load_s``), the mean caption length, threads, workers and the decoding settings (the
+checkpoint's, with ``--beam`` if given). Target: >= 25 images/s for
 1,000 images at beam 5 on the 2-core CPU machine.
 
 Without --checkpoint (or when checkpoints/shapes/best.pt is absent) the model is the shapes
@@ -11,12 +12,13 @@ config's with random weights (``"trained": false``; ``--random-model flickr8k``:
 config's, with a vocabulary of Flickr8k's size): same sizes, but its captions often run to the
 length limit, so it decodes more steps than a trained model would.
 
-    python benchmarks/caption_speed.py --n 1000 --batch-sizes 16 32 --workers 2
+    python benchmarks/caption_speed.py --n 1000 --batch-sizes 16 32 --workers 2 --beam 5
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -84,7 +86,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=1000, help="images to caption (default 1000)")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA, help="Flickr8k folder")
     parser.add_argument("--checkpoint", type=Path, default=None, help=f"default {DEFAULT_CHECKPOINT} if present")
-    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--beam", type=int, default=None, help="beam size (default: the checkpoint's)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -93,7 +95,6 @@ def main() -> int:
     args = parser.parse_args()
 
     paths = collect_images([str(args.data_root / "Flicker8k_Dataset")])[: args.n]
-    settings = DecodeSettings(beam_size=args.beam)
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = args.checkpoint or (DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else None)
         trained = checkpoint is not None
@@ -102,11 +103,12 @@ def main() -> int:
         start = time.perf_counter()
         captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device)
         load_s = time.perf_counter() - start
+        settings = captioner.settings(beam_size=args.beam)  # the rest as the checkpoint records them
         for batch_size in args.batch_sizes:
             result = run(captioner, paths, settings, batch_size, args.workers)
             print(json.dumps({
                 "benchmark": "caption_speed", "checkpoint": str(checkpoint) if trained else f"random {args.random_model} model",
-                "trained": trained, "beam": args.beam, "batch_size": batch_size, "workers": args.workers,
+                "trained": trained, "decode": dataclasses.asdict(settings), "batch_size": batch_size, "workers": args.workers,
                 "threads": torch.get_num_threads(), "device": args.device, "load_s": round(load_s, 3), **result,
             }), flush=True)
     return 0
