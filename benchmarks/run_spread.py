@@ -50,9 +50,11 @@ def main() -> int:
     for group in args.group:
         name, _, runs = group.partition("=")
         folders = [Path(run) for run in runs.split(",") if run]
-        missing = [str(f) for f in folders if not (f / "test_scores.json").is_file()]
-        if not name or not folders or missing:
-            parser.error(f"--group {group!r}: needs NAME=RUN,...; unfinished (no test_scores.json): {', '.join(missing)}")
+        if not name or not folders or len(set(folders)) < len(folders):
+            parser.error(f"--group {group!r}: needs NAME=RUN,RUN,... with each run once")
+        unfinished = [str(f) for f in folders if not (f / "test_scores.json").is_file() or not (f / "log.csv").is_file()]
+        if unfinished:
+            parser.error(f"--group {name}: unfinished runs (no test_scores.json or log.csv): {', '.join(unfinished)}")
         per_run = {str(folder): run_scores(folder) for folder in folders}
         for folder, scores in per_run.items():
             print(json.dumps({"group": name, "run": folder, **{k: round(v, 2) for k, v in scores.items()}}))

@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a best.pt or last.pt of a training run")
     parser.add_argument("--split", choices=SPLITS, default="test")
     add_decode_options(parser)
-    parser.add_argument("--out", type=Path, default=None, help="results JSON (default: results_<split>_beam<k>.json beside the checkpoint)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default: beside the checkpoint, named after the split and decoding, e.g. results_test_beam3.json)")
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder (default: the checkpoint's)")
     parser.add_argument("--no-meteor", action="store_true", help="leave METEOR out (saves a Java start)")
     add_device_option(parser)
@@ -68,11 +68,25 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in evaluation.scores.items():
         print(f"{name:>16} {100 * value:6.2f}")
     sys.stdout.flush()  # the scores first: a results file that cannot be written loses nothing
-    out = args.out or args.checkpoint.with_name(f"results_{args.split}_beam{config.decode.beam_size}.json")
+    out = args.out or args.checkpoint.with_name(results_name(args.split, config.decode))
     write_coco_results(out, {_results_id(k, config.data.dataset): v for k, v in evaluation.captions.items()})
     print(f"{out}: the captions, as COCO results")
     print(json.dumps(evaluation.scores))
     return 0
+
+
+def results_name(split: str, decode: DecodeConfig) -> str:
+    """``results_<split>_beam<k>.json``, with each other decoding setting that is not the default
+    in the name (``_average``, ``_wu1.5``, ``_min2``, ``_blocked``), so that two decodings never
+    share a results file."""
+    parts = [f"results_{split}_beam{decode.beam_size}"]
+    if decode.length_penalty != "none":
+        parts.append(decode.length_penalty + (f"{decode.alpha:g}" if decode.length_penalty == "wu" else ""))
+    if decode.min_length:
+        parts.append(f"min{decode.min_length}")
+    if decode.block_trigrams:
+        parts.append("blocked")
+    return "_".join(parts) + ".json"
 
 
 def _describe(decode: DecodeConfig) -> str:

@@ -27,7 +27,7 @@ from sca_caption.decoding import DecodeConfig, beam_search
 from sca_caption.metrics import score_captions
 from sca_caption.models.captioner import SCACaptioner
 from sca_caption.prepare import data_root as dataset_root
-from sca_caption.prepare import ensure_features, load_records, split_scenes
+from sca_caption.prepare import corpus_and_features, split_scenes
 
 DECODE_BATCH = 50
 
@@ -155,9 +155,7 @@ def evaluate_checkpoint(
     config = replace(config, decode=replace(config.decode, **changes))
     if data_root is not None:
         config = replace(config, data=replace(config.data, data_root=str(data_root)))
-    records = load_records(config)
-    cache_path, spec = ensure_features(config, records, progress=progress)
-    cache = FeatureCache(cache_path, expect=spec)
+    records, cache = corpus_and_features(config, progress=progress)
     evaluation = evaluate_model(model, vocab, config, records, cache, split, device=device, meteor=meteor, progress=progress)
     return evaluation, config
 

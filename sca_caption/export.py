@@ -39,7 +39,7 @@ from sca_caption.evaluation import evaluate_model
 from sca_caption.io_utils import check_output_file
 from sca_caption.models.backbones import build_cache_backbone
 from sca_caption.models.backbones.base import freeze
-from sca_caption.prepare import data_root, ensure_features, load_records
+from sca_caption.prepare import corpus_and_features, data_root
 
 CHECKED_IMAGES = 8  # images of the split on which the rebuilt prefix must reproduce the cache
 TOLERANCE = 1e-2  # rtol and atol against the cache's float16 rows (other weights differ by far more)
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ExperimentConfig.from_dict(exported.config, source=str(args.checkpoint))
     if args.data_root is not None:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_root=str(args.data_root)))
-    records = load_records(config)
-    cache_path, spec = ensure_features(config, records, progress=not args.no_progress)
-    cache = FeatureCache(cache_path, expect=spec)
+    records, cache = corpus_and_features(config, progress=not args.no_progress)
     fingerprint = reproduced_fingerprint(config, records, cache, args.split, args.checkpoint)
     fingerprint_tensor = torch.frombuffer(bytearray(fingerprint), dtype=torch.uint8)
     exported = dataclasses.replace(exported, model={**exported.model, "encoder.prefix_fingerprint": fingerprint_tensor})

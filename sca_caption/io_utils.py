@@ -64,21 +64,45 @@ def _check_writable_folder(folder: Path, target: Path, what: str) -> None:
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """The path of a new, empty temporary file beside ``path``, for a writer that opens files by
-    name (h5py); on a clean exit the file is fsynced and replaces ``path``.
+    name (h5py); on a clean exit the file is fsynced and replaces ``path`` (see ``_replacing``)."""
+    with _replacing(path) as (_, tmp_path):
+        yield tmp_path
 
-    Missing parent folders are created. A failure (``OSError``) is one ``OutputError`` naming
-    ``path``, whose old file is left unchanged; the temporary file is removed either way.
+
+@contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """An open temporary file beside ``path``; on a clean exit it replaces ``path`` (see ``_replacing``).
+
+    ``mode`` is ``"wb"`` or ``"w"`` (UTF-8 text).
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
+    with _replacing(path) as (fd, _):
+        with os.fdopen(fd, mode, encoding="utf-8" if mode == "w" else None, closefd=False) as handle:
+            yield handle
+
+
+@contextmanager
+def _replacing(path: str | os.PathLike[str]) -> Iterator[tuple[int, Path]]:
+    """A new temporary file beside ``path``, open for writing (its descriptor and path); on a clean
+    exit its content is fsynced and it replaces ``path``.
+
+    Missing parent folders are created. Any ``OSError`` on the way (a full disk, or one the writer
+    raised) is one ``OutputError`` naming ``path``, whose old file is left unchanged; the temporary
+    file is removed whenever ``path`` is not replaced.
     """
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_path = _create_temporary(target)
-        os.close(fd)
     except OSError as error:
         raise OutputError(f"{target}: not written ({first_line(error)})") from None
     try:
-        yield tmp_path
-        _fsync_path(tmp_path)
+        try:
+            yield fd, tmp_path
+            os.fsync(fd)  # the inode's data, whichever descriptor wrote it
+        finally:
+            os.close(fd)
         os.replace(tmp_path, target)
     except OSError as error:
         tmp_path.unlink(missing_ok=True)
@@ -87,19 +111,6 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
         raise
     _fsync_folder(target.parent)
-
-
-@contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """An open temporary file beside ``path`` (see ``atomic_path``); on a clean exit it replaces ``path``.
-
-    ``mode`` is ``"wb"`` or ``"w"`` (UTF-8 text).
-    """
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
-    with atomic_path(path) as tmp_path:
-        with open(tmp_path, mode, encoding="utf-8" if mode == "w" else None) as handle:
-            yield handle
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -122,15 +133,6 @@ def _create_temporary(target: Path) -> tuple[int, Path]:
             return os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), candidate
         except FileExistsError:
             continue
-
-
-def _fsync_path(path: Path) -> None:
-    """Flush a closed file's content to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -186,6 +186,14 @@ def ensure_features(
     return path, spec
 
 
+def corpus_and_features(config: ExperimentConfig, *, progress: bool = True) -> tuple[list[ImageRecord], FeatureCache]:
+    """The corpus of ``config``'s dataset and its feature cache (extracted first where missing):
+    what scoring a trained model reads."""
+    records = load_records(config)
+    path, spec = ensure_features(config, records, progress=progress)
+    return records, FeatureCache(path, expect=spec)
+
+
 def _silent(_: str) -> None:
     """A log that says nothing (the processes other than rank 0)."""
 

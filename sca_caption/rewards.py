@@ -43,6 +43,7 @@ from torch import Tensor
 
 from sca_caption.data.corpus import ImageRecord, records_in_split
 from sca_caption.data.errors import DataError
+from sca_caption.data.input_files import open_regular
 from sca_caption.data.vocab import Vocab
 from sca_caption.errors import first_line
 from sca_caption.io_utils import atomic_write
@@ -187,8 +188,11 @@ def save_document_frequency(path: Path, df: DocumentFrequency, vocab: Vocab, ref
 def load_document_frequency(path: Path, vocab: Vocab, references: References) -> DocumentFrequency:
     """Read a file of ``save_document_frequency`` made from ``vocab`` and ``references``."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # missing, unreadable, or not a torch file of plain data
+        with open_regular(path, "CIDEr-D cache") as handle:  # a FIFO would block torch.load forever
+            state = torch.load(handle, map_location="cpu", weights_only=True)
+    except DataError as err:
+        raise CiderCacheError(str(err)) from None
+    except Exception as err:  # unreadable, or not a torch file of plain data
         raise CiderCacheError(f"{path}: not a readable CIDEr-D cache ({first_line(err)})") from None
     if not isinstance(state, dict) or state.get("format") != FILE_FORMAT or state.get("ngrams") != NGRAMS:
         raise CiderCacheError(f"{path}: not a CIDEr-D cache (expected format {FILE_FORMAT!r}, n = 1..{NGRAMS})")

@@ -59,11 +59,12 @@ def test_evaluate_decodes_with_the_checkpoints_settings_unless_told(checkpoint, 
     _run(["--checkpoint", str(checkpoint), "--split", "val", "--no-meteor"], capsys)
     assert (checkpoint.parent / "results_val_beam2.json").is_file()
     _run(["--checkpoint", str(checkpoint), "--split", "val", "--beam", "3", "--min-length", "2", "--no-meteor"], capsys)
-    captions = json.loads((checkpoint.parent / "results_val_beam3.json").read_text())
+    captions = json.loads((checkpoint.parent / "results_val_beam3_min2.json").read_text())
     assert all(len(e["caption"].split()) >= 2 for e in captions)
     assert evaluate.main(["--no-progress", "--checkpoint", str(checkpoint), "--split", "val", "--no-meteor",
                           "--length-penalty", "wu", "--length-alpha", "1.5", "--block-trigrams"]) == 0
     assert "captions of the val split, beam 2, length penalty wu (alpha 1.5), trigrams blocked" in capsys.readouterr().out
+    assert (checkpoint.parent / "results_val_beam2_wu1.5_blocked.json").is_file()  # no other decoding's file replaced
 
 
 def test_evaluate_defaults_the_results_path_beside_the_checkpoint(checkpoint, capsys):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sca_caption.captioning import ImageCaptioner
+from sca_caption.captioning import CaptionedImage, ImageCaptioner
 from sca_caption.checkpoint import load_checkpoint
 from sca_caption.metrics import score_captions
 
@@ -23,7 +23,10 @@ def test_the_shipped_file_is_small_float16_and_records_its_decoding_and_scores()
     floats = [v for v in saved.model.values() if v.is_floating_point()]
     assert floats and all(v.dtype == torch.float16 for v in floats)
     assert saved.extra["test_split"] == "test" and {"Bleu_4", "METEOR", "CIDEr"} <= set(saved.extra["test_scores"])
-    assert set(saved.config["decode"]) == {"beam_size", "length_penalty", "alpha", "min_length", "block_trigrams"}
+    # the decoding chosen on validation, as checkpoints/README.md describes it
+    assert saved.config["decode"] == {
+        "beam_size": 10, "length_penalty": "average", "alpha": 0.0, "min_length": 1, "block_trigrams": True,
+    }
 
 
 @pytest.mark.slow
@@ -37,6 +40,7 @@ def test_the_shipped_model_captions_unseen_coco_photos_well_above_chance(shared_
     captioner = ImageCaptioner.from_checkpoint(SHIPPED)
     ids = sorted(files)
     results = list(captioner.caption_files([files[i] for i in ids], captioner.settings(), workers=0))
+    assert all(isinstance(result, CaptionedImage) for result in results)
     captions = {i: result.captions[0].text for i, result in zip(ids, results)}
     assert len(captions) == 80 and all(text.split() for text in captions.values())  # min_length 1: none empty
     scores = dict(score_captions(captions, {i: references[i] for i in ids}, meteor=False, spice=False))

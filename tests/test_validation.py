@@ -47,6 +47,7 @@ BAD_DECODING = {
     ("--beam", "three"): "argument --beam: 'three' is not an integer",
     ("--min-length", "-1"): "argument --min-length: -1 is below 0",
     ("--length-alpha", "-0.5"): "argument --length-alpha: -0.5 is below 0.0",
+    ("--length-alpha", "nan"): "argument --length-alpha: 'nan' is not a finite number",
     ("--length-penalty", "long"): "argument --length-penalty: invalid choice: 'long'",
 }
 

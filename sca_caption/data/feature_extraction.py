@@ -397,4 +397,3 @@ def _exclusive(out: Path, processes: Processes) -> Iterator[None]:
             for stale in out.parent.glob(f".{out.name}.*.tmp"):
                 stale.unlink()
         yield
-
