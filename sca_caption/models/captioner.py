@@ -33,10 +33,10 @@ class ModelConfig:
     (``tag_heads`` heads, residual weight ``tag_lambda``), whose BCE joins the loss with weight
     ``tag_loss_weight``; it reads the unattended top map, so its loss trains shared weights only
     where that map is computed in the model (upper stages with ``finetune_upper``): on cached
-    features it trains the head alone and leaves the captions as they were. ``coord_channels`` appends each location's x and y (from -1 to 1) to
-    every attended map, as CoordConv does (Liu et al., 2018): not in SCA-CNN, whose convolutional
-    features say what is at a location far better than where it is; the shapes captions, which
-    are about positions, need it. ``kernels``: the attention's backend, one of ``KERNELS``
+    features it trains the head alone and leaves the captions as they were. ``coord_channels``
+    appends each location's x and y (from -1 to 1) to every attended map, as CoordConv does (Liu
+    et al., 2018): not in SCA-CNN, whose convolutional features say what is at a location far
+    better than where it is; the shapes captions, which are about positions, need it. ``kernels``: the attention's backend, one of ``KERNELS``
     ("auto": the CPU kernels on a CPU, the plain equations elsewhere; see ``sca``).
 
     Where the authors' Theano code differs from the defaults (the authors' setting in brackets):
