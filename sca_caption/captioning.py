@@ -37,7 +37,7 @@ from sca_caption.checkpoint import CheckpointError, check_prefix, load_captioner
 from sca_caption.data.errors import DataError
 from sca_caption.data.feature_extraction import ImageFiles, collate_decoded
 from sca_caption.data.vocab import Vocab
-from sca_caption.decoding import DecodeConfig, Hypothesis, beam_search
+from sca_caption.decoding import DecodeConfig, Hypothesis, beam_search, changed
 from sca_caption.errors import first_line, main_process_takes_interrupts
 from sca_caption.evaluation import decoding_limit
 from sca_caption.models.backbones import BackbonePrefix, TappedBackbone, build_cache_backbone
@@ -244,9 +244,10 @@ class ImageCaptioner:
         return cls(model, prefix, vocab, max_length=decoding_limit(config), decode=config.decode, device=device)
 
     def settings(self, **changes: Any) -> DecodeSettings:
-        """The checkpoint's decoding settings with ``changes`` (None values leave a setting as it is)."""
+        """The checkpoint's decoding settings with ``changes`` (``decoding.changed``: None values
+        leave a setting as it is)."""
         base = {name: getattr(self.decode, name) for name in DecodeConfig.__dataclass_fields__}
-        return DecodeSettings(**{**base, **{k: v for k, v in changes.items() if v is not None}})
+        return changed(DecodeSettings(**base), changes)
 
     @property
     def has_spatial_attention(self) -> bool:

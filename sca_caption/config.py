@@ -80,6 +80,8 @@ class TrainConfig:
     decay_every: int = field(default=3, metadata={"min": 1})  # epochs between "step" decays
     decay_factor: float = field(default=0.8, metadata={"min": 0.0})  # lr multiplier of a "step" decay
     grad_clip: float | None = field(default=5.0, metadata={"min": 0.0})  # max gradient norm; None: off
+    # learning rate of the fine-tuned backbone stages (model.finetune_upper) as a multiple of the rest's
+    upper_lr_scale: float = field(default=1.0, metadata={"min": 0.0})
     patience: int | None = field(default=5, metadata={"min": 1})  # evaluations without gain; None: off
     early_stop_metric: str = field(default="CIDEr", metadata={"choices": EARLY_STOP_METRICS})
     bf16: bool = False  # bfloat16 autocast for the forward pass

@@ -37,8 +37,8 @@ stop later, but they never return a different answer than running to ``max_lengt
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Protocol, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -66,9 +66,26 @@ class DecodeConfig:
     min_length: int = field(default=0, metadata={"min": 0})  # words before <end> may come
     block_trigrams: bool = False  # no word that repeats a trigram of the caption
 
+    def __post_init__(self) -> None:
+        if self.alpha and self.length_penalty != "wu":
+            raise DecodingError(f"decoding settings: alpha {self.alpha} needs length_penalty wu (it is the wu penalty's exponent)")
+
     def search_arguments(self) -> dict[str, Any]:
         """These settings as ``beam_search`` keyword arguments."""
         return {f: getattr(self, f) for f in DecodeConfig.__dataclass_fields__}
+
+
+Settings = TypeVar("Settings", bound=DecodeConfig)
+
+
+def changed(settings: Settings, changes: Mapping[str, Any]) -> Settings:
+    """``settings`` with ``changes`` (None values change nothing). A change to a length penalty
+    other than wu sets ``alpha`` to 0 unless ``changes`` gives it too: the recorded exponent of a wu
+    penalty means nothing to another. ``DecodingError`` for an alpha given with another penalty."""
+    given = {k: v for k, v in changes.items() if v is not None}
+    if given.get("length_penalty", "wu") != "wu":
+        given.setdefault("alpha", 0.0)
+    return replace(settings, **given)
 
 
 class DecoderState(Protocol):

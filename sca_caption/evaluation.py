@@ -23,7 +23,7 @@ from sca_caption.data.corpus import ImageRecord, records_in_split
 from sca_caption.data.features import FeatureCache
 from sca_caption.data.shapes import Scene, shapes_accuracy
 from sca_caption.data.vocab import Vocab
-from sca_caption.decoding import DecodeConfig, beam_search
+from sca_caption.decoding import DecodeConfig, beam_search, changed
 from sca_caption.metrics import score_captions
 from sca_caption.models.captioner import SCACaptioner
 from sca_caption.prepare import data_root as dataset_root
@@ -151,8 +151,7 @@ def evaluate_checkpoint(
     (or the one at ``data_root``); a missing feature cache is extracted first. Returns the
     scores and the checkpoint's config with the settings used."""
     model, vocab, config = load_captioner(path, device)
-    changes = {k: v for k, v in (decode_changes or {}).items() if v is not None}
-    config = replace(config, decode=replace(config.decode, **changes))
+    config = replace(config, decode=changed(config.decode, decode_changes or {}))
     if data_root is not None:
         config = replace(config, data=replace(config.data, data_root=str(data_root)))
     records, cache = corpus_and_features(config, progress=progress)
@@ -170,12 +169,14 @@ def evaluate_model(
     *,
     device: torch.device,
     meteor: bool = True,
+    bf16: bool = False,
     progress: bool = False,
 ) -> SplitEvaluation:
     """``evaluate_split`` of ``split`` of the corpus ``records`` with the decoding settings and
-    caption length of ``config`` (the shapes dataset's scenes included)."""
+    caption length of ``config`` (the shapes dataset's scenes included): how the trainer's
+    validation and test, ``evaluate`` and ``export`` score a model."""
     return evaluate_split(
         model, vocab, cache, records_in_split(records, split), decode=config.decode,
         max_length=decoding_limit(config), device=device, meteor=meteor,
-        scenes=split_scenes(config.data.dataset, dataset_root(config), split), progress=progress,
+        scenes=split_scenes(config.data.dataset, dataset_root(config), split), bf16=bf16, progress=progress,
     )

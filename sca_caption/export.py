@@ -34,6 +34,7 @@ from sca_caption.data.corpus import SPLITS, ImageRecord, records_in_split
 from sca_caption.data.features import FeatureCache
 from sca_caption.data.images import load_image
 from sca_caption.decode_options import add_decode_options, decode_changes
+from sca_caption.decoding import changed
 from sca_caption.errors import command
 from sca_caption.evaluation import evaluate_model
 from sca_caption.io_utils import check_output_file
@@ -49,8 +50,7 @@ def slim(checkpoint: Checkpoint, decode_changes: dict[str, object]) -> Checkpoin
     """``checkpoint`` with float16 weights, no optimizer or data order, and ``decode_changes``
     (None values change nothing) in its decoding settings."""
     config = ExperimentConfig.from_dict(checkpoint.config)
-    changes = {k: v for k, v in decode_changes.items() if v is not None}
-    config = dataclasses.replace(config, decode=dataclasses.replace(config.decode, **changes))
+    config = dataclasses.replace(config, decode=changed(config.decode, decode_changes))
     weights = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint.model.items()}
     source = {"source_epoch": checkpoint.epoch, "source_step": checkpoint.step}
     return dataclasses.replace(

@@ -42,7 +42,6 @@ from sca_caption.models.tag_head import tag_targets, tag_vocabulary
 class PreparedData:
     """What a run reads: the corpus ``records``, ``vocab`` and the feature cache's path and spec."""
 
-    data_root: Path
     records: list[ImageRecord]
     vocab: Vocab
     vocab_path: Path
@@ -56,10 +55,6 @@ class PreparedData:
     def split(self, name: str) -> list[ImageRecord]:
         """The records of split ``name``."""
         return records_in_split(self.records, name)
-
-    def scenes(self, split: str) -> dict[str, Scene] | None:
-        """The ground-truth scenes of a shapes split (image id -> scene); None for other datasets."""
-        return split_scenes(self.cache_spec.dataset, self.data_root, split)
 
     def tags(self, split: str, count: int) -> list[str]:
         """The ``count`` most frequent content words of ``split``'s captions (a tag head's classes)."""
@@ -134,7 +129,7 @@ def prepare(
 
     records, vocab, words_path = processes.main_first(corpus)
     cache, spec = ensure_features(config, records, progress=progress, log=log, processes=processes)
-    return PreparedData(data_root(config), records, vocab, words_path, cache, spec)
+    return PreparedData(records, vocab, words_path, cache, spec)
 
 
 def check_splits(config: ExperimentConfig, records: Sequence[ImageRecord]) -> None:

@@ -74,7 +74,7 @@ from sca_caption.data.errors import DataError
 from sca_caption.decoding import DecodeConfig
 from sca_caption.distributed import Processes
 from sca_caption.errors import main_process_takes_interrupts
-from sca_caption.evaluation import SplitEvaluation, decoding_limit, evaluate_split
+from sca_caption.evaluation import SplitEvaluation, decoding_limit, evaluate_model
 from sca_caption.io_utils import atomic_write_json, atomic_write_text
 from sca_caption.locks import exclusive
 from sca_caption.models.backbones import build_cache_backbone
@@ -207,8 +207,19 @@ def build_model(config: ExperimentConfig, vocab_size: int, backbone_weights: str
 
 
 def make_optimizer(model: SCACaptioner, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over the model's trainable parameters."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    """AdamW over the model's trainable parameters: group 0 the captioner's own, group 1 (only
+    where ``model.finetune_upper`` leaves them trainable) the backbone stages' (``set_learning_rate``)."""
+    upper = {id(p) for p in model.encoder.upper.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [[p for p in trainable if id(p) not in upper], [p for p in trainable if id(p) in upper]]
+    return torch.optim.AdamW([{"params": g} for g in groups if g], lr=lr, weight_decay=weight_decay)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, upper_lr_scale: float) -> None:
+    """``lr`` for the captioner's parameters, ``upper_lr_scale`` × ``lr`` for the fine-tuned
+    backbone stages (``make_optimizer``'s groups)."""
+    for group, scale in zip(optimizer.param_groups, (1.0, upper_lr_scale)):
+        group["lr"] = lr * scale
 
 
 def optimizer_step(model: SCACaptioner, optimizer: torch.optim.Optimizer, loss: Tensor, grad_clip: float | None) -> None:
@@ -267,6 +278,11 @@ def check_training_settings(config: ExperimentConfig) -> None:
         raise TrainingError(f"train.scst_after is {train.scst_after}: it must be below train.epochs ({train.epochs})")
     if train.scst_dropout is not None and train.scst_dropout >= 1.0:
         raise TrainingError(f"train.scst_dropout must be below 1 (a dropout probability); got {train.scst_dropout}")
+    if train.upper_lr_scale != 1.0 and not (config.model.finetune_upper and len(config.model.layers) > 1):
+        raise TrainingError(
+            "train.upper_lr_scale applies to the backbone stages between attended layers: it needs "
+            "model.finetune_upper true and at least two model.layers"
+        )
     if train.scst_after is not None and train.scst_baseline == "mean" and train.scst_samples < 2:
         raise TrainingError("train.scst_baseline mean needs train.scst_samples >= 2 (the mean of the other samples)")
 
@@ -425,8 +441,7 @@ class Trainer:
         """One optimizer step on this process's share ``batch`` of ``global_batch``; returns the
         global batch's loss."""
         train = self.config.train
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.at.step, train, self.steps_per_epoch)
+        set_learning_rate(self.optimizer, learning_rate(self.at.step, train, self.steps_per_epoch), train.upper_lr_scale)
         torch.manual_seed(step_seed(train.seed, self.at.step, self.proc.rank))
         tokens = self.train_samples.target_count(global_batch)
         loss = cross_entropy_step(
@@ -439,8 +454,7 @@ class Trainer:
         """One self-critical optimizer step on this process's images ``batch``; returns the global
         batch's loss (per counted token)."""
         train, world = self.config.train, self.proc.world
-        for group in self.optimizer.param_groups:
-            group["lr"] = train.scst_lr
+        set_learning_rate(self.optimizer, train.scst_lr, train.upper_lr_scale)
         torch.manual_seed(step_seed(train.seed, self.at.step, self.proc.rank))
         batch = batch.to(self.device)
         assert self.reward is not None
@@ -496,11 +510,9 @@ class Trainer:
     def _evaluate(self, model: SCACaptioner, split: str) -> SplitEvaluation:
         """Beam-search captions of ``split`` with the run's decoding settings, and their scores."""
         config = self.config
-        return evaluate_split(
-            model, self.vocab, self.cache, self.data.split(split),
-            decode=config.decode, max_length=decoding_limit(config), device=self.device, meteor=config.train.meteor,
-            scenes=self.data.scenes(split), bf16=config.train.bf16,
-            progress=self.progress,
+        return evaluate_model(
+            model, self.vocab, config, self.data.records, self.cache, split,
+            device=self.device, meteor=config.train.meteor, bf16=config.train.bf16, progress=self.progress,
         )
 
     @torch.no_grad()

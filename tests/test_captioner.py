@@ -11,6 +11,7 @@ from sca_caption.decoding import beam_search
 from sca_caption.models.captioner import CaptionState, ModelConfig, SCACaptioner
 from sca_caption.models.errors import ModelConfigError
 from sca_caption.models.sca import ORDERS
+from sca_caption.trainer import make_optimizer, optimizer_step, set_learning_rate
 
 VOCAB, PAD, START, END = 11, 0, 1, 2
 DEPTHS = [("conv3",), ("conv3", "conv4"), ("conv3", "conv4", "conv5")]
@@ -135,6 +136,23 @@ def test_finetuning_trains_the_upper_stages() -> None:
     out = model(tiny_features(model.config.layers), caps)
     model.loss(out, caps, PAD, torch.ones(3, 4)).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.upper.parameters())
+
+
+@pytest.mark.parametrize("finetune", [False, True])
+def test_fine_tuned_upper_stages_learn_at_their_own_rate(finetune: bool) -> None:
+    model = trainable_model("cs", finetune=finetune)
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.0)
+    set_learning_rate(optimizer, 1e-3, upper_lr_scale=0.1)
+    upper = {id(p) for p in model.encoder.upper.parameters()}
+    assert [{id(p) for p in g["params"]} == upper for g in optimizer.param_groups] == [False, True][: 1 + finetune]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    caps = captions()
+    out = model(tiny_features(model.config.layers), caps)
+    optimizer_step(model, optimizer, model.loss(out, caps, PAD, torch.ones(3, 4)).mean(), grad_clip=None)
+    moved = {name: float((p.detach() - before[name]).abs().max()) for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():  # Adam's first step moves each weight by about lr (sign of its gradient)
+        rate = (0.1e-3 if finetune else 0.0) if id(p) in upper else 1e-3
+        assert moved[name] == pytest.approx(rate, rel=0.02), name
 
 
 def test_deterministic_given_a_seed() -> None:

@@ -20,7 +20,7 @@ from sca_caption.config import (
     write_config,
 )
 from sca_caption.models.backbones import build_backbone
-from sca_caption.decoding import DecodeConfig
+from sca_caption.decoding import DecodeConfig, DecodingError, changed
 from sca_caption.models.captioner import ModelConfig
 
 PRESET = """\
@@ -113,6 +113,7 @@ def test_override_values_are_parsed_as_yaml(override, section, key, value):
         ("model.layers=[stage7, 3]", "override 'model.layers=[stage7, 3]': model.layers must be a list of strings, got ['stage7', 3]"),
         ("train.lr=[1", "override 'train.lr=[1': malformed value: expected ',' or ']', but got '<stream end>'"),
         ("model.order=xy", "override 'model.order=xy': model config: order must be one of "),
+        ("decode.alpha=1", "override 'decode.alpha=1': decoding settings: alpha 1.0 needs length_penalty wu"),
     ],
 )
 def test_bad_overrides_give_one_line_naming_the_override_and_key(override, message):
@@ -169,6 +170,16 @@ def test_error_of_a_key_combination_names_every_source(config_dir, monkeypatch):
     assert str(caught.value) == (
         f"{config_dir / 'toy.yaml'}:6, override 'model.num_tags=5': model config: a tag head needs hidden_dim >= 128"
     )
+
+
+def test_alpha_is_the_wu_penalty_s_and_a_change_of_penalty_drops_it():
+    assert load_config(overrides=["decode.length_penalty=wu", "decode.alpha=1.5"]).decode.alpha == 1.5
+    wu = DecodeConfig(length_penalty="wu", alpha=1.5)
+    assert changed(wu, {"length_penalty": "average", "beam_size": None}) == DecodeConfig(length_penalty="average")
+    assert changed(wu, {"beam_size": 5}) == DecodeConfig(beam_size=5, length_penalty="wu", alpha=1.5)
+    assert changed(DecodeConfig(), {"length_penalty": "wu", "alpha": 0.5}).alpha == 0.5
+    with pytest.raises(DecodingError, match="alpha 2.0 needs length_penalty wu"):
+        changed(wu, {"length_penalty": "none", "alpha": 2.0})
 
 
 def test_empty_file_and_empty_section_change_nothing(tmp_path):

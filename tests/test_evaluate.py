@@ -67,6 +67,12 @@ def test_evaluate_decodes_with_the_checkpoints_settings_unless_told(checkpoint, 
     assert (checkpoint.parent / "results_val_beam2_wu1.5_blocked.json").is_file()  # no other decoding's file replaced
 
 
+def test_a_length_alpha_without_the_wu_penalty_is_refused(checkpoint, tmp_path, capsys):
+    assert evaluate.main(["--checkpoint", str(checkpoint), "--length-alpha", "1", "--out", str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err.strip() == "error: decoding settings: alpha 1.0 needs length_penalty wu (it is the wu penalty's exponent)"
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_evaluate_defaults_the_results_path_beside_the_checkpoint(checkpoint, capsys):
     printed = _run(["--checkpoint", str(checkpoint), "--split", "val", "--beam", "1", "--no-meteor"], capsys)
     assert (checkpoint.parent / "results_val_beam1.json").is_file()

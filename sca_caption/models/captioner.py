@@ -46,7 +46,7 @@ class ModelConfig:
     - ``normalize_features`` False: z_t and the mean feature as computed (True: both
       L2-normalised before the decoder reads them);
     - ``finetune_upper`` False: the backbone stages between attended layers frozen (True:
-      fine-tuned with the captioner).
+      fine-tuned with the captioner, at ``train.upper_lr_scale`` times its learning rate).
     """
 
     backbone: str = "efficientnet_lite0"
