@@ -278,11 +278,8 @@ def check_training_settings(config: ExperimentConfig) -> None:
         raise TrainingError(f"train.scst_after is {train.scst_after}: it must be below train.epochs ({train.epochs})")
     if train.scst_dropout is not None and train.scst_dropout >= 1.0:
         raise TrainingError(f"train.scst_dropout must be below 1 (a dropout probability); got {train.scst_dropout}")
-    if train.upper_lr_scale != 1.0 and not (config.model.finetune_upper and len(config.model.layers) > 1):
-        raise TrainingError(
-            "train.upper_lr_scale applies to the backbone stages between attended layers: it needs "
-            "model.finetune_upper true and at least two model.layers"
-        )
+    if train.upper_lr_scale != 1.0 and not config.model.finetune_upper:
+        raise TrainingError("train.upper_lr_scale is the learning rate of fine-tuned backbone stages: it needs model.finetune_upper true")
     if train.scst_after is not None and train.scst_baseline == "mean" and train.scst_samples < 2:
         raise TrainingError("train.scst_baseline mean needs train.scst_samples >= 2 (the mean of the other samples)")
 

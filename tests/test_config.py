@@ -113,6 +113,7 @@ def test_override_values_are_parsed_as_yaml(override, section, key, value):
         ("model.layers=[stage7, 3]", "override 'model.layers=[stage7, 3]': model.layers must be a list of strings, got ['stage7', 3]"),
         ("train.lr=[1", "override 'train.lr=[1': malformed value: expected ',' or ']', but got '<stream end>'"),
         ("model.order=xy", "override 'model.order=xy': model config: order must be one of "),
+        ("model.finetune_upper=true", "override 'model.finetune_upper=true': model config: finetune_upper needs at least two layers"),
         ("decode.alpha=1", "override 'decode.alpha=1': decoding settings: alpha 1.0 needs length_penalty wu"),
     ],
 )

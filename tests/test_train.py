@@ -212,7 +212,7 @@ def test_resume_without_a_checkpoint_and_bad_settings_are_one_line_errors(tiny_s
     assert train.main(["--out", str(tmp_path / "x"), *settings, "train.scst_after=1", "train.scst_dropout=1.0"]) == 2
     assert "train.scst_dropout must be below 1" in _error_line(capsys)
     assert train.main(["--out", str(tmp_path / "x"), *settings, "train.upper_lr_scale=0.1"]) == 2
-    assert "train.upper_lr_scale applies to the backbone stages between attended layers" in _error_line(capsys)
+    assert "train.upper_lr_scale is the learning rate of fine-tuned backbone stages: it needs model.finetune_upper true" in _error_line(capsys)
     with pytest.raises(SystemExit) as usage:
         train.main(["--out", str(tmp_path / "x"), "--resume", "--init-from", str(tmp_path / "a.pt")])
     assert usage.value.code == 2 and "--resume continues a run, --init-from starts one" in capsys.readouterr().err

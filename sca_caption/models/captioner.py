@@ -84,6 +84,8 @@ class ModelConfig:
         for name in ("doubly_stochastic", "num_tags", "tag_loss_weight"):
             if getattr(self, name) < 0:
                 raise ModelConfigError(f"model config: {name} must be >= 0; got {getattr(self, name)}")
+        if self.finetune_upper and len(self.layers) < 2:
+            raise ModelConfigError("model config: finetune_upper needs at least two layers (it trains the backbone stages between them)")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain JSON/YAML types."""
