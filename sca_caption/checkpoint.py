@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sca_caption.config import ExperimentConfig
+from sca_caption.config import ExperimentConfig, recorded
 from sca_caption.data.errors import DataError
 from sca_caption.data.input_files import open_regular
 from sca_caption.data.vocab import Vocab
@@ -86,10 +86,13 @@ def load_checkpoint(
     """Read a checkpoint onto the CPU and check it is the one this run expects.
 
     ``expect_config`` may be partial (e.g. ``{"model": {...}}``): every value in it must equal the
-    checkpoint's config at the same key. Each mismatch, corrupt or foreign file is a one-line
+    checkpoint's config (read by ``config.recorded``) at the same key. Each mismatch, corrupt or foreign file is a one-line
     ``CheckpointError`` naming the file.
     """
     payload = _read(Path(path))
+    if not isinstance(payload["config"], Mapping):
+        raise CheckpointError(f"{path}: its config is {type(payload['config']).__name__}, not a mapping of sections")
+    payload["config"] = recorded(payload["config"])  # keys added since it was written, as the run had them
     differences = []
     if expect_vocab is not None and list(expect_vocab) != payload["vocab"]:
         differences.append(_vocab_difference(payload["vocab"], list(expect_vocab)))

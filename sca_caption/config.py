@@ -26,7 +26,7 @@ from __future__ import annotations
 import collections.abc
 import difflib
 import types
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Union, get_args, get_origin, get_type_hints
 
@@ -102,6 +102,11 @@ class TrainConfig:
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "model": ModelConfig, "decode": DecodeConfig}
 
 
+# Keys added since the first checkpoints were written whose default is not what a run from before
+# them did: the value that describes such a run (``recorded``).
+EARLIER_VALUES: dict[str, Any] = {"train.scst_dropout": None}  # the self-critical epochs used model.dropout
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment: ``data``, ``train``, ``model`` and ``decode`` sections."""
@@ -121,6 +126,28 @@ class ExperimentConfig:
         merged = _Merged()
         merged.add(values, source)
         return merged.build()
+
+
+def recorded(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict a checkpoint recorded, as this version reads it: each key it lacks (added
+    later) set to what the run did, its default or ``EARLIER_VALUES``; and the settings that
+    did nothing then and are refused now dropped: an ``alpha`` without the wu penalty, and
+    ``finetune_upper`` with one attended layer. Unknown sections and keys stay for ``from_dict``."""
+    out = {name: dict(section) if isinstance(section, Mapping) else section for name, section in values.items()}
+    for name, cls in SECTIONS.items():
+        section = out.setdefault(name, {})
+        if not isinstance(section, Mapping):
+            continue
+        for spec in fields(cls):
+            if spec.name not in section:
+                default = spec.default_factory() if spec.default_factory is not MISSING else spec.default
+                section[spec.name] = _plain(EARLIER_VALUES.get(f"{name}.{spec.name}", default))
+    decode, model = out["decode"], out["model"]
+    if isinstance(decode, dict) and decode.get("length_penalty") != "wu":
+        decode["alpha"] = 0.0
+    if isinstance(model, dict) and len(model.get("layers") or ()) < 2:
+        model["finetune_upper"] = False
+    return out
 
 
 def load_config(
@@ -188,14 +215,16 @@ class _Merged:
         return ExperimentConfig(**sections)
 
     def _blame(self, section: str, error: ValueError) -> str:
-        """'<origin>: <problem>' for the first key that fails its section's checks on its own;
-        for a problem only a combination of keys has, every origin of the section's keys."""
+        """'<origin>: <problem>' for the first key that fails its section's checks on its own with
+        the same problem; for a problem only a combination of keys has, every origin of the
+        section's keys."""
         cls = SECTIONS[section]
         for key, value in self.values[section].items():
             try:
                 cls(**{key: value})
             except ValueError as alone:
-                return f"{self.origins[f'{section}.{key}']}: {alone}"
+                if str(alone) == str(error):
+                    return f"{self.origins[f'{section}.{key}']}: {alone}"
         sources = [o for k, o in self.origins.items() if k.startswith(section + ".")] or ["defaults"]
         return f"{', '.join(dict.fromkeys(sources))}: {error}"
 

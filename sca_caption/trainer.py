@@ -18,7 +18,8 @@ rates, that the interrupted run would have, and ends with the same weights.
 Self-critical training (``train.scst_after``, ``sca_caption.self_critical``): from that epoch on,
 each step samples ``train.scst_samples`` captions of each of ``data.batch_size`` training images
 and follows the CIDEr-D reward (document frequencies of the training references, cached beside the
-vocabulary) at the constant learning rate ``train.scst_lr`` and dropout ``train.scst_dropout``. The
+vocabulary) at the constant learning rate ``train.scst_lr`` (fine-tuned backbone stages: times
+``train.upper_lr_scale``, as in cross-entropy epochs) and dropout ``train.scst_dropout``. The
 first self-critical epoch starts from the best cross-entropy epoch's weights (``best.pt``) with a
 fresh optimizer; cross-entropy early stopping moves on to it. ``init_from`` (``--init-from``) starts a run from another run's
 weights instead, e.g. ``train.scst_after=0`` on a finished cross-entropy run.
@@ -73,7 +74,7 @@ from sca_caption.data.caption_dataset import (
 from sca_caption.data.errors import DataError
 from sca_caption.decoding import DecodeConfig
 from sca_caption.distributed import Processes
-from sca_caption.errors import main_process_takes_interrupts
+from sca_caption.errors import first_line, main_process_takes_interrupts
 from sca_caption.evaluation import SplitEvaluation, decoding_limit, evaluate_model
 from sca_caption.io_utils import atomic_write_json, atomic_write_text
 from sca_caption.locks import exclusive
@@ -625,7 +626,13 @@ class Trainer:
                 f"training samples, this run has {len(samples)}"
             )
         self.model.load_state_dict(checkpoint.model)
-        self.optimizer.load_state_dict(checkpoint.optimizer)
+        try:
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+        except ValueError as error:  # e.g. a fine-tuning run from before the upper stages had their own group
+            raise CheckpointError(
+                f"{path}: its optimizer state does not fit this run's parameter groups ({first_line(error)}); "
+                "start the run anew, or from its weights with --init-from"
+            ) from None
         restore_rng_state(checkpoint.rng)
         extra = dict(checkpoint.extra)
         extra.pop("tags", None)
@@ -665,6 +672,7 @@ class Trainer:
         self.log(f"starting from the weights of {path} (epoch {checkpoint.epoch}, step {checkpoint.step})")
 
     def _lr(self) -> float:
+        """The captioner's learning rate (group 0; fine-tuned stages run at ``upper_lr_scale`` times it)."""
         return float(self.optimizer.param_groups[0]["lr"])
 
 

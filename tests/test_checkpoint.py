@@ -21,14 +21,15 @@ from sca_caption.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from sca_caption.config import ExperimentConfig, load_config
 from sca_caption.io_utils import OutputError
 
 VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "runs"]
-CONFIG = {
+CONFIG = ExperimentConfig.from_dict({  # a whole config, as a run records it
     "data": {"dataset": "shapes", "batch_size": 4},
     "train": {"lr": 0.01, "epochs": 3},
     "model": {"backbone": "efficientnet_lite0", "layers": ["stage6", "stage7"], "attention_dim": 16, "dropout": 0.5},
-}
+}).to_dict()
 
 
 def seed_everything(seed: int) -> None:
@@ -228,7 +229,7 @@ def saved_path(tmp_path, trained) -> Path:
         ),
         ({"expect_config": {"model": {"attention_dim": 32}}}, "model.attention_dim is 16 there, 32 here"),
         ({"expect_config": {"model": {"layers": ("stage7",)}}}, "model.layers is ['stage6', 'stage7'] there, ['stage7'] here"),
-        ({"expect_config": {"model": {"tag_heads": 1}}}, "model.tag_heads is absent there, 1 here"),
+        ({"expect_config": {"model": {"wings": 2}}}, "model.wings is absent there, 2 here"),
         (
             {"expect_config": {"model": {"dropout": 0.1, "attention_dim": 8, "backbone": "vgg19"}}},
             "model.backbone is 'efficientnet_lite0' there, 'vgg19' here; model.attention_dim is 16 there, 8 here; model.dropout is 0.5 there, 0.1 here",
@@ -297,8 +298,6 @@ def test_corrupt_or_foreign_files_give_one_line(tmp_path, trained):
 
 
 def test_experiment_config_survives_a_checkpoint(tmp_path, trained):
-    from sca_caption.config import ExperimentConfig, load_config
-
     config = load_config("shapes", overrides=["model.layers=[stage6,stage7]"])
     path = tmp_path / "last.pt"
     save_checkpoint(path, replace(snapshot(*trained, step=3), config=config.to_dict()))

@@ -17,6 +17,7 @@ from sca_caption.config import (
     ExperimentConfig,
     TrainConfig,
     load_config,
+    recorded,
     write_config,
 )
 from sca_caption.models.backbones import build_backbone
@@ -181,6 +182,24 @@ def test_alpha_is_the_wu_penalty_s_and_a_change_of_penalty_drops_it():
     assert changed(DecodeConfig(), {"length_penalty": "wu", "alpha": 0.5}).alpha == 0.5
     with pytest.raises(DecodingError, match="alpha 2.0 needs length_penalty wu"):
         changed(wu, {"length_penalty": "none", "alpha": 2.0})
+
+
+def test_a_combination_check_does_not_take_the_blame_for_another_key(config_dir):
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides=["model.layers=[stage6,stage7]", "model.finetune_upper=true", "model.kernels=xyz"])
+    assert str(caught.value).startswith("override 'model.kernels=xyz': model config: kernels must be one of")
+
+
+def test_a_recorded_config_reads_as_the_run_had_it():
+    old = ExperimentConfig().to_dict()
+    del old["train"]["upper_lr_scale"], old["train"]["scst_dropout"], old["model"]["kernels"]
+    old["decode"].update(length_penalty="average", alpha=1.5)  # allowed then, changing nothing
+    old["model"]["finetune_upper"] = True  # with one layer: nothing to fine-tune
+    read = ExperimentConfig.from_dict(recorded(old))
+    assert read.train.upper_lr_scale == 1.0 and read.model.kernels == ModelConfig().kernels
+    assert read.train.scst_dropout is None  # the self-critical epochs used model.dropout before the key
+    assert read.decode.alpha == 0.0 and read.model.finetune_upper is False
+    assert recorded(ExperimentConfig().to_dict()) == ExperimentConfig().to_dict()
 
 
 def test_empty_file_and_empty_section_change_nothing(tmp_path):

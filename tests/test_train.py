@@ -18,6 +18,7 @@ from sca_caption.data.caption_dataset import CaptionSamples, epoch_order, global
 from sca_caption.data.corpus import records_in_split
 from sca_caption.data.features import FeatureCache
 from sca_caption.data.vocab import Vocab
+from sca_caption.models.backbones import build_cache_backbone
 from sca_caption.models.captioner import ModelConfig, SCACaptioner
 from sca_caption.prepare import prepare
 from sca_caption.trainer import learning_rate
@@ -182,6 +183,24 @@ def test_a_second_run_into_an_unfinished_folder_needs_resume(trained, tmp_path, 
     assert f"{unfinished / 'last.pt'} exists: pass --resume" in _error_line(capsys)
 
 
+@pytest.mark.parametrize("key, refusal", [
+    ("upper_lr_scale", None),  # its default is what runs did before it: they resume
+    ("scst_dropout", "train.scst_dropout is None there, 0.0 here"),  # before it, model.dropout: not the default
+])
+def test_a_run_from_before_a_key_existed_resumes_as_it_was_trained(trained, tmp_path, capsys, key, refusal):
+    out, settings = trained
+    older = tmp_path / "older"
+    older.mkdir()
+    payload = torch.load(out / "last.pt", weights_only=True)
+    del payload["config"]["train"][key]
+    torch.save(payload, older / "last.pt")
+    code = train.main(["--no-progress", "--out", str(older), "--resume", *settings])
+    if refusal is None:
+        assert code == 0 and f"resuming {older / 'last.pt'}" in capsys.readouterr().out
+    else:
+        assert code == 2 and refusal in _error_line(capsys)
+
+
 def test_resume_refuses_another_config_or_vocabulary(trained, capsys):
     out, settings = trained
     assert train.main(["--no-progress", "--out", str(out), "--resume", *settings, "model.hidden_dim=48"]) == 2
@@ -226,3 +245,19 @@ def test_best_checkpoint_follows_the_chosen_metric(tiny_shapes, tmp_path):
         accuracy = [float(row["shapes_accuracy"]) for row in csv.DictReader(handle)]
     first_best = accuracy.index(max(accuracy)) + 1
     assert load_checkpoint(out / "best.pt").epoch == first_best
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+def test_upper_lr_scale_holds_in_cross_entropy_and_self_critical_steps(tiny_shapes, tmp_path, scale):
+    out = tmp_path / "run"
+    settings = tiny_shapes.overrides(
+        model__layers="[stage6,stage7]", model__finetune_upper="true", train__upper_lr_scale=scale,
+        train__scst_after=1, train__scst_baseline="mean", train__scst_samples=2, data__feature_cache=str(tmp_path / "two.h5"),
+    )
+    assert train.main(["--no-progress", "--out", str(out), *settings]) == 0
+    _, upper = build_cache_backbone("efficientnet_lite0", "imagenet").split(("stage6", "stage7"))
+    built = {f"encoder.upper.{name}": value for name, value in upper.state_dict().items()}
+    trained = load_checkpoint(out / "last.pt").model
+    weights = [name for name, value in built.items() if value.is_floating_point() and "running" not in name]
+    unchanged = [torch.equal(trained[name], built[name]) for name in weights]
+    assert all(unchanged) if scale == 0.0 else not any(unchanged)
