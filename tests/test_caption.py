@@ -67,6 +67,13 @@ def test_n_best_prints_ranked_scored_lines(capsys, checkpoint, captioner, photos
     assert scores == sorted(scores, reverse=True)
 
 
+def test_a_length_alpha_without_the_wu_penalty_is_refused_before_any_image(capsys, checkpoint, photos, tmp_path):
+    out = tmp_path / "captions.json"
+    status, lines, err = run(capsys, "--checkpoint", str(checkpoint), "--length-alpha", "1", "--json", str(out), str(photos / "a.jpg"))
+    assert status == 2 and lines == [] and not out.exists()
+    assert err[-1] == "error: decoding settings: alpha 1.0 needs length_penalty wu (it is the wu penalty's exponent)"
+
+
 def test_length_penalty_and_max_length_reach_the_search(capsys, checkpoint, captioner, photos):
     path = photos / "c.png"
     argv = ["--checkpoint", str(checkpoint), "--workers", "0", "--beam", "3", "--n-best", "3", "--max-length", "4",

@@ -73,6 +73,12 @@ def test_a_length_alpha_without_the_wu_penalty_is_refused(checkpoint, tmp_path, 
     assert not (tmp_path / "r.json").exists()
 
 
+def test_export_refuses_a_length_alpha_without_the_wu_penalty_and_writes_nothing(checkpoint, tmp_path, capsys):
+    assert export.main([str(checkpoint), str(tmp_path / "model.pt"), "--length-alpha", "1", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().endswith("alpha 1.0 needs length_penalty wu (it is the wu penalty's exponent)")
+    assert not (tmp_path / "model.pt").exists()
+
+
 def test_evaluate_defaults_the_results_path_beside_the_checkpoint(checkpoint, capsys):
     printed = _run(["--checkpoint", str(checkpoint), "--split", "val", "--beam", "1", "--no-meteor"], capsys)
     assert (checkpoint.parent / "results_val_beam1.json").is_file()
