@@ -69,6 +69,10 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         if self.alpha and self.length_penalty != "wu":
             raise DecodingError(f"decoding settings: alpha {self.alpha} needs length_penalty wu (it is the wu penalty's exponent)")
+        if self.length_penalty == "wu" and not self.alpha:
+            raise DecodingError(
+                "decoding settings: length_penalty wu needs an alpha above 0 (--length-alpha, decode.alpha); at 0 it ranks as none"
+            )
 
     def search_arguments(self) -> dict[str, Any]:
         """These settings as ``beam_search`` keyword arguments."""

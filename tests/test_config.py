@@ -116,6 +116,7 @@ def test_override_values_are_parsed_as_yaml(override, section, key, value):
         ("model.order=xy", "override 'model.order=xy': model config: order must be one of "),
         ("model.finetune_upper=true", "override 'model.finetune_upper=true': model config: finetune_upper needs at least two layers"),
         ("decode.alpha=1", "override 'decode.alpha=1': decoding settings: alpha 1.0 needs length_penalty wu"),
+        ("decode.length_penalty=wu", "override 'decode.length_penalty=wu': decoding settings: length_penalty wu needs an alpha above 0"),
     ],
 )
 def test_bad_overrides_give_one_line_naming_the_override_and_key(override, message):
@@ -200,6 +201,8 @@ def test_a_recorded_config_reads_as_the_run_had_it():
     assert read.train.scst_dropout is None  # the self-critical epochs used model.dropout before the key
     assert read.decode.alpha == 0.0 and read.model.finetune_upper is False
     assert recorded(ExperimentConfig().to_dict()) == ExperimentConfig().to_dict()
+    old["decode"].update(length_penalty="wu", alpha=0.0)
+    assert ExperimentConfig.from_dict(recorded(old)).decode == DecodeConfig()
 
 
 def test_empty_file_and_empty_section_change_nothing(tmp_path):
