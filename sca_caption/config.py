@@ -130,7 +130,8 @@ class ExperimentConfig:
 
 def recorded(values: Mapping[str, Any]) -> dict[str, Any]:
     """A config dict a checkpoint recorded, as this version reads it: each key it lacks (added
-    later) set to what the run did, its default or ``EARLIER_VALUES``; and the settings that
+    later) set to what the run did, its default or ``EARLIER_VALUES`` (the default for a
+    self-critical key of a run without self-critical epochs); and the settings that
     did nothing then and are refused now dropped: an ``alpha`` without the wu penalty, the wu
     penalty at alpha 0 (read as none, the same ranking), ``finetune_upper`` with one attended layer. Unknown sections and keys stay for ``from_dict``."""
     out = {name: dict(section) if isinstance(section, Mapping) else section for name, section in values.items()}
@@ -141,13 +142,16 @@ def recorded(values: Mapping[str, Any]) -> dict[str, Any]:
         for spec in fields(cls):
             if spec.name not in section:
                 default = spec.default_factory() if spec.default_factory is not MISSING else spec.default
-                section[spec.name] = _plain(EARLIER_VALUES.get(f"{name}.{spec.name}", default))
+                earlier = EARLIER_VALUES.get(f"{name}.{spec.name}", default)
+                if name == "train" and spec.name.startswith("scst_") and section.get("scst_after") is None:
+                    earlier = default  # no self-critical epoch ran: the key changed nothing
+                section[spec.name] = _plain(earlier)
     decode, model = out["decode"], out["model"]
     if isinstance(decode, dict) and decode.get("length_penalty") == "wu" and not decode.get("alpha"):
         decode["length_penalty"] = "none"  # the same ranking
     if isinstance(decode, dict) and decode.get("length_penalty") != "wu":
         decode["alpha"] = 0.0
-    if isinstance(model, dict) and len(model.get("layers") or ()) < 2:
+    if isinstance(model, dict) and isinstance(model.get("layers"), (list, tuple)) and len(model["layers"]) < 2:
         model["finetune_upper"] = False
     return out
 

@@ -280,6 +280,14 @@ def foreign_files(folder: Path) -> dict[str, tuple[Path, str]]:
     partial = folder / "partial.pt"
     torch.save({"format": FORMAT, "model": {}, "epoch": 0}, partial)
     files["partial"] = (partial, "checkpoint lacks optimizer, step, data_order")
+    odd_config = folder / "odd_config.pt"
+    torch.save({**torch.load(good, weights_only=True), "config": "shapes"}, odd_config)
+    files["odd_config"] = (odd_config, "its config is str, not a mapping of sections")
+    odd_layers = folder / "odd_layers.pt"
+    payload = torch.load(good, weights_only=True)
+    payload["config"]["model"]["layers"] = 3
+    torch.save(payload, odd_layers)
+    files["odd_layers"] = (odd_layers, "checkpoint does not match this run: model.layers is 3 there")
     files["missing"] = (folder / "missing.pt", "checkpoint file not found")
     files["folder"] = (folder, "is a folder, not a checkpoint file; not read")
     return files
@@ -289,7 +297,7 @@ def test_corrupt_or_foreign_files_give_one_line(tmp_path, trained):
     save_checkpoint(tmp_path / "good.pt", snapshot(*trained, step=3))
     for name, (path, fragment) in foreign_files(tmp_path).items():
         with pytest.raises(CheckpointError) as caught:
-            load_checkpoint(path)
+            load_checkpoint(path, expect_config={"model": {"layers": ["stage6", "stage7"]}})
         text = str(caught.value)
         assert "\n" not in text, name
         assert text.startswith(f"{path}: "), name

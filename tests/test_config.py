@@ -196,6 +196,8 @@ def test_a_recorded_config_reads_as_the_run_had_it():
     del old["train"]["upper_lr_scale"], old["train"]["scst_dropout"], old["model"]["kernels"]
     old["decode"].update(length_penalty="average", alpha=1.5)  # allowed then, changing nothing
     old["model"]["finetune_upper"] = True  # with one layer: nothing to fine-tune
+    assert ExperimentConfig.from_dict(recorded(old)).train.scst_dropout == TrainConfig().scst_dropout  # no self-critical epoch
+    old["train"]["scst_after"] = 1
     read = ExperimentConfig.from_dict(recorded(old))
     assert read.train.upper_lr_scale == 1.0 and read.model.kernels == ModelConfig().kernels
     assert read.train.scst_dropout is None  # the self-critical epochs used model.dropout before the key

@@ -183,22 +183,37 @@ def test_a_second_run_into_an_unfinished_folder_needs_resume(trained, tmp_path, 
     assert f"{unfinished / 'last.pt'} exists: pass --resume" in _error_line(capsys)
 
 
-@pytest.mark.parametrize("key, refusal", [
-    ("upper_lr_scale", None),  # its default is what runs did before it: they resume
-    ("scst_dropout", "train.scst_dropout is None there, 0.0 here"),  # before it, model.dropout: not the default
+@pytest.mark.parametrize("key, self_critical, refusal", [
+    ("upper_lr_scale", False, None),  # its default is what runs did before it: they resume
+    ("scst_dropout", False, None),  # no self-critical epoch: it changed nothing
+    ("scst_dropout", True, "train.scst_dropout is None there, 0.0 here"),  # before it, model.dropout: not the default
 ])
-def test_a_run_from_before_a_key_existed_resumes_as_it_was_trained(trained, tmp_path, capsys, key, refusal):
+def test_a_run_from_before_a_key_existed_resumes_as_it_was_trained(trained, tmp_path, capsys, key, self_critical, refusal):
     out, settings = trained
     older = tmp_path / "older"
     older.mkdir()
     payload = torch.load(out / "last.pt", weights_only=True)
     del payload["config"]["train"][key]
+    if self_critical:
+        payload["config"]["train"]["scst_after"] = 0
+        settings = [*settings, "train.scst_after=0"]
     torch.save(payload, older / "last.pt")
     code = train.main(["--no-progress", "--out", str(older), "--resume", *settings])
     if refusal is None:
         assert code == 0 and f"resuming {older / 'last.pt'}" in capsys.readouterr().out
     else:
         assert code == 2 and refusal in _error_line(capsys)
+
+
+def test_an_optimizer_state_of_other_parameter_groups_is_one_line(trained, tmp_path, capsys):
+    out, settings = trained
+    other = tmp_path / "other"
+    other.mkdir()
+    payload = torch.load(out / "last.pt", weights_only=True)
+    payload["optimizer"]["param_groups"].append({**payload["optimizer"]["param_groups"][0], "params": []})
+    torch.save(payload, other / "last.pt")
+    assert train.main(["--no-progress", "--out", str(other), "--resume", *settings]) == 2
+    assert f"{other / 'last.pt'}: its optimizer state does not fit this run's parameter groups" in _error_line(capsys)
 
 
 def test_resume_refuses_another_config_or_vocabulary(trained, capsys):
