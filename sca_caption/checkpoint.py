@@ -86,8 +86,8 @@ def load_checkpoint(
     """Read a checkpoint onto the CPU and check it is the one this run expects.
 
     ``expect_config`` may be partial (e.g. ``{"model": {...}}``): every value in it must equal the
-    checkpoint's config (read by ``config.recorded``) at the same key. Each mismatch, corrupt or foreign file is a one-line
-    ``CheckpointError`` naming the file.
+    checkpoint's config (read by ``config.recorded``) at the same key. Each mismatch, corrupt or
+    foreign file is a one-line ``CheckpointError`` naming the file.
     """
     payload = _read(Path(path))
     if not isinstance(payload["config"], Mapping):

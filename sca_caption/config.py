@@ -131,9 +131,10 @@ class ExperimentConfig:
 def recorded(values: Mapping[str, Any]) -> dict[str, Any]:
     """A config dict a checkpoint recorded, as this version reads it: each key it lacks (added
     later) set to what the run did, its default or ``EARLIER_VALUES`` (the default for a
-    self-critical key of a run without self-critical epochs); and the settings that
-    did nothing then and are refused now dropped: an ``alpha`` without the wu penalty, the wu
-    penalty at alpha 0 (read as none, the same ranking), ``finetune_upper`` with one attended layer. Unknown sections and keys stay for ``from_dict``."""
+    self-critical key of a run without self-critical epochs); and the settings that did nothing
+    then and are refused now dropped: an ``alpha`` without the wu penalty, the wu penalty at
+    alpha 0 (read as none, the same ranking), ``finetune_upper`` with one attended layer.
+    Unknown sections and keys stay for ``from_dict`` to refuse."""
     out = {name: dict(section) if isinstance(section, Mapping) else section for name, section in values.items()}
     for name, cls in SECTIONS.items():
         section = out.setdefault(name, {})
