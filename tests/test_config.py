@@ -175,7 +175,7 @@ def test_error_of_a_key_combination_names_every_source(config_dir, monkeypatch):
     )
 
 
-def test_alpha_is_the_wu_penalty_s_and_a_change_of_penalty_drops_it():
+def test_alpha_belongs_to_the_wu_penalty_and_a_change_of_penalty_drops_it():
     assert load_config(overrides=["decode.length_penalty=wu", "decode.alpha=1.5"]).decode.alpha == 1.5
     wu = DecodeConfig(length_penalty="wu", alpha=1.5)
     assert changed(wu, {"length_penalty": "average", "beam_size": None}) == DecodeConfig(length_penalty="average")
@@ -185,7 +185,7 @@ def test_alpha_is_the_wu_penalty_s_and_a_change_of_penalty_drops_it():
         changed(wu, {"length_penalty": "none", "alpha": 2.0})
 
 
-def test_a_combination_check_does_not_take_the_blame_for_another_key(config_dir):
+def test_a_combination_check_does_not_take_the_blame_for_another_key():
     with pytest.raises(ConfigError) as caught:
         load_config(overrides=["model.layers=[stage6,stage7]", "model.finetune_upper=true", "model.kernels=xyz"])
     assert str(caught.value).startswith("override 'model.kernels=xyz': model config: kernels must be one of")
