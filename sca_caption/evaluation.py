@@ -174,7 +174,8 @@ def evaluate_model(
 ) -> SplitEvaluation:
     """``evaluate_split`` of ``split`` of the corpus ``records`` with the decoding settings and
     caption length of ``config`` (the shapes dataset's scenes included): how the trainer's
-    validation and test (``bf16`` as ``train.bf16``), ``evaluate`` and ``export`` (float32) score a model."""
+    validation and test (``bf16`` as ``train.bf16``), ``evaluate`` and ``export`` (float32)
+    score a model."""
     return evaluate_split(
         model, vocab, cache, records_in_split(records, split), decode=config.decode,
         max_length=decoding_limit(config), device=device, meteor=meteor,

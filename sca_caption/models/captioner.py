@@ -36,8 +36,9 @@ class ModelConfig:
     features it trains the head alone and leaves the captions as they were. ``coord_channels``
     appends each location's x and y (from -1 to 1) to every attended map, as CoordConv does (Liu
     et al., 2018): not in SCA-CNN, whose convolutional features say what is at a location far
-    better than where it is; the shapes captions, which are about positions, need it. ``kernels``: the attention's backend, one of ``KERNELS``
-    ("auto": the CPU kernels on a CPU, the plain equations elsewhere; see ``sca``).
+    better than where it is; the shapes captions, which are about positions, need it.
+    ``kernels``: the attention's backend, one of ``KERNELS`` ("auto": the CPU kernels on a CPU,
+    the plain equations elsewhere; see ``sca``).
 
     Where the authors' Theano code differs from the defaults (the authors' setting in brackets):
 
