@@ -80,6 +80,8 @@ class TrainConfig:
     decay_every: int = field(default=3, metadata={"min": 1})  # epochs between "step" decays
     decay_factor: float = field(default=0.8, metadata={"min": 0.0})  # lr multiplier of a "step" decay
     grad_clip: float | None = field(default=5.0, metadata={"min": 0.0})  # max gradient norm; None: off
+    # ε of the cross-entropy epochs' word loss: (1 − ε)·(−log p_target) + ε·mean_k(−log p_k)
+    label_smoothing: float = field(default=0.0, metadata={"min": 0.0})
     # learning rate of the fine-tuned backbone stages (model.finetune_upper) as a multiple of the rest's
     upper_lr_scale: float = field(default=1.0, metadata={"min": 0.0})
     patience: int | None = field(default=5, metadata={"min": 1})  # evaluations without gain; None: off

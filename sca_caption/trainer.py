@@ -250,7 +250,7 @@ def cross_entropy_step(
     of the global batch's mean (module docstring)."""
     with torch.autocast(batch.captions.device.type, dtype=torch.bfloat16, enabled=train.bf16):
         output = ddp(batch.features, batch.captions)
-        sums = model.loss(output, batch.captions, pad, batch.tags)
+        sums = model.loss(output, batch.captions, pad, batch.tags, train.label_smoothing)
     loss = sums.mean(tokens, images) * world
     optimizer_step(model, optimizer, loss, train.grad_clip)
     return loss.detach()
@@ -279,6 +279,10 @@ def check_training_settings(config: ExperimentConfig) -> None:
         raise TrainingError(f"train.scst_after is {train.scst_after}: it must be below train.epochs ({train.epochs})")
     if train.scst_dropout is not None and train.scst_dropout >= 1.0:
         raise TrainingError(f"train.scst_dropout must be below 1 (a dropout probability); got {train.scst_dropout}")
+    if train.label_smoothing >= 1.0:
+        raise TrainingError(f"train.label_smoothing must be below 1 (the share of a target's weight spread over the vocabulary); got {train.label_smoothing}")
+    if train.label_smoothing > 0 and cross_entropy_epochs(train) == 0:
+        raise TrainingError("train.label_smoothing smooths the cross-entropy epochs' loss, and train.scst_after 0 leaves none")
     if train.upper_lr_scale != 1.0 and not config.model.finetune_upper:
         raise TrainingError("train.upper_lr_scale is the learning rate of fine-tuned backbone stages: it needs model.finetune_upper true")
     if train.scst_after is not None and train.scst_baseline == "mean" and train.scst_samples < 2:

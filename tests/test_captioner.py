@@ -192,6 +192,21 @@ def test_loss_terms_by_hand() -> None:
         model.loss(out, caps, PAD)
 
 
+def test_label_smoothing_spreads_a_share_of_each_target_over_the_vocabulary() -> None:
+    model = build(config())
+    caps = captions()
+    out = model(tiny_features(("conv3", "conv4")), caps)
+    targets = caps[:, 1:]
+    real = targets != PAD
+    log_probs = F.log_softmax(out.logits, dim=2)
+    target_terms = -log_probs.gather(2, targets.unsqueeze(2)).squeeze(2)[real]
+    uniform_terms = -log_probs.mean(dim=2)[real]  # mean over the K words, pad included
+    smoothed = model.loss(out, caps, PAD, label_smoothing=0.2)
+    torch.testing.assert_close(smoothed.words, (0.8 * target_terms + 0.2 * uniform_terms).sum())
+    torch.testing.assert_close(model.loss(out, caps, PAD, label_smoothing=0.0).words, target_terms.sum())
+    assert smoothed.tokens == int(real.sum())
+
+
 def test_float16_cached_features_are_accepted() -> None:
     model = build(config()).eval()
     features = tiny_features(("conv3", "conv4"))

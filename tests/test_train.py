@@ -14,14 +14,14 @@ import torch
 from sca_caption import train
 from sca_caption.checkpoint import load_captioner, load_checkpoint
 from sca_caption.config import ExperimentConfig, TrainConfig, load_config
-from sca_caption.data.caption_dataset import CaptionSamples, epoch_order, global_batches, shard
+from sca_caption.data.caption_dataset import CaptionBatch, CaptionSamples, epoch_order, global_batches, shard
 from sca_caption.data.corpus import records_in_split
 from sca_caption.data.features import FeatureCache
 from sca_caption.data.vocab import Vocab
 from sca_caption.models.backbones import build_cache_backbone
 from sca_caption.models.captioner import ModelConfig, SCACaptioner
 from sca_caption.prepare import prepare
-from sca_caption.trainer import learning_rate
+from sca_caption.trainer import cross_entropy_step, learning_rate, make_optimizer
 from tiny_backbone import build_tiny_backbone, tiny_features
 from train_support import TinyShapes, tiny_shapes  # noqa: F401
 
@@ -105,6 +105,24 @@ def test_process_shares_average_to_the_global_batch_gradient():
     # Averaging each process's own mean loss (tokens counted per process) is not the same thing.
     naive = [_gradients(model, features, captions, tags, shard(everything, r, 2), 2, normalise=False) for r in range(2)]
     assert not all(torch.allclose(f, (a + b) / 2, atol=1e-6, rtol=1e-5) for f, a, b in zip(whole, *naive))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_cross_entropy_step_follows_the_label_smoothed_loss(smoothing):
+    model = _tiny_captioner()
+    features = tiny_features(("conv3", "conv4"), batch=2)
+    captions = torch.tensor([[1, 4, 5, 2, 0], [1, 8, 6, 5, 2]])
+    tags = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    by_hand = model.loss(model(features, captions), captions, 0, tags, smoothing).mean()
+    optimizer = make_optimizer(model, lr=0.0, weight_decay=0.0)
+    step_loss = cross_entropy_step(
+        model, model, optimizer, CaptionBatch(features, captions, tags), 0, 7, 2, 1,
+        TrainConfig(label_smoothing=smoothing, grad_clip=None),
+    )
+    torch.testing.assert_close(step_loss, by_hand.detach())
+    if smoothing:
+        plain = model.loss(model(features, captions), captions, 0, tags).mean()
+        assert not torch.allclose(step_loss, plain.detach())
 
 
 def test_caption_samples_pair_each_caption_with_its_image_features(tiny_shapes: TinyShapes):
@@ -245,6 +263,10 @@ def test_resume_without_a_checkpoint_and_bad_settings_are_one_line_errors(tiny_s
     assert "scst_baseline mean needs train.scst_samples >= 2" in _error_line(capsys)
     assert train.main(["--out", str(tmp_path / "x"), *settings, "train.scst_after=1", "train.scst_dropout=1.0"]) == 2
     assert "train.scst_dropout must be below 1" in _error_line(capsys)
+    assert train.main(["--out", str(tmp_path / "x"), *settings, "train.label_smoothing=1"]) == 2
+    assert "train.label_smoothing must be below 1" in _error_line(capsys)
+    assert train.main(["--out", str(tmp_path / "x"), *settings, "train.label_smoothing=0.1", "train.scst_after=0"]) == 2
+    assert "train.label_smoothing smooths the cross-entropy epochs' loss, and train.scst_after 0 leaves none" in _error_line(capsys)
     assert train.main(["--out", str(tmp_path / "x"), *settings, "train.upper_lr_scale=0.1"]) == 2
     assert "train.upper_lr_scale is the learning rate of fine-tuned backbone stages: it needs model.finetune_upper true" in _error_line(capsys)
     with pytest.raises(SystemExit) as usage:

@@ -145,7 +145,7 @@ class CaptionerOutput(NamedTuple):
 class CaptionLoss(NamedTuple):
     """A batch's loss as sums and their counts, so that shares of a batch (DDP) add up exactly.
 
-    ``words``: Σ −log p(target) over the non-pad targets, ``tokens`` of them; ``per_image``: Σ over
+    ``words``: Σ −log p(target) over the non-pad targets (label-smoothed where asked), ``tokens`` of them; ``per_image``: Σ over
     the ``images`` of doubly_stochastic · Σ_l Σ_i (1 − Σ_t α_ti)² + tag_loss_weight · (mean tag BCE).
     """
 
@@ -248,14 +248,22 @@ class SCACaptioner(nn.Module):
         return CaptionerOutput(logits, _stack_steps(attentions), tag_logits)
 
     def loss(
-        self, output: CaptionerOutput, captions: Tensor, pad_id: int, tag_targets: Tensor | None = None
+        self,
+        output: CaptionerOutput,
+        captions: Tensor,
+        pad_id: int,
+        tag_targets: Tensor | None = None,
+        label_smoothing: float = 0.0,
     ) -> CaptionLoss:
         """Summed word cross-entropy over the non-pad targets ``captions[:, 1:]`` and the summed,
-        weighted per-image terms; ``tag_targets`` (B, K) is needed when the tag loss counts."""
+        weighted per-image terms; ``tag_targets`` (B, K) is needed when the tag loss counts.
+
+        ``label_smoothing`` ε: each target's term is (1 − ε)·(−log p_target) + ε·mean_k(−log p_k)
+        over the K words of the vocabulary (Szegedy et al. 2016)."""
         targets = captions[:, 1:]
         words = F.cross_entropy(
             output.logits.reshape(-1, output.logits.shape[-1]).float(), targets.reshape(-1),
-            ignore_index=pad_id, reduction="sum",
+            ignore_index=pad_id, reduction="sum", label_smoothing=label_smoothing,
         )
         per_image = words.new_zeros(())
         config = self.config
