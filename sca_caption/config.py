@@ -192,6 +192,7 @@ class _Merged:
     def __init__(self) -> None:
         self.values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
         self.origins: dict[str, str] = {}  # "train.lr" -> "configs/x.yaml:7"
+        self.layers: list[dict[str, dict[str, Any]]] = []  # each add's checked values, in order
 
     def add(self, layer: Any, source: str, lines: Mapping[str, int] | None = None) -> None:
         """Check ``layer`` ({section: {key: value}}) and let it win over what is there."""
@@ -200,6 +201,7 @@ class _Merged:
         def at(key: str) -> str:
             return f"{source}:{lines[key]}" if key in lines else source
 
+        added: dict[str, dict[str, Any]] = {}
         if not isinstance(layer, Mapping):
             raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}, got {_kind(layer)}")
         for section, entries in layer.items():
@@ -213,6 +215,8 @@ class _Merged:
                 name = f"{section}.{key}"
                 self.values[section][key] = _checked(section, key, value, at(name))
                 self.origins[name] = at(name)
+                added.setdefault(section, {})[key] = self.values[section][key]
+        self.layers.append(added)
 
     def build(self) -> ExperimentConfig:
         sections = {}
@@ -224,11 +228,15 @@ class _Merged:
         return ExperimentConfig(**sections)
 
     def _blame(self, section: str, error: ValueError) -> str:
-        """'<origin>: <problem>' for the first key that fails its section's checks on its own with
-        the same problem; for a problem only a combination of keys has, every origin of the
+        """'<origin>: <problem>' for the first key, among those set by the layer that brought the
+        problem in (``_breaking_layer``) and later ones, that fails its section's checks on its own
+        with the same problem; for a problem only a combination of keys has, every origin of the
         section's keys."""
         cls = SECTIONS[section]
+        suspects = {key for layer in self.layers[self._breaking_layer(section, str(error)):] for key in layer.get(section, {})}
         for key, value in self.values[section].items():
+            if key not in suspects:
+                continue
             try:
                 cls(**{key: value})
             except ValueError as alone:
@@ -236,6 +244,19 @@ class _Merged:
                     return f"{self.origins[f'{section}.{key}']}: {alone}"
         sources = [o for k, o in self.origins.items() if k.startswith(section + ".")] or ["defaults"]
         return f"{', '.join(dict.fromkeys(sources))}: {error}"
+
+    def _breaking_layer(self, section: str, problem: str) -> int:
+        """The index of the first layer from which on ``section`` has ``problem`` after every add."""
+        cls, values, breaking = SECTIONS[section], {}, 0
+        for index, layer in enumerate(self.layers):
+            values.update(layer.get(section, {}))
+            try:
+                cls(**values)
+            except ValueError as error:
+                if str(error) == problem:
+                    continue
+            breaking = index + 1
+        return breaking
 
 
 def _checked(section: str, key: Any, value: Any, where: str) -> Any:

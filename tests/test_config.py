@@ -191,6 +191,18 @@ def test_a_combination_check_does_not_take_the_blame_for_another_key():
     assert str(caught.value).startswith("override 'model.kernels=xyz': model config: kernels must be one of")
 
 
+def test_a_combination_broken_by_a_later_override_names_that_override(tmp_path):
+    settings = tmp_path / "wu.yaml"
+    settings.write_text("decode:\n  length_penalty: wu\n  alpha: 0.5\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file=settings, overrides=["decode.alpha=0"])
+    # the file alone is valid: the override brought the problem in, with the file's penalty
+    assert str(caught.value).startswith(f"{settings}:2, override 'decode.alpha=0': decoding settings: ")
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides=["decode.beam_size=5", "decode.length_penalty=wu"])  # alpha stays 0
+    assert str(caught.value).startswith("override 'decode.length_penalty=wu': decoding settings: ")
+
+
 def test_a_recorded_config_reads_as_the_run_had_it():
     old = ExperimentConfig().to_dict()
     del old["train"]["upper_lr_scale"], old["train"]["scst_dropout"], old["model"]["kernels"]
