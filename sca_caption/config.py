@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections.abc
 import difflib
+import math
 import types
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -80,8 +81,9 @@ class TrainConfig:
     decay_every: int = field(default=3, metadata={"min": 1})  # epochs between "step" decays
     decay_factor: float = field(default=0.8, metadata={"min": 0.0})  # lr multiplier of a "step" decay
     grad_clip: float | None = field(default=5.0, metadata={"min": 0.0})  # max gradient norm; None: off
-    # ε of the cross-entropy epochs' word loss: (1 − ε)·(−log p_target) + ε·mean_k(−log p_k)
-    label_smoothing: float = field(default=0.0, metadata={"min": 0.0})
+    # ε of the cross-entropy epochs' word loss, (1 − ε)·(−log p_target) + ε·mean_k(−log p_k): their
+    # logged train_loss; val_loss stays the plain cross-entropy
+    label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "below": 1.0})
     # learning rate of the fine-tuned backbone stages (model.finetune_upper) as a multiple of the rest's
     upper_lr_scale: float = field(default=1.0, metadata={"min": 0.0})
     patience: int | None = field(default=5, metadata={"min": 1})  # evaluations without gain; None: off
@@ -98,7 +100,7 @@ class TrainConfig:
     scst_baseline: str = field(default="greedy", metadata={"choices": BASELINES})
     scst_lr: float = field(default=5e-5, metadata={"min": 0.0})  # constant learning rate of the self-critical epochs
     # dropout of the self-critical epochs (0: sampling and the loss pass see one distribution); None: model.dropout
-    scst_dropout: float | None = field(default=0.0, metadata={"min": 0.0})
+    scst_dropout: float | None = field(default=0.0, metadata={"min": 0.0, "below": 1.0})
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "model": ModelConfig, "decode": DecodeConfig}
@@ -150,13 +152,19 @@ def recorded(values: Mapping[str, Any]) -> dict[str, Any]:
                     earlier = default  # no self-critical epoch ran: the key changed nothing
                 section[spec.name] = _plain(earlier)
     decode, model = out["decode"], out["model"]
-    if isinstance(decode, dict) and decode.get("length_penalty") == "wu" and not decode.get("alpha"):
-        decode["length_penalty"] = "none"  # the same ranking
-    if isinstance(decode, dict) and decode.get("length_penalty") != "wu":
-        decode["alpha"] = 0.0
+    if isinstance(decode, dict) and _is_number(decode.get("alpha")):  # anything else is left to be refused
+        if decode.get("length_penalty") == "wu" and decode["alpha"] == 0:
+            decode["length_penalty"] = "none"  # the same ranking
+        if decode.get("length_penalty") != "wu":
+            decode["alpha"] = 0.0
     if isinstance(model, dict) and isinstance(model.get("layers"), (list, tuple)) and len(model["layers"]) < 2:
-        model["finetune_upper"] = False
+        if model.get("finetune_upper") is True:
+            model["finetune_upper"] = False
     return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_config(
@@ -228,22 +236,34 @@ class _Merged:
         return ExperimentConfig(**sections)
 
     def _blame(self, section: str, error: ValueError) -> str:
-        """'<origin>: <problem>' for the first key, among those set by the layer that brought the
-        problem in (``_breaking_layer``) and later ones, that fails its section's checks on its own
-        with the same problem; for a problem only a combination of keys has, every origin of the
-        section's keys."""
-        cls = SECTIONS[section]
-        suspects = {key for layer in self.layers[self._breaking_layer(section, str(error)):] for key in layer.get(section, {})}
-        for key, value in self.values[section].items():
-            if key not in suspects:
-                continue
+        """'<origins>: <problem>', naming the keys that brought the problem in. They are among the
+        keys set by the layer after which ``section`` first has the problem for good
+        (``_breaking_layer``) or by later layers: the one whose value alone, over the values
+        before that layer, has the problem; else those whose earlier value would not have it;
+        else all of them."""
+        cls, problem = SECTIONS[section], str(error)
+        breaking = self._breaking_layer(section, problem)
+        before: dict[str, Any] = {}
+        for layer in self.layers[:breaking]:
+            before.update(layer.get(section, {}))
+        suspects = list(dict.fromkeys(key for layer in self.layers[breaking:] for key in layer.get(section, {})))
+
+        def has_problem(values: Mapping[str, Any]) -> bool:
             try:
-                cls(**{key: value})
-            except ValueError as alone:
-                if str(alone) == str(error):
-                    return f"{self.origins[f'{section}.{key}']}: {alone}"
-        sources = [o for k, o in self.origins.items() if k.startswith(section + ".")] or ["defaults"]
-        return f"{', '.join(dict.fromkeys(sources))}: {error}"
+                cls(**values)
+            except ValueError as other:
+                return str(other) == problem
+            return False
+
+        def origins(keys: Iterable[str]) -> str:
+            return ", ".join(dict.fromkeys(self.origins[f"{section}.{key}"] for key in keys))
+
+        final = self.values[section]
+        for key in suspects:
+            if has_problem({**before, key: final[key]}):
+                return f"{origins([key])}: {problem}"
+        taking_part = [key for key in suspects if not has_problem(_without(final, key, before))]
+        return f"{origins(taking_part or suspects)}: {problem}"
 
     def _breaking_layer(self, section: str, problem: str) -> int:
         """The index of the first layer from which on ``section`` has ``problem`` after every add."""
@@ -257,6 +277,14 @@ class _Merged:
                     continue
             breaking = index + 1
         return breaking
+
+
+def _without(values: Mapping[str, Any], key: str, before: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with ``key`` back at its value in ``before`` (its default where it had none)."""
+    out = {k: v for k, v in values.items() if k != key}
+    if key in before:
+        out[key] = before[key]
+    return out
 
 
 def _checked(section: str, key: Any, value: Any, where: str) -> Any:
@@ -394,8 +422,12 @@ def _out_of_range(value: Any, metadata: Mapping[str, Any]) -> str | None:
         return None
     if "choices" in metadata and value not in metadata["choices"]:
         return "must be one of " + ", ".join(metadata["choices"])
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
     if "min" in metadata and value < metadata["min"]:
         return f"must be at least {metadata['min']}"
+    if "below" in metadata and value >= metadata["below"]:
+        return f"must be below {metadata['below']}"
     return None
 
 

@@ -37,6 +37,7 @@ stop later, but they never return a different answer than running to ``max_lengt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Protocol, Sequence, TypeVar
 
@@ -69,9 +70,9 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         if self.alpha and self.length_penalty != "wu":
             raise DecodingError(f"decoding settings: alpha {self.alpha} needs length_penalty wu (it is the wu penalty's exponent)")
-        if self.length_penalty == "wu" and not self.alpha:
+        if self.length_penalty == "wu" and not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise DecodingError(
-                "decoding settings: length_penalty wu needs an alpha above 0 (--length-alpha, decode.alpha); at 0 it ranks as none"
+                f"decoding settings: length_penalty wu needs a finite alpha above 0 (--length-alpha, decode.alpha), got {self.alpha}; at 0 it ranks as none"
             )
 
     def search_arguments(self) -> dict[str, Any]:
@@ -85,7 +86,9 @@ Settings = TypeVar("Settings", bound=DecodeConfig)
 def changed(settings: Settings, changes: Mapping[str, Any]) -> Settings:
     """``settings`` with ``changes`` (None values change nothing). A change to a length penalty
     other than wu sets ``alpha`` to 0 unless ``changes`` gives it too: the recorded exponent of a wu
-    penalty means nothing to another. ``DecodingError`` for an alpha given with another penalty."""
+    penalty means nothing to another. ``DecodingError`` for an alpha given with another penalty,
+    and for the wu penalty left at alpha 0 (``--length-penalty wu`` on settings without an alpha,
+    or ``--length-alpha 0`` on wu settings)."""
     given = {k: v for k, v in changes.items() if v is not None}
     if given.get("length_penalty", "wu") != "wu":
         given.setdefault("alpha", 0.0)

@@ -277,10 +277,6 @@ def check_training_settings(config: ExperimentConfig) -> None:
         raise TrainingError(f"train.early_stop_metric shapes_accuracy needs the shapes dataset, not {config.data.dataset}")
     if train.scst_after is not None and train.scst_after >= train.epochs:
         raise TrainingError(f"train.scst_after is {train.scst_after}: it must be below train.epochs ({train.epochs})")
-    if train.scst_dropout is not None and train.scst_dropout >= 1.0:
-        raise TrainingError(f"train.scst_dropout must be below 1 (a dropout probability); got {train.scst_dropout}")
-    if train.label_smoothing >= 1.0:
-        raise TrainingError(f"train.label_smoothing must be below 1 (the share of a target's weight spread over the vocabulary); got {train.label_smoothing}")
     if train.label_smoothing > 0 and cross_entropy_epochs(train) == 0:
         raise TrainingError("train.label_smoothing smooths the cross-entropy epochs' loss, and train.scst_after 0 leaves none")
     if train.upper_lr_scale != 1.0 and not config.model.finetune_upper:
@@ -632,7 +628,7 @@ class Trainer:
         self.model.load_state_dict(checkpoint.model)
         try:
             self.optimizer.load_state_dict(checkpoint.optimizer)
-        except ValueError as error:  # e.g. a fine-tuning run from before the upper stages had their own group
+        except (KeyError, TypeError, ValueError) as error:  # e.g. a fine-tuning run from before the upper stages had their own group
             raise CheckpointError(
                 f"{path}: its optimizer state does not fit this run's parameter groups ({first_line(error)}); "
                 "start the run anew, or from its weights with --init-from"

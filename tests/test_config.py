@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -116,7 +117,7 @@ def test_override_values_are_parsed_as_yaml(override, section, key, value):
         ("model.order=xy", "override 'model.order=xy': model config: order must be one of "),
         ("model.finetune_upper=true", "override 'model.finetune_upper=true': model config: finetune_upper needs at least two layers"),
         ("decode.alpha=1", "override 'decode.alpha=1': decoding settings: alpha 1.0 needs length_penalty wu"),
-        ("decode.length_penalty=wu", "override 'decode.length_penalty=wu': decoding settings: length_penalty wu needs an alpha above 0"),
+        ("decode.length_penalty=wu", "override 'decode.length_penalty=wu': decoding settings: length_penalty wu needs a finite alpha above 0"),
     ],
 )
 def test_bad_overrides_give_one_line_naming_the_override_and_key(override, message):
@@ -166,13 +167,16 @@ class PickyModelConfig(ModelConfig):
             raise ValueError("model config: a tag head needs hidden_dim >= 128")
 
 
-def test_error_of_a_key_combination_names_every_source(config_dir, monkeypatch):
+def test_error_of_a_key_combination_names_the_keys_that_brought_it_in(config_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(SECTIONS, "model", PickyModelConfig)
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(ConfigError) as caught:  # the preset's hidden_dim 64 was fine until the override
         load_config("toy", overrides=["model.num_tags=5"], config_dir=config_dir)
-    assert str(caught.value) == (
-        f"{config_dir / 'toy.yaml'}:6, override 'model.num_tags=5': model config: a tag head needs hidden_dim >= 128"
-    )
+    assert str(caught.value) == "override 'model.num_tags=5': model config: a tag head needs hidden_dim >= 128"
+    one_file = tmp_path / "tags.yaml"  # neither key is wrong alone; the dropout line takes no part
+    one_file.write_text("model:\n  dropout: 0.1\n  num_tags: 5\n  hidden_dim: 64\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file=one_file)
+    assert str(caught.value) == f"{one_file}:3, {one_file}:4: model config: a tag head needs hidden_dim >= 128"
 
 
 def test_alpha_belongs_to_the_wu_penalty_and_a_change_of_penalty_drops_it():
@@ -196,11 +200,22 @@ def test_a_combination_broken_by_a_later_override_names_that_override(tmp_path):
     settings.write_text("decode:\n  length_penalty: wu\n  alpha: 0.5\n")
     with pytest.raises(ConfigError) as caught:
         load_config(config_file=settings, overrides=["decode.alpha=0"])
-    # the file alone is valid: the override brought the problem in, with the file's penalty
-    assert str(caught.value).startswith(f"{settings}:2, override 'decode.alpha=0': decoding settings: ")
+    assert str(caught.value).startswith("override 'decode.alpha=0': decoding settings: ")  # the file alone is valid
+    with pytest.raises(ConfigError) as caught:  # a later override repeats the file's penalty: still the alpha's fault
+        load_config(config_file=settings, overrides=["decode.alpha=0", "decode.length_penalty=wu"])
+    assert str(caught.value).startswith("override 'decode.alpha=0': decoding settings: ")
     with pytest.raises(ConfigError) as caught:
         load_config(overrides=["decode.beam_size=5", "decode.length_penalty=wu"])  # alpha stays 0
     assert str(caught.value).startswith("override 'decode.length_penalty=wu': decoding settings: ")
+
+
+def test_non_finite_numbers_are_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'train.label_smoothing=.nan': train.label_smoothing must be a finite number"):
+        load_config(overrides=["train.label_smoothing=.nan"])
+    with pytest.raises(ConfigError, match=r"decode.alpha must be a finite number, got inf"):
+        load_config(overrides=["decode.length_penalty=wu", "decode.alpha=.inf"])
+    with pytest.raises(DecodingError, match="needs a finite alpha above 0"):
+        DecodeConfig(length_penalty="wu", alpha=math.nan)
 
 
 def test_a_recorded_config_reads_as_the_run_had_it():
@@ -217,6 +232,9 @@ def test_a_recorded_config_reads_as_the_run_had_it():
     assert recorded(ExperimentConfig().to_dict()) == ExperimentConfig().to_dict()
     old["decode"].update(length_penalty="wu", alpha=0.0)
     assert ExperimentConfig.from_dict(recorded(old)).decode == DecodeConfig()
+    old["decode"].update(length_penalty="none", alpha="abc")  # malformed, not old: refused, not repaired
+    with pytest.raises(ConfigError, match="decode.alpha must be a number, got 'abc'"):
+        ExperimentConfig.from_dict(recorded(old))
 
 
 def test_empty_file_and_empty_section_change_nothing(tmp_path):

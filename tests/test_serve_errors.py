@@ -126,7 +126,7 @@ def test_other_content_types_and_malformed_multipart(client):
         ("?length_penalty=loud", ["option 'length_penalty'", "'none', 'average' or 'wu'"]),
         ("?length_alpha=-1", ["option 'length_alpha'"]),
         ("?length_alpha=1", ["alpha 1.0 needs length_penalty wu"]),
-        ("?length_penalty=wu", ["length_penalty wu needs an alpha above 0"]),
+        ("?length_penalty=wu", ["length_penalty wu needs a finite alpha above 0"]),
         ("?top_channels=1000", ["option 'top_channels'"]),
         ("?beam=2&n_best=3", ["n_best (3) must be at most beam (2)"]),
         ("?beam=2&beam=3", ["option 'beam' given more than once"]),

@@ -223,12 +223,19 @@ def test_a_run_from_before_a_key_existed_resumes_as_it_was_trained(trained, tmp_
         assert code == 2 and refusal in _error_line(capsys)
 
 
-def test_an_optimizer_state_of_other_parameter_groups_is_one_line(trained, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["another group", "no params", "no groups"])
+def test_an_optimizer_state_of_other_parameter_groups_is_one_line(trained, tmp_path, capsys, damage):
     out, settings = trained
     other = tmp_path / "other"
     other.mkdir()
     payload = torch.load(out / "last.pt", weights_only=True)
-    payload["optimizer"]["param_groups"].append({**payload["optimizer"]["param_groups"][0], "params": []})
+    groups = payload["optimizer"]["param_groups"]
+    if damage == "another group":
+        groups.append({**groups[0], "params": []})
+    elif damage == "no params":
+        del groups[0]["params"]
+    else:
+        del payload["optimizer"]["param_groups"]
     torch.save(payload, other / "last.pt")
     assert train.main(["--no-progress", "--out", str(other), "--resume", *settings]) == 2
     assert f"{other / 'last.pt'}: its optimizer state does not fit this run's parameter groups" in _error_line(capsys)
