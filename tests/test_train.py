@@ -8,6 +8,7 @@ import math
 import shutil
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 
@@ -239,6 +240,19 @@ def test_an_optimizer_state_of_other_parameter_groups_is_one_line(trained, tmp_p
     torch.save(payload, other / "last.pt")
     assert train.main(["--no-progress", "--out", str(other), "--resume", *settings]) == 2
     assert f"{other / 'last.pt'}: its optimizer state does not fit this run's parameter groups" in _error_line(capsys)
+
+
+def test_a_cache_of_another_backbone_prefix_is_refused(tiny_shapes, tmp_path, capsys):
+    prefix, _ = build_cache_backbone("efficientnet_lite0", "imagenet").split(("stage7",))
+    assert FeatureCache(tiny_shapes.cache).prefix_fingerprint == prefix.fingerprint().hex()
+    other = tmp_path / "other.h5"
+    shutil.copy(tiny_shapes.cache, other)
+    with h5py.File(other, "r+") as f:
+        f.attrs["prefix_fingerprint"] = "ab" * 32
+    out = tmp_path / "run"
+    assert train.main(["--no-progress", "--out", str(out), *tiny_shapes.overrides(data__feature_cache=other)]) == 2
+    assert f"{other}: its features were computed by another backbone prefix than this run's (prefix fingerprint abababababab… there" in _error_line(capsys)
+    assert not (out / "last.pt").exists()
 
 
 def test_resume_refuses_another_config_or_vocabulary(trained, capsys):

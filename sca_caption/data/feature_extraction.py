@@ -310,6 +310,7 @@ def _merge(
                 normalization_mean=np.asarray(norm.mean),
                 normalization_std=np.asarray(norm.std),
                 batch_size=batch_size,
+                prefix_fingerprint=prefix.fingerprint().hex(),
             )
             f.attrs["complete"] = True
 

@@ -164,6 +164,9 @@ class FeatureCache:
         self.skipped: dict[str, str] = meta["skipped"]
         self.shapes: dict[str, tuple[int, int, int]] = meta["shapes"]
         self.input_size: int = meta["input_size"]
+        # ``BackbonePrefix.fingerprint()`` of the prefix that computed the features (hex); None in
+        # caches extracted before it was recorded
+        self.prefix_fingerprint: str | None = meta["prefix_fingerprint"]
         self._row = {image_id: i for i, image_id in enumerate(self.image_ids)}
 
     def __len__(self) -> int:
@@ -175,6 +178,17 @@ class FeatureCache:
             raise IndexError(f"{self.path}: row {index} out of range 0..{len(self.image_ids) - 1}")
         datasets = self._open()
         return {tap: torch.from_numpy(self._read_rows(datasets[tap], [index])[0]).float() for tap in self.taps}
+
+    def check_prefix(self, fingerprint: bytes, whose: str) -> None:
+        """Refuse (``DataError``, one line) a cache whose features another backbone prefix computed
+        than the one with ``fingerprint`` (``whose``: e.g. "this run's"). A cache that did not
+        record its prefix passes."""
+        if self.prefix_fingerprint is not None and self.prefix_fingerprint != fingerprint.hex():
+            raise DataError(
+                f"{self.path}: its features were computed by another backbone prefix than {whose} (prefix "
+                f"fingerprint {self.prefix_fingerprint[:12]}… there, {fingerprint.hex()[:12]}… here: other weights or "
+                f"backbone code); remove it and build it again with: {self.spec.command(self.path)}"
+            )
 
     def index_of(self, image_id: str) -> int:
         """The row of ``image_id``; ``KeyError`` naming the cache if it is absent (or was skipped)."""
@@ -267,6 +281,7 @@ def _read_meta(f: h5py.File) -> dict[str, Any]:
         "skipped": dict(zip(_strings(f["skipped_ids"]), _strings(f["skipped_problems"]))),
         "shapes": {t: _checked_shape(f[f"{TAPS_GROUP}/{t}"]) for t in taps},
         "input_size": int(f.attrs["input_size"]),
+        "prefix_fingerprint": str(f.attrs["prefix_fingerprint"]) if "prefix_fingerprint" in f.attrs else None,
     }
 
 
