@@ -145,8 +145,9 @@ class CaptionerOutput(NamedTuple):
 class CaptionLoss(NamedTuple):
     """A batch's loss as sums and their counts, so that shares of a batch (DDP) add up exactly.
 
-    ``words``: Σ −log p(target) over the non-pad targets (label-smoothed where asked), ``tokens`` of them; ``per_image``: Σ over
-    the ``images`` of doubly_stochastic · Σ_l Σ_i (1 − Σ_t α_ti)² + tag_loss_weight · (mean tag BCE).
+    ``words``: Σ −log p(target) over the non-pad targets (label-smoothed where asked), ``tokens``
+    of them; ``per_image``: Σ over the ``images`` of doubly_stochastic · Σ_l Σ_i (1 − Σ_t α_ti)²
+    + tag_loss_weight · (mean tag BCE).
     """
 
     words: Tensor
