@@ -5,8 +5,11 @@ Reads each run folder's ``test_scores.json`` (the trainer's test scores of ``bes
 ``log.csv`` (the best validation CIDEr and its epoch), and prints one JSON line per run, then one
 per group: the mean, the sample standard deviation and the range of each metric, x100 as papers
 print them. With two groups a last line gives, per metric, the difference of their means (first
-minus second) and Welch's t statistic (about 2.8 in magnitude is p = 0.05, two-sided, for three
-runs a group).
+minus second), Welch's t statistic (about 2.8 in magnitude is p = 0.05, two-sided, for three
+runs a group; about 2.3 for five) and the exact two-sided permutation p-value of the difference:
+the share of all splits of the pooled runs into groups of these sizes whose difference of means
+is at least as large in magnitude (20 splits for three runs a group, so never below 0.1; 252 for
+five).
 
     python benchmarks/run_spread.py --group cs=runs/f8k_cs_lite0,runs/f8k_seed_cs_1,runs/f8k_seed_cs_2 \\
         --group s=runs/f8k_seed_s_0,runs/f8k_seed_s_1,runs/f8k_seed_s_2
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import statistics
 import sys
@@ -68,13 +72,32 @@ def main() -> int:
 
 
 def welch(groups: list[dict[str, dict[str, float]]], key: str) -> dict[str, float | None]:
-    """The difference of two groups' means of ``key`` and Welch's t (None without spread)."""
+    """The difference of two groups' means of ``key``, Welch's t (None without spread) and the
+    permutation p-value (``permutation_p``)."""
     first, second = ([s[key] for s in group.values()] for group in groups)
     difference = statistics.fmean(first) - statistics.fmean(second)
+    p = round(permutation_p(first, second), 3)
     if len(first) < 2 or len(second) < 2:
-        return {"difference": round(difference, 2), "welch_t": None}
+        return {"difference": round(difference, 2), "welch_t": None, "permutation_p": p}
     error = (statistics.variance(first) / len(first) + statistics.variance(second) / len(second)) ** 0.5
-    return {"difference": round(difference, 2), "welch_t": round(difference / error, 2) if error else None}
+    t = round(difference / error, 2) if error else None
+    return {"difference": round(difference, 2), "welch_t": t, "permutation_p": p}
+
+
+def permutation_p(first: list[float], second: list[float]) -> float:
+    """Exact two-sided permutation p-value of mean(first) − mean(second): the share of the ways to
+    split the pooled values into groups of these sizes whose |difference of means| reaches the
+    observed one (the observed split included)."""
+    pooled = first + second
+    observed = abs(statistics.fmean(first) - statistics.fmean(second))
+    total = sum(pooled)
+    splits = list(itertools.combinations(range(len(pooled)), len(first)))
+    reached = 0
+    for chosen in splits:
+        picked = sum(pooled[i] for i in chosen)
+        gap = abs(picked / len(first) - (total - picked) / len(second))
+        reached += gap >= observed - 1e-9
+    return reached / len(splits)
 
 
 if __name__ == "__main__":
