@@ -209,7 +209,7 @@ def test_a_combination_broken_by_a_later_override_names_that_override(tmp_path):
     assert str(caught.value).startswith("override 'decode.length_penalty=wu': decoding settings: ")
 
 
-def test_non_finite_numbers_are_refused_by_name(tmp_path):
+def test_non_finite_numbers_are_refused_by_name():
     with pytest.raises(ConfigError, match=r"override 'train.label_smoothing=.nan': train.label_smoothing must be a finite number"):
         load_config(overrides=["train.label_smoothing=.nan"])
     with pytest.raises(ConfigError, match=r"decode.alpha must be a finite number, got inf"):
