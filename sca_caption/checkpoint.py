@@ -260,7 +260,7 @@ def captioner_from(
 def check_prefix(path: str | Path, model: SCACaptioner, prefix: BackbonePrefix, weights: str) -> None:
     """Refuse a backbone prefix that computes other features than the model was trained on
     (``weights``: what the prefix was built with, named in the message)."""
-    if bytes(model.encoder.prefix_fingerprint.cpu().tolist()) != prefix.fingerprint():
+    if model.encoder.features_fingerprint != prefix.fingerprint():
         raise CheckpointError(
             f"{path}: {model.config.backbone} with weights {weights!r} is not the backbone its features came from; "
             "pass the weights its feature cache was built with (or, for a checkpoint of an older sca-caption, "

@@ -242,41 +242,38 @@ class _Merged:
         before that layer, has the problem; else those whose earlier value would not have it;
         else all of them."""
         cls, problem = SECTIONS[section], str(error)
-        breaking = self._breaking_layer(section, problem)
-        before: dict[str, Any] = {}
-        for layer in self.layers[:breaking]:
-            before.update(layer.get(section, {}))
+        breaking, before = self._breaking_layer(section, problem)
         suspects = list(dict.fromkeys(key for layer in self.layers[breaking:] for key in layer.get(section, {})))
-
-        def has_problem(values: Mapping[str, Any]) -> bool:
-            try:
-                cls(**values)
-            except ValueError as other:
-                return str(other) == problem
-            return False
 
         def origins(keys: Iterable[str]) -> str:
             return ", ".join(dict.fromkeys(self.origins[f"{section}.{key}"] for key in keys))
 
         final = self.values[section]
         for key in suspects:
-            if has_problem({**before, key: final[key]}):
+            if _has_problem(cls, {**before, key: final[key]}, problem):
                 return f"{origins([key])}: {problem}"
-        taking_part = [key for key in suspects if not has_problem(_without(final, key, before))]
+        taking_part = [key for key in suspects if not _has_problem(cls, _without(final, key, before), problem)]
         return f"{origins(taking_part or suspects)}: {problem}"
 
-    def _breaking_layer(self, section: str, problem: str) -> int:
-        """The index of the first layer from which on ``section`` has ``problem`` after every add."""
-        cls, values, breaking = SECTIONS[section], {}, 0
+    def _breaking_layer(self, section: str, problem: str) -> tuple[int, dict[str, Any]]:
+        """The index of the first layer from which on ``section`` has ``problem`` after every add,
+        and the section's values before that layer."""
+        cls, values = SECTIONS[section], {}
+        breaking, before = 0, {}
         for index, layer in enumerate(self.layers):
             values.update(layer.get(section, {}))
-            try:
-                cls(**values)
-            except ValueError as error:
-                if str(error) == problem:
-                    continue
-            breaking = index + 1
-        return breaking
+            if not _has_problem(cls, values, problem):
+                breaking, before = index + 1, dict(values)
+        return breaking, before
+
+
+def _has_problem(cls: type, values: Mapping[str, Any], problem: str) -> bool:
+    """Whether section ``cls`` built from ``values`` fails its checks with ``problem``."""
+    try:
+        cls(**values)
+    except ValueError as error:
+        return str(error) == problem
+    return False
 
 
 def _without(values: Mapping[str, Any], key: str, before: Mapping[str, Any]) -> dict[str, Any]:

@@ -329,7 +329,7 @@ class Trainer:
         self.reward = self._reward() if train.scst_after is not None else None
 
         self.model = build_model(config, len(self.vocab), config.data.backbone_weights).to(self.device)
-        self.cache.check_prefix(bytes(self.model.encoder.prefix_fingerprint.tolist()), "this run's")
+        self.cache.check_prefix(self.model.encoder.features_fingerprint, "this run's")
         self.optimizer = make_optimizer(self.model, train.lr, train.weight_decay)
         self.books = Bookkeeping()
         self.at = Position(0, 0, self._order(0), 0)

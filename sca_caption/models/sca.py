@@ -280,6 +280,12 @@ class SCAEncoder(nn.Module):
         """Channels of the top layer (plus the coordinate channels), the context's width."""
         return self.channels[-1] + (COORD_CHANNELS if self.coord_channels else 0)
 
+    @property
+    def features_fingerprint(self) -> bytes:
+        """``BackbonePrefix.fingerprint()`` of the prefix whose features this encoder reads (the
+        ``prefix_fingerprint`` buffer as bytes)."""
+        return bytes(self.prefix_fingerprint.cpu().tolist())
+
     def train(self, mode: bool = True) -> "SCAEncoder":
         """Set the attention's mode; the upper stages stay in eval mode."""
         super().train(mode)
