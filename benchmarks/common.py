@@ -8,7 +8,12 @@ Settings (random weights; only the shapes matter):
   embedding 256 (the issue's CPU configuration);
 - ``paper``: the paper's two layers on ResNet-152, res5c_branch2b (512×7×7) then res5c
   (2048×7×7, whose upper stage, conv 1×1 + BN + res5b shortcut + ReLU, runs at every step),
-  attention 512, hidden 1000, embedding 100 (the authors' code's sizes).
+  attention 512, hidden 1000, embedding 100 (the authors' code's sizes);
+- ``flickr8k``, ``flickr8k_two``: configs/flickr8k.yaml (attention 128, hidden 384, embedding 256)
+  on Lite0 ``stage7``, and its two-layer variant ``stage6`` → ``stage7``;
+- ``flickr8k_vgg19``, ``flickr8k_resnet152``: the same sizes on the paper's backbones, one layer
+  each: VGG-19 ``conv5_4`` (512×14×14) and ResNet-152 ``res5c`` (2048×7×7): what a CPU recipe
+  on those features would cost.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ SETTINGS = {
     "paper": Setting("resnet152", ("res5c_branch2b", "res5c"), 512, 1000, 100),
     "flickr8k": Setting("efficientnet_lite0", ("stage7",), 128, 384, 256),  # configs/flickr8k.yaml
     "flickr8k_two": Setting("efficientnet_lite0", ("stage6", "stage7"), 128, 384, 256),  # its two-layer variant
+    "flickr8k_vgg19": Setting("vgg19", ("conv5_4",), 128, 384, 256),
+    "flickr8k_resnet152": Setting("resnet152", ("res5c",), 128, 384, 256),
 }
 
 
