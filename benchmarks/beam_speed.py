@@ -61,8 +61,7 @@ from common import SETTINGS, build_captioner, matmul_roofline, measured_alone, o
 from sca_caption.data.vocab import Vocab
 from sca_caption.decoding import beam_search
 from sca_caption.models.backbones import build_backbone
-from sca_caption.models.captioner import CaptionState, SCACaptioner, StepOutput
-from sca_caption.models.sca import ImageMemory
+from sca_caption.models.captioner import CaptionMemory, CaptionState, SCACaptioner, StepOutput
 
 
 class RowCounter:
@@ -73,10 +72,10 @@ class RowCounter:
         self.steps = 0
         self.rows = 0
 
-    def start(self, features: Mapping[str, Tensor]) -> tuple[CaptionState, ImageMemory]:
+    def start(self, features: Mapping[str, Tensor]) -> tuple[CaptionState, CaptionMemory]:
         return self.model.start(features)
 
-    def step(self, words: Tensor, state: CaptionState, memory: ImageMemory) -> StepOutput:
+    def step(self, words: Tensor, state: CaptionState, memory: CaptionMemory) -> StepOutput:
         self.steps += 1
         self.rows += words.shape[0]
         return self.model.step(words, state, memory)

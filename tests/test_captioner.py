@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tiny_backbone import NAME, build_tiny_backbone, tiny_features
 
 from sca_caption.decoding import beam_search
-from sca_caption.models.captioner import CaptionState, ModelConfig, SCACaptioner
+from sca_caption.models.captioner import DECODERS, CaptionState, ModelConfig, SCACaptioner
 from sca_caption.models.errors import ModelConfigError
 from sca_caption.models.sca import ORDERS
 from sca_caption.trainer import make_optimizer, optimizer_step, set_learning_rate
@@ -56,10 +56,11 @@ def test_forward_shapes_and_attention_sums(order: str, layers: tuple[str, ...]) 
             torch.testing.assert_close(w.sum(dim=2), torch.ones(3, 5))
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("layers", DEPTHS)
 @pytest.mark.parametrize("order", ORDERS)
-def test_teacher_forcing_equals_stepping(order: str, layers: tuple[str, ...]) -> None:
-    assert_teacher_forcing_equals_stepping(config(layers, order))
+def test_teacher_forcing_equals_stepping(order: str, layers: tuple[str, ...], decoder: str) -> None:
+    assert_teacher_forcing_equals_stepping(config(layers, order, decoder=decoder))
 
 
 def assert_teacher_forcing_equals_stepping(cfg: ModelConfig) -> None:
@@ -100,11 +101,12 @@ def test_step_shapes_and_state_select() -> None:
         torch.testing.assert_close(picked.attention.spatial[1], full.attention.spatial[1][index])
 
 
-def trainable_model(order: str, finetune: bool = False) -> SCACaptioner:
+def trainable_model(order: str, finetune: bool = False, decoder: str = "sat") -> SCACaptioner:
     return build(
         config(
             ("conv3", "conv4", "conv5"),
             order,
+            decoder=decoder,
             finetune_upper=finetune,
             doubly_stochastic=0.5,
             num_tags=4,
@@ -114,9 +116,10 @@ def trainable_model(order: str, finetune: bool = False) -> SCACaptioner:
     )
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("order", ORDERS)
-def test_gradients_reach_every_learning_parameter_and_no_frozen_one(order: str) -> None:
-    model = trainable_model(order)
+def test_gradients_reach_every_learning_parameter_and_no_frozen_one(order: str, decoder: str) -> None:
+    model = trainable_model(order, decoder=decoder)
     caps = captions()
     out = model(tiny_features(model.config.layers), caps)
     tags = torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 0], [0, 0, 0, 1]])
@@ -234,8 +237,9 @@ def test_bfloat16_autocast_trains_and_matches_float32(order: str, layers: tuple[
     assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
 
 
-def test_greedy_decoding_scores_equal_teacher_forced_scores() -> None:
-    model = build(config(), dtype=torch.float64).eval()
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_greedy_decoding_scores_equal_teacher_forced_scores(decoder: str) -> None:
+    model = build(config(decoder=decoder), dtype=torch.float64).eval()
     features = {name: x.double() for name, x in tiny_features(("conv3", "conv4")).items()}
     hypotheses = [h[0] for h in beam_search(model, features, start=START, end=END, beam_size=1, max_length=5)]
     for b, hyp in enumerate(hypotheses):

@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sca_caption.models.backbones import TappedBackbone, build_backbone
-from sca_caption.models.decoder import LSTMDecoder
+from sca_caption.models.decoder import LSTMDecoder, UpDownDecoder
 from sca_caption.models.errors import ModelConfigError
 from sca_caption.models.sca import KERNELS, ORDERS, Attention, ImageMemory, SCAEncoder
 from sca_caption.models.tag_head import TagHead, tag_loss
+
+
+DECODERS = ("sat", "updown")
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,9 @@ class ModelConfig:
     et al., 2018): not in SCA-CNN, whose convolutional features say what is at a location far
     better than where it is; the shapes captions, which are about positions, need it.
     ``kernels``: the attention's backend, one of ``KERNELS`` ("auto": the CPU kernels on a CPU,
-    the plain equations elsewhere; see ``sca``).
+    the plain equations elsewhere; see ``sca``). ``decoder``: "sat", Show-Attend-Tell's LSTM as
+    SCA-CNN uses it (h_{t-1} queries the encoder), or "updown", Up-Down's attention and language
+    LSTMs (the attention LSTM's h¹_t queries it; ``models.decoder``).
 
     Where the authors' Theano code differs from the defaults (the authors' setting in brackets):
 
@@ -68,9 +73,14 @@ class ModelConfig:
     kernels: str = "auto"
     context_to_output: bool = True
     normalize_features: bool = False
+    decoder: str = "sat"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
+        if self.decoder not in DECODERS:
+            raise ModelConfigError(f"model config: decoder must be one of {', '.join(DECODERS)}; got {self.decoder!r}")
+        if self.decoder == "updown" and not self.context_to_output:
+            raise ModelConfigError("model config: context_to_output is Show-Attend-Tell's output layer; the updown decoder's reads h² only")
         if self.kernels not in KERNELS:
             raise ModelConfigError(f"model config: kernels must be one of {', '.join(KERNELS)}; got {self.kernels!r}")
         if self.order not in ORDERS:
@@ -121,6 +131,14 @@ class CaptionState:
         never copied, only the row-to-image index follows."""
         image = index if self.image is None else self.image.index_select(0, index)
         return CaptionState(self.h.index_select(0, index), self.c.index_select(0, index), image)
+
+
+class CaptionMemory(NamedTuple):
+    """What decoding keeps per image (N images): the encoder's ``ImageMemory`` and the decoder's
+    per-image gate terms (N, G), or None where the decoder has none."""
+
+    encoder: ImageMemory
+    image_gates: Tensor | None
 
 
 class StepOutput(NamedTuple):
@@ -187,14 +205,9 @@ class SCACaptioner(nn.Module):
             backbone, config.layers, config.attention_dim, config.order, config.rescale, config.finetune_upper,
             config.coord_channels, config.kernels,
         )
-        self.decoder = LSTMDecoder(
-            vocab_size,
-            self.encoder.context_dim,
-            config.embed_dim,
-            config.hidden_dim,
-            self.encoder.query_dim,
-            config.dropout,
-            config.context_to_output,
+        sizes = (vocab_size, self.encoder.context_dim, config.embed_dim, config.hidden_dim, self.encoder.query_dim, config.dropout)
+        self.decoder: LSTMDecoder | UpDownDecoder = (
+            UpDownDecoder(*sizes) if config.decoder == "updown" else LSTMDecoder(*sizes, config.context_to_output)
         )
         self.tag_head = (
             TagHead(self.encoder.context_dim, config.num_tags, config.tag_heads, config.tag_lambda)
@@ -207,17 +220,17 @@ class SCACaptioner(nn.Module):
         """The cached prefix outputs the model reads (what the feature cache must store)."""
         return self.encoder.inputs
 
-    def start(self, features: Mapping[str, Tensor]) -> tuple[CaptionState, ImageMemory]:
+    def start(self, features: Mapping[str, Tensor]) -> tuple[CaptionState, CaptionMemory]:
         """Cached features {tap: (N, C, H, W)} -> the state before the first word (N rows) and
         the images' memory."""
         state, memory, _ = self._start(features)
         return state, memory
 
-    def step(self, words: Tensor, state: CaptionState, memory: ImageMemory) -> StepOutput:
+    def step(self, words: Tensor, state: CaptionState, memory: CaptionMemory) -> StepOutput:
         """Previous words (R,), state and memory -> next-word logits (R, V), new state, attention."""
         embedded = self.decoder.embed(words)
-        h, c, context, attention = self._advance(self.decoder.input_gates(embedded), state, memory)
-        logits = self.decoder.logits(embedded, h, context)
+        h, c, output, context, attention = self._advance(self.decoder.input_gates(embedded), state, memory)
+        logits = self.decoder.logits(embedded, output, context)
         return StepOutput(logits, CaptionState(h, c, state.image), attention)
 
     def forward(self, features: Mapping[str, Tensor], captions: Tensor) -> CaptionerOutput:
@@ -237,9 +250,9 @@ class SCACaptioner(nn.Module):
         # unbind, not indexing: its backward stacks the step gradients once instead of adding
         # each into a zero tensor of all steps
         for word_gates in self.decoder.input_gates(embedded).unbind(0):
-            h, c, context, attention = self._advance(word_gates, state, memory)
+            h, c, output, context, attention = self._advance(word_gates, state, memory)
             state = CaptionState(h, c)
-            hiddens.append(h)
+            hiddens.append(output)
             contexts.append(context)
             attentions.append(attention)
         logits = self.decoder.logits(
@@ -278,22 +291,28 @@ class SCACaptioner(nn.Module):
             per_image = per_image + config.tag_loss_weight * tag_loss(output.tag_logits, tag_targets) * len(captions)
         return CaptionLoss(words, per_image, int((targets != pad_id).sum()), len(captions))
 
-    def _start(self, features: Mapping[str, Tensor]) -> tuple[CaptionState, ImageMemory, Tensor]:
+    def _start(self, features: Mapping[str, Tensor]) -> tuple[CaptionState, CaptionMemory, Tensor]:
         """The initial state, the memory and the top layer's unattended map (B, C_top, H, W)."""
         memory, top = self.encoder.remember(features, self.decoder.embedding.weight.dtype)
-        h, c = self.decoder.initial_state(self._decoder_view(top.mean(dim=(2, 3))))
-        return CaptionState(h, c), memory, top
+        mean = self._decoder_view(top.mean(dim=(2, 3)))
+        h, c = self.decoder.initial_state(mean)
+        return CaptionState(h, c), CaptionMemory(memory, self.decoder.image_gates(mean)), top
 
     def _advance(
-        self, word_gates: Tensor, state: CaptionState, memory: ImageMemory
-    ) -> tuple[Tensor, Tensor, Tensor, Attention]:
-        """The step's recurrence: word gates (R, 4H) and the state at t-1 -> h_t, c_t, the context
-        z_t and the attention, both computed from h_{t-1}."""
-        recurrent, queries = self.decoder.project_hidden(state.h)
-        context, attention = self.encoder(memory, queries, state.image)
-        context = self._decoder_view(context)
-        h, c = self.decoder.cell(word_gates + recurrent, context, state.c)
-        return h, c, context, attention
+        self, word_gates: Tensor, state: CaptionState, memory: CaptionMemory
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Attention]:
+        """The step's recurrence (the decoder's ``advance``, with the encoder as its attention):
+        word gates (R, G) and the state at t-1 -> h_t, c_t, the output layer's hidden, the
+        context z_t and the attention."""
+
+        def attend(queries: Tensor) -> tuple[Tensor, Attention]:
+            context, attention = self.encoder(memory.encoder, queries, state.image)
+            return self._decoder_view(context), attention
+
+        image_gates = memory.image_gates
+        if image_gates is not None and state.image is not None:
+            image_gates = image_gates.index_select(0, state.image)
+        return self.decoder.advance(word_gates, state.h, state.c, image_gates, attend)
 
     def _decoder_view(self, feature: Tensor) -> Tensor:
         """A context or mean feature (R, C) as the decoder reads it: L2-normalised per row with
