@@ -23,6 +23,7 @@ from sca_caption.caption import main as caption_main
 from sca_caption.captioning import shipped_checkpoint
 from sca_caption.checkpoint import CheckpointError
 from sca_caption.data.errors import DataError
+from sca_caption.decoding import DecodingError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints" / "flickr8k_cs_lite0.pt"
@@ -128,7 +129,7 @@ def test_bad_input_is_one_data_error_line_naming_it(captioner, photo, tmp_path, 
 
 
 def test_bad_settings_are_one_line(captioner, photo):
-    with pytest.raises(Exception, match=r"^n_best must be between 1 and beam_size \(2\); got 3$"):
+    with pytest.raises(DecodingError, match=r"^n_best must be between 1 and beam_size \(2\); got 3$"):
         captioner(photo, beam=2, n_best=3)
 
 
