@@ -4,8 +4,9 @@
 
 PATH: an image file, a folder (its image files by extension, sorted, not recursive) or a glob
 pattern (quote it; ``**`` recurses). Without ``--checkpoint``: the shipped Flickr8k model
-``checkpoints/flickr8k_cs_lite0.pt`` if present, else the newest ``checkpoints/*/best.pt``
-(``captioning.default_checkpoint``), named in a note on stderr.
+``checkpoints/flickr8k_cs_lite0.pt`` if present, else the newest ``checkpoints/*/best.pt``, else
+the shipped model installed with the package, run from any folder (``captioning.default_checkpoint``),
+named in a note on stderr.
 
 stdout, one line per image in input order: ``PATH<TAB>CAPTION``. With ``--n-best K``: K lines
 per image, ``PATH<TAB>RANK<TAB>SCORE<TAB>CAPTION`` with RANK 1..K (best first) and SCORE the
@@ -62,7 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or glob pattern")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="default: checkpoints/flickr8k_cs_lite0.pt if present, else the newest checkpoints/*/best.pt")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="default: checkpoints/flickr8k_cs_lite0.pt if present, else the newest checkpoints/*/best.pt, "
+                             "else the shipped model installed with the package")
     parser.add_argument("--n-best", type=int, default=None, metavar="K", help="K lines per image: PATH, RANK, SCORE, CAPTION (tab-separated)")
     parser.add_argument("--max-length", type=int, default=None, metavar="N",
                         help="decoding steps, the end token included (default: the checkpoint's caption length + 1)")

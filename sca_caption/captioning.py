@@ -57,17 +57,33 @@ class NoImagesError(DataError):
     """A PATH argument that names no image: a pattern matching nothing or a folder holding no image."""
 
 
+def shipped_checkpoint() -> Path | None:
+    """The shipped Flickr8k model installed with this package, wherever it is run from: the package
+    data ``sca_caption/shipped/flickr8k_cs_lite0.pt`` of a built wheel (setup.py puts it there),
+    else ``checkpoints/flickr8k_cs_lite0.pt`` beside the package (a checkout, an editable install);
+    None if neither exists."""
+    package = Path(__file__).resolve().parent
+    for path in (package / "shipped" / SHIPPED_CHECKPOINT, package.parent / CHECKPOINTS / SHIPPED_CHECKPOINT):
+        if path.is_file():
+            return path
+    return None
+
+
 def default_checkpoint(folder: Path = CHECKPOINTS) -> tuple[Path, str]:
     """The checkpoint to caption with when none is named (the caption CLI and the service), and a
     few words saying which it is: the shipped Flickr8k model ``folder/flickr8k_cs_lite0.pt`` if
-    present, else the newest ``folder/*/best.pt`` by modification time. Neither: a one-line
-    ``CheckpointError`` saying how to make one."""
+    present, else the newest ``folder/*/best.pt`` by modification time, else the shipped model
+    installed with the package (``shipped_checkpoint``). None: a one-line ``CheckpointError``
+    saying how to make one."""
     shipped = folder / SHIPPED_CHECKPOINT
     if shipped.is_file():
         return shipped, "the shipped Flickr8k model"
     trained = [p for p in folder.glob("*/best.pt") if p.is_file()]
     if trained:
         return max(trained, key=lambda p: (p.stat().st_mtime, str(p))), "the newest trained checkpoint"
+    installed = shipped_checkpoint()
+    if installed is not None:
+        return installed, "the shipped Flickr8k model, installed with the package"
     raise CheckpointError(
         f"no checkpoint: neither {shipped} nor any {folder / '*' / 'best.pt'} exists; "
         f"train one with `{TRAIN_COMMAND}` or pass --checkpoint FILE"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from caption_support import LAYERS, bomb_png, captioner, checkpoint, save_tiny_checkpoint, shape_image, truncated_jpeg  # noqa: F401
+from sca_caption import captioning
 from sca_caption.caption import main
 from sca_caption.checkpoint import CheckpointError
 from sca_caption.captioning import (
@@ -176,6 +177,7 @@ def test_nothing_to_caption_is_one_line_and_status_2(capsys, tmp_path, checkpoin
 
 def test_without_checkpoint_uses_the_default_rule_or_says_how_to_train(capsys, monkeypatch, tmp_path, checkpoint, photos):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(captioning, "shipped_checkpoint", lambda: None)  # a package without its shipped model
     status, out, err = run(capsys, str(photos / "a.jpg"))
     assert status == 2 and out == [] and len(err) == 1
     assert "checkpoints/flickr8k_cs_lite0.pt" in err[0] and "python -m sca_caption.train" in err[0]
@@ -187,9 +189,13 @@ def test_without_checkpoint_uses_the_default_rule_or_says_how_to_train(capsys, m
     assert err == ["note: no --checkpoint given: using checkpoints/shapes/best.pt (the newest trained checkpoint)"]
 
 
-def test_default_checkpoint_is_the_shipped_model_else_the_newest_best(tmp_path):
+def test_default_checkpoint_is_the_shipped_model_else_the_newest_best(monkeypatch, tmp_path):
+    monkeypatch.setattr(captioning, "shipped_checkpoint", lambda: None)
     with pytest.raises(CheckpointError, match="no checkpoint: neither .*flickr8k_cs_lite0.pt nor any .*best.pt"):
         default_checkpoint(tmp_path)
+    installed = tmp_path / "site-packages" / "flickr8k_cs_lite0.pt"
+    monkeypatch.setattr(captioning, "shipped_checkpoint", lambda: installed)
+    assert default_checkpoint(tmp_path) == (installed, "the shipped Flickr8k model, installed with the package")
     for age, run_name in enumerate(("old", "new")):
         best = tmp_path / run_name / "best.pt"
         best.parent.mkdir()

@@ -18,6 +18,7 @@ import pytest
 
 from caption_support import save_tiny_checkpoint
 from serve_support import as_answer, library_captions, photo_bytes
+from sca_caption import captioning
 from sca_caption.captioning import DecodeSettings, ImageCaptioner
 from sca_caption.serve.__main__ import listening_socket, main, parse_args
 
@@ -92,6 +93,7 @@ def test_impossible_limits_are_usage_errors(capsys, argv):
 
 def test_without_any_checkpoint_it_says_how_to_make_one(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(captioning, "shipped_checkpoint", lambda: None)  # a package without its shipped model
     assert main(["--port", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no checkpoint: neither checkpoints/flickr8k_cs_lite0.pt")

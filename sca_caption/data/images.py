@@ -16,7 +16,8 @@ Choices (the same for the feature cache and the caption CLI):
   never pads a cut file with grey.
 
 Every failure is a ``DataError`` naming the file and the problem, in one line. ``decode_image``
-does the same for a file's bytes held in memory (an upload to the captioning service).
+does the same for a file's bytes held in memory (an upload to the captioning service), and
+``image_tensor`` for a Pillow image (the Python API, ``sca_caption.api``).
 """
 
 from __future__ import annotations
@@ -68,19 +69,25 @@ def _decode(file: BinaryIO, name: str | Path, size: int) -> Tensor:
     except OSError as err:
         raise DataError(f"{name}: cannot open ({first_line(err)})") from None
     with image:
-        width, height = image.size
-        if width * height > MAX_PIXELS:
-            raise DataError(
-                f"{name}: {width}x{height} = {width * height:,} pixels is over the limit of "
-                f"{MAX_PIXELS:,} pixels (decompression-bomb guard)"
-            )
-        try:
-            rgb = to_rgb(ImageOps.exif_transpose(image))  # the first frame: Image.open stays on frame 0
-            resized = rgb.resize((size, size), Image.Resampling.BICUBIC)
-        except DataError as err:
-            raise DataError(f"{name}: {err}") from None
-        except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError ...
-            raise DataError(f"{name}: corrupt or truncated image data ({first_line(err)})") from None
+        return image_tensor(image, size, name)
+
+
+def image_tensor(image: Image.Image, size: int, name: str | Path) -> Tensor:
+    """A Pillow image (opened, e.g. from a file, or made in memory) as ``load_image``'s tensor
+    (3, size, size) in [0, 1]; every ``DataError`` message starts with ``name``."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise DataError(
+            f"{name}: {width}x{height} = {width * height:,} pixels is over the limit of "
+            f"{MAX_PIXELS:,} pixels (decompression-bomb guard)"
+        )
+    try:
+        rgb = to_rgb(ImageOps.exif_transpose(image))  # the first frame: Image.open stays on frame 0
+        resized = rgb.resize((size, size), Image.Resampling.BICUBIC)
+    except DataError as err:
+        raise DataError(f"{name}: {err}") from None
+    except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError ...
+        raise DataError(f"{name}: corrupt or truncated image data ({first_line(err)})") from None
     pixels = np.asarray(resized, dtype=np.uint8)
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
 

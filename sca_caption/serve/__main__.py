@@ -5,7 +5,8 @@ OpenAPI schema at ``/docs``) and the web page at ``/``.
         [--max-batch N] [--max-wait-ms T] [--max-upload-mb M]
 
 Without ``--checkpoint``: the shipped Flickr8k model ``checkpoints/flickr8k_cs_lite0.pt`` if
-present, else the newest ``checkpoints/*/best.pt``; the first log line says which. It binds to
+present, else the newest ``checkpoints/*/best.pt``, else the shipped model installed with the
+package; the first log line says which. It binds to
 the loopback address unless ``--allow-remote`` is given with another ``--host``; CUDA when
 present, else the CPU (``--device``). Exit status 2 when it cannot start (bad arguments, an
 unusable checkpoint).
@@ -35,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m sca_caption.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="default: checkpoints/flickr8k_cs_lite0.pt if present, else the newest checkpoints/*/best.pt")
+                        help="default: checkpoints/flickr8k_cs_lite0.pt if present, else the newest checkpoints/*/best.pt, "
+                             "else the shipped model installed with the package")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--allow-remote", action="store_true", help="allow a --host that is not a loopback address")
     parser.add_argument("--port", type=int, default=8000, help="default 8000; 0: any free port")
