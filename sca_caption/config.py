@@ -38,6 +38,7 @@ from sca_caption.data.datasets import CORPORA
 from sca_caption.data.errors import DataError
 from sca_caption.data.input_files import read_text
 from sca_caption.decoding import DecodeSettings, DecodingError
+from sca_caption.field_ranges import out_of_range
 from sca_caption.self_critical import BASELINES
 from sca_caption.io_utils import atomic_write_text
 from sca_caption.models.captioner import ModelConfig
@@ -320,7 +321,7 @@ def _checked(section: str, key: Any, value: Any, where: str) -> Any:
         checked = _coerce(value, get_type_hints(SECTIONS[section])[key])
     except _Mismatch as mismatch:
         raise ConfigError(f"{where}: {name} must be {mismatch}, got {value!r}") from None
-    problem = _out_of_range(checked, specs[key].metadata)
+    problem = out_of_range(checked, specs[key].metadata)
     if problem:
         raise ConfigError(f"{where}: {name} {problem}, got {checked!r}")
     return checked
@@ -438,22 +439,6 @@ def _describe(hint: Any) -> str:
         return f"a list of {plurals.get(args[0], _describe(args[0]))}" if args else "a list"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
     return names.get(hint, repr(hint))
-
-
-def _out_of_range(value: Any, metadata: Mapping[str, Any]) -> str | None:
-    if value is None:
-        return None
-    if "choices" in metadata and value not in metadata["choices"]:
-        return "must be one of " + ", ".join(metadata["choices"])
-    if isinstance(value, float) and not math.isfinite(value):
-        return "must be a finite number"
-    if "min" in metadata and value < metadata["min"]:
-        return f"must be at least {metadata['min']}"
-    if "max" in metadata and value > metadata["max"]:
-        return f"must be at most {metadata['max']}"
-    if "below" in metadata and value >= metadata["below"]:
-        return f"must be below {metadata['below']}"
-    return None
 
 
 def _suggest(word: Any, choices: Iterable[str], prefix: str = "") -> str:

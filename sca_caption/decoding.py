@@ -47,6 +47,7 @@ from torch import Tensor
 
 from sca_caption.data.vocab import Vocab
 from sca_caption.errors import SCACaptionError
+from sca_caption.field_ranges import out_of_range
 from sca_caption.models.sca import Attention
 
 LENGTH_PENALTIES = ("none", "average", "wu")
@@ -83,7 +84,7 @@ class DecodeSettings:
                 f"decoding settings: length_penalty wu needs a finite alpha above 0 (--length-alpha, decode.alpha), got {self.alpha}; at 0 it ranks as none"
             )
         for spec in fields(self):
-            problem = _out_of_range(getattr(self, spec.name), spec.metadata)
+            problem = out_of_range(getattr(self, spec.name), spec.metadata)
             if problem:
                 raise DecodingError(f"decoding settings: {spec.name} {problem}, got {getattr(self, spec.name)!r}")
         if self.n_best > self.beam_size:
@@ -97,21 +98,6 @@ class DecodeSettings:
     def with_max_length(self, default: int) -> DecodeSettings:
         """These settings with ``max_length`` ``default`` where it is None (checked again)."""
         return self if self.max_length is not None else replace(self, max_length=default)
-
-
-def _out_of_range(value: Any, metadata: Mapping[str, Any]) -> str | None:
-    """What is wrong with a setting's ``value`` given its field's ``metadata`` (choices, min, max)."""
-    if value is None:
-        return None
-    if "choices" in metadata and value not in metadata["choices"]:
-        return "must be one of " + ", ".join(metadata["choices"])
-    if isinstance(value, float) and not math.isfinite(value):
-        return "must be a finite number"
-    if "min" in metadata and value < metadata["min"]:
-        return f"must be at least {metadata['min']}"
-    if "max" in metadata and value > metadata["max"]:
-        return f"must be at most {metadata['max']}"
-    return None
 
 
 def changed(settings: DecodeSettings, changes: Mapping[str, Any]) -> DecodeSettings:
