@@ -50,7 +50,7 @@ from sca_caption.captioning import (
     default_checkpoint,
     result_entry,
 )
-from sca_caption.decode_options import add_decode_options, decode_changes
+from sca_caption.decode_options import DECODE_OPTIONS, add_decode_options, decode_changes
 from sca_caption.devices import add_device_option, default_device
 from sca_caption.errors import Interrupted, SCACaptionError, command
 from sca_caption.io_utils import OutputError, atomic_write, atomic_write_text, check_output_file, check_output_folder
@@ -66,10 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="default: checkpoints/flickr8k_cs_lite0.pt if present, else the newest checkpoints/*/best.pt, "
                              "else the shipped model installed with the package")
-    parser.add_argument("--n-best", type=int, default=None, metavar="K", help="K lines per image: PATH, RANK, SCORE, CAPTION (tab-separated)")
-    parser.add_argument("--max-length", type=int, default=None, metavar="N",
-                        help="decoding steps, the end token included (default: the checkpoint's caption length + 1)")
-    add_decode_options(parser)
+    add_decode_options(parser, DECODE_OPTIONS)  # --n-best K: K lines per image, PATH RANK SCORE CAPTION
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write COCO-format results here")
     parser.add_argument("--attention", type=Path, default=None, metavar="DIR", help="write attention PNGs here")
     parser.add_argument("--top-channels", type=int, default=5, help="channels per word and layer in --json (default 5)")
@@ -83,10 +80,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0 or args.top_channels < 1:
         parser.error("--batch-size and --top-channels must be positive, --workers not negative")
-    if args.n_best is not None and args.beam is not None and not 1 <= args.n_best <= args.beam:
-        parser.error(f"--n-best must be between 1 and --beam ({args.beam})")
-    if args.max_length is not None and args.max_length < 1:
-        parser.error("--max-length must be positive")
     args.device = default_device(args.device)
     return args
 
@@ -108,12 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.attention is not None and not captioner.has_spatial_attention:
         _error(f"{checkpoint}: its model (order {captioner.model.config.order!r}) has no spatial attention to draw")
         return 2
-    settings = captioner.settings(
-        **decode_changes(args),
-        n_best=args.n_best,
-        max_length=args.max_length,
-        attention=args.json is not None or args.attention is not None,
-    )
+    settings = captioner.settings(**decode_changes(args), attention=args.json is not None or args.attention is not None)
     many = any(Path(p).is_dir() or GLOB_CHARACTERS.search(p) for p in args.paths)
     tally = Tally()
     try:

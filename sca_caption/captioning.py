@@ -2,8 +2,8 @@
 
 One batch at a time: image files are decoded in DataLoader workers by ``load_image`` (the feature
 cache's decoder), run through the ``BackbonePrefix`` of ``TappedBackbone.split`` (the feature
-cache's module), rounded to float16 and back, and captioned by ``beam_search`` over the
-``SCACaptioner``.
+cache's module), rounded to float16 and back, and captioned by ``decoding.decode`` (beam search)
+over the ``SCACaptioner``.
 
 Cached and uncached images give the same captions: the cache stores the prefix outputs as float16,
 which the trainer reads back as float32, so the prefix outputs here take the same round trip. The
@@ -34,12 +34,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from sca_caption.checkpoint import CheckpointError, check_prefix, load_captioner
+from sca_caption.config import decoding_limit
 from sca_caption.data.errors import DataError
 from sca_caption.data.feature_extraction import ImageFiles, collate_decoded
 from sca_caption.data.vocab import Vocab
-from sca_caption.decoding import DecodeConfig, Hypothesis, beam_search, changed
+from sca_caption.decoding import DecodeSettings, Hypothesis, changed, decode
 from sca_caption.errors import first_line, main_process_takes_interrupts
-from sca_caption.evaluation import decoding_limit
 from sca_caption.models.backbones import BackbonePrefix, TappedBackbone, build_cache_backbone
 from sca_caption.models.backbones.base import freeze
 from sca_caption.models.captioner import SCACaptioner
@@ -168,17 +168,6 @@ def image_id_for(path: Path) -> int | str:
 
 
 @dataclass(frozen=True)
-class DecodeSettings(DecodeConfig):
-    """A checkpoint's ``decode`` settings (``DecodeConfig``) and what a caller adds: ``n_best``
-    captions per image; ``max_length`` decoding steps, the end token included (None: the
-    checkpoint's, ``evaluation.decoding_limit``); ``attention``: keep every word's weights."""
-
-    n_best: int = 1
-    max_length: int | None = None
-    attention: bool = False
-
-
-@dataclass(frozen=True)
 class Caption:
     """A decoded caption in words: ``hypothesis`` as beam search returned it (its attention on the
     CPU, per layer α (T, m_l) and β (T, C_l)); ``grids``: (h_l, w_l) of each attended layer."""
@@ -226,17 +215,17 @@ class ImageCaptioner:
         vocab: Vocab,
         *,
         max_length: int,
-        decode: DecodeConfig = DecodeConfig(),
+        decode: DecodeSettings = DecodeSettings(),
         device: str | torch.device = "cpu",
     ) -> None:
-        """``max_length``: the default decoding steps (``evaluation.decoding_limit``); ``decode``: the
-        checkpoint's decoding settings, the defaults of ``settings``."""
+        """``max_length``: the decoding steps of settings that leave them unset (the checkpoint's
+        caption length + 1); ``decode``: the checkpoint's decoding settings, the defaults of ``settings``."""
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.prefix = prefix.eval().to(self.device)
         self.vocab = vocab
         self.max_length = max_length
-        self.decode = decode
+        self.decode = decode.with_max_length(max_length)
         self.layers = model.config.layers
         self.input_size = prefix.backbone.input_size
         self.grids = _layer_grids(prefix.backbone, self.layers, self.device)
@@ -261,9 +250,8 @@ class ImageCaptioner:
 
     def settings(self, **changes: Any) -> DecodeSettings:
         """The checkpoint's decoding settings with ``changes`` (``decoding.changed``: None values
-        leave a setting as it is)."""
-        base = {name: getattr(self.decode, name) for name in DecodeConfig.__dataclass_fields__}
-        return changed(DecodeSettings(**base), changes)
+        leave a setting as it is); a one-line ``DecodingError`` for settings that do not fit."""
+        return changed(self.decode, changes)
 
     @property
     def has_spatial_attention(self) -> bool:
@@ -278,19 +266,9 @@ class ImageCaptioner:
 
     def caption_features(self, features: dict[str, Tensor], settings: DecodeSettings) -> list[list[Caption]]:
         """Prefix outputs {tap: (B, C, h, w)} (e.g. feature cache rows) -> per image its
-        ``settings.n_best`` captions, best first."""
+        ``settings.n_best`` captions, best first (``settings.max_length`` None: ``self.max_length``)."""
         features = {name: x.to(self.device) for name, x in features.items()}
-        hypotheses = beam_search(
-            self.model,
-            features,
-            start=self.vocab.start,
-            end=self.vocab.end,
-            max_length=settings.max_length or self.max_length,
-            n_best=settings.n_best,
-            suppress=self.vocab.never_emitted,
-            **settings.search_arguments(),
-            return_attention=settings.attention,
-        )
+        hypotheses = decode(self.model, features, settings.with_max_length(self.max_length))
         return [[self._caption(h) for h in per_image] for per_image in hypotheses]
 
     def caption_files(

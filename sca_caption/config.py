@@ -2,7 +2,7 @@
 
 An experiment is four sections, each a dataclass: ``data`` (``DataConfig``), ``train``
 (``TrainConfig``), ``model`` (``ModelConfig``, defined with the captioner) and ``decode``
-(``DecodeConfig``, defined with beam search). ``load_config``
+(``DecodeSettings``, defined with beam search). ``load_config``
 merges, later winning over earlier:
 
 1. the dataclass defaults,
@@ -37,7 +37,8 @@ from sca_caption.data.corpus import SPLITS
 from sca_caption.data.datasets import CORPORA
 from sca_caption.data.errors import DataError
 from sca_caption.data.input_files import read_text
-from sca_caption.decoding import DecodeConfig
+from sca_caption.decoding import DecodeSettings, DecodingError
+from sca_caption.field_ranges import out_of_range
 from sca_caption.self_critical import BASELINES
 from sca_caption.io_utils import atomic_write_text
 from sca_caption.models.captioner import ModelConfig
@@ -103,7 +104,7 @@ class TrainConfig:
     scst_dropout: float | None = field(default=0.0, metadata={"min": 0.0, "below": 1.0})
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "model": ModelConfig, "decode": DecodeConfig}
+SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "model": ModelConfig, "decode": DecodeSettings}
 
 
 # Keys added since the first checkpoints were written whose default is not what a run from before
@@ -118,7 +119,15 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
+
+    def __post_init__(self) -> None:
+        self.decoding()  # checks that the decode settings fit the caption length
+
+    def decoding(self) -> DecodeSettings:
+        """The ``decode`` settings as validation, ``evaluate``, ``caption`` and the service use
+        them: a ``max_length`` of None is ``decoding_limit``."""
+        return self.decode.with_max_length(decoding_limit(self))
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (tuples as lists): safe for JSON, YAML and weights-only checkpoints."""
@@ -130,6 +139,12 @@ class ExperimentConfig:
         merged = _Merged()
         merged.add(values, source)
         return merged.build()
+
+
+def decoding_limit(config: ExperimentConfig) -> int:
+    """The decoding steps of settings that leave them unset (``decode.max_length`` null), and of
+    self-critical sampling: the longest training caption's words plus ``<end>``."""
+    return config.data.max_length + 1
 
 
 def recorded(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -233,7 +248,19 @@ class _Merged:
                 sections[name] = cls(**self.values[name])
             except ValueError as error:  # the section's own checks (ModelConfig's __post_init__)
                 raise ConfigError(self._blame(name, error)) from None
-        return ExperimentConfig(**sections)
+        try:
+            return ExperimentConfig(**sections)
+        except DecodingError as error:  # decode.min_length against data.max_length + 1
+            raise ConfigError(f"{self._blame_caption_length()}: {error} (decode.max_length null: data.max_length + 1)") from None
+
+    def _blame_caption_length(self) -> str:
+        """Where the last of ``decode.min_length`` and ``data.max_length`` was set (where
+        one layer set both: decode.min_length)."""
+        for layer in reversed(self.layers):
+            for section, key in (("decode", "min_length"), ("data", "max_length")):
+                if key in layer.get(section, {}):
+                    return self.origins[f"{section}.{key}"]
+        return "defaults"
 
     def _blame(self, section: str, error: ValueError) -> str:
         """'<origins>: <problem>', naming the keys that brought the problem in. They are among the
@@ -294,7 +321,7 @@ def _checked(section: str, key: Any, value: Any, where: str) -> Any:
         checked = _coerce(value, get_type_hints(SECTIONS[section])[key])
     except _Mismatch as mismatch:
         raise ConfigError(f"{where}: {name} must be {mismatch}, got {value!r}") from None
-    problem = _out_of_range(checked, specs[key].metadata)
+    problem = out_of_range(checked, specs[key].metadata)
     if problem:
         raise ConfigError(f"{where}: {name} {problem}, got {checked!r}")
     return checked
@@ -412,20 +439,6 @@ def _describe(hint: Any) -> str:
         return f"a list of {plurals.get(args[0], _describe(args[0]))}" if args else "a list"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
     return names.get(hint, repr(hint))
-
-
-def _out_of_range(value: Any, metadata: Mapping[str, Any]) -> str | None:
-    if value is None:
-        return None
-    if "choices" in metadata and value not in metadata["choices"]:
-        return "must be one of " + ", ".join(metadata["choices"])
-    if isinstance(value, float) and not math.isfinite(value):
-        return "must be a finite number"
-    if "min" in metadata and value < metadata["min"]:
-        return f"must be at least {metadata['min']}"
-    if "below" in metadata and value >= metadata["below"]:
-        return f"must be below {metadata['below']}"
-    return None
 
 
 def _suggest(word: Any, choices: Iterable[str], prefix: str = "") -> str:

@@ -38,17 +38,20 @@ stop later, but they never return a different answer than running to ``max_lengt
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Protocol, Sequence, TypeVar
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sca_caption.data.vocab import Vocab
 from sca_caption.errors import SCACaptionError
+from sca_caption.field_ranges import out_of_range
 from sca_caption.models.sca import Attention
 
 LENGTH_PENALTIES = ("none", "average", "wu")
+MAX_LENGTH = 100  # the most decoding steps anyone may ask for (the caption CLI, the service, a config)
 
 
 class DecodingError(SCACaptionError):
@@ -56,16 +59,22 @@ class DecodingError(SCACaptionError):
 
 
 @dataclass(frozen=True)
-class DecodeConfig:
-    """How captions are decoded (``beam_search``'s settings): the ``decode`` section of an experiment
-    config, so every checkpoint records it. Validation and test scoring use it, and so do
-    ``evaluate``, ``caption`` and the service unless told otherwise."""
+class DecodeSettings:
+    """How captions are decoded, every setting of ``beam_search`` and all of their checks (a
+    one-line ``DecodingError`` on construction). It is the ``decode`` section of an experiment
+    config, so every checkpoint records it; validation, test scoring, ``evaluate``, ``caption``
+    and the service decode with it. ``decode_options`` maps the command-line flags and query
+    names to its fields."""
 
     beam_size: int = field(default=3, metadata={"min": 1})
     length_penalty: str = field(default="none", metadata={"choices": LENGTH_PENALTIES})
     alpha: float = field(default=0.0, metadata={"min": 0.0})  # the "wu" penalty's exponent
     min_length: int = field(default=0, metadata={"min": 0})  # words before <end> may come
     block_trigrams: bool = False  # no word that repeats a trigram of the caption
+    n_best: int = field(default=1, metadata={"min": 1})  # hypotheses per image, at most beam_size
+    # decoding steps, <end> included; None: the longest training caption's words plus <end>
+    max_length: int | None = field(default=None, metadata={"min": 1, "max": MAX_LENGTH})
+    attention: bool = False  # keep each word's attention weights (changes no caption)
 
     def __post_init__(self) -> None:
         if self.alpha and self.length_penalty != "wu":
@@ -74,25 +83,47 @@ class DecodeConfig:
             raise DecodingError(
                 f"decoding settings: length_penalty wu needs a finite alpha above 0 (--length-alpha, decode.alpha), got {self.alpha}; at 0 it ranks as none"
             )
+        for spec in fields(self):
+            problem = out_of_range(getattr(self, spec.name), spec.metadata)
+            if problem:
+                raise DecodingError(f"decoding settings: {spec.name} {problem}, got {getattr(self, spec.name)!r}")
+        if self.n_best > self.beam_size:
+            raise DecodingError(f"decoding settings: n_best ({self.n_best}) must be at most beam ({self.beam_size}), the beam_size")
+        if self.max_length is not None and self.min_length >= self.max_length:
+            raise DecodingError(
+                f"decoding settings: min_length ({self.min_length}) must be below max_length ({self.max_length}), "
+                "the decoding steps with <end>"
+            )
 
-    def search_arguments(self) -> dict[str, Any]:
-        """These settings as ``beam_search`` keyword arguments."""
-        return {f: getattr(self, f) for f in DecodeConfig.__dataclass_fields__}
+    def with_max_length(self, default: int) -> DecodeSettings:
+        """These settings with ``max_length`` ``default`` where it is None (checked again)."""
+        return self if self.max_length is not None else replace(self, max_length=default)
 
 
-Settings = TypeVar("Settings", bound=DecodeConfig)
-
-
-def changed(settings: Settings, changes: Mapping[str, Any]) -> Settings:
+def changed(settings: DecodeSettings, changes: Mapping[str, Any]) -> DecodeSettings:
     """``settings`` with ``changes`` (None values change nothing). A change to a length penalty
     other than wu sets ``alpha`` to 0 unless ``changes`` gives it too: the recorded exponent of a wu
-    penalty means nothing to another. ``DecodingError`` for an alpha given with another penalty,
-    and for the wu penalty left at alpha 0 (``--length-penalty wu`` on settings without an alpha,
-    or ``--length-alpha 0`` on wu settings)."""
+    penalty means nothing to another. ``DecodingError`` for settings that do not fit together,
+    e.g. an alpha given with another penalty, or the wu penalty left at alpha 0 (``--length-penalty
+    wu`` on settings without an alpha, or ``--length-alpha 0`` on wu settings)."""
     given = {k: v for k, v in changes.items() if v is not None}
     if given.get("length_penalty", "wu") != "wu":
         given.setdefault("alpha", 0.0)
     return replace(settings, **given)
+
+
+def decode(model: StepModel, features: Mapping[str, Tensor], settings: DecodeSettings) -> list[list[Hypothesis]]:
+    """``beam_search`` of ``features`` {tap: (B, C, H, W)} with ``settings`` (their ``max_length``
+    set) and the vocabulary's special ids (``Vocab``: the same in every vocabulary): how every
+    caller decodes captions."""
+    if settings.max_length is None:
+        raise DecodingError("decoding settings: max_length is not set (DecodeSettings.with_max_length sets it)")
+    return beam_search(
+        model, features, start=Vocab.start, end=Vocab.end, suppress=Vocab.never_emitted,
+        beam_size=settings.beam_size, max_length=settings.max_length, length_penalty=settings.length_penalty,
+        alpha=settings.alpha, n_best=settings.n_best, min_length=settings.min_length,
+        block_trigrams=settings.block_trigrams, return_attention=settings.attention,
+    )
 
 
 class DecoderState(Protocol):
@@ -158,12 +189,6 @@ class LengthPenalty:
     kind: str = "none"
     alpha: float = 0.0
 
-    def __post_init__(self) -> None:
-        if self.kind not in LENGTH_PENALTIES:
-            raise DecodingError(f"length_penalty must be one of {', '.join(LENGTH_PENALTIES)}; got {self.kind!r}")
-        if self.alpha < 0:
-            raise DecodingError(f"length penalty alpha must be >= 0; got {self.alpha}")
-
     def denominator(self, length: Tensor | int) -> Tensor:
         """What the log-prob is divided by at penalty length ``length`` (>= 1)."""
         length = torch.as_tensor(length, dtype=torch.float32)
@@ -205,13 +230,11 @@ def beam_search(
     the model's): ``min_length`` words before ``<end>`` may come; ``block_trigrams``: no word that
     would repeat a trigram already in the hypothesis.
     """
-    _check_common(start, end, max_length, suppress)
-    if not 0 <= min_length < max_length:
-        raise DecodingError(f"min_length must be between 0 and max_length - 1 ({max_length - 1}); got {min_length}")
-    if beam_size < 1:
-        raise DecodingError(f"beam_size must be >= 1; got {beam_size}")
-    if not 1 <= n_best <= beam_size:
-        raise DecodingError(f"n_best must be between 1 and beam_size ({beam_size}); got {n_best}")
+    DecodeSettings(  # their checks
+        beam_size=beam_size, length_penalty=length_penalty, alpha=alpha if length_penalty == "wu" else 0.0,
+        min_length=min_length, n_best=n_best, max_length=max_length,
+    )
+    _check_tokens(start, end, suppress)
     penalty = LengthPenalty(length_penalty, alpha)
     with torch.inference_mode():
         batch = _batch_size(features)
@@ -420,10 +443,8 @@ def _log_probs(logits: Tensor, suppress: Sequence[int], start: int, end: int) ->
     return F.log_softmax(logits, dim=1)
 
 
-def _check_common(start: int, end: int, max_length: int, suppress: Sequence[int]) -> None:
-    """The settings both decoders share must make sense."""
-    if max_length < 1:
-        raise DecodingError(f"max_length must be >= 1; got {max_length}")
+def _check_tokens(start: int, end: int, suppress: Sequence[int]) -> None:
+    """The special ids must make sense."""
     if end in suppress:
         raise DecodingError(f"the <end> id {end} cannot be suppressed")
     if start == end:

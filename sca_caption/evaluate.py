@@ -20,7 +20,7 @@ import torch
 
 from sca_caption.data.corpus import SPLITS
 from sca_caption.decode_options import add_decode_options, decode_changes
-from sca_caption.decoding import DecodeConfig
+from sca_caption.decoding import DecodeSettings
 from sca_caption.devices import add_device_option, default_device
 from sca_caption.errors import command
 from sca_caption.io_utils import check_output_file, check_output_folder
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def results_name(split: str, decode: DecodeConfig) -> str:
+def results_name(split: str, decode: DecodeSettings) -> str:
     """``results_<split>_beam<k>.json``, with each other decoding setting that is not the default
     in the name (``_average``, ``_wu1.5``, ``_min2``, ``_blocked``), so that two decodings never
     share a results file."""
@@ -89,7 +89,7 @@ def results_name(split: str, decode: DecodeConfig) -> str:
     return "_".join(parts) + ".json"
 
 
-def _describe(decode: DecodeConfig) -> str:
+def _describe(decode: DecodeSettings) -> str:
     """"beam 3", plus the constraints and penalty that are on."""
     parts = [f"beam {decode.beam_size}"]
     if decode.length_penalty != "none":

@@ -1,4 +1,4 @@
-"""Captioning a split with beam search and scoring it: shared by validation and the evaluate CLI.
+"""Captioning a split with beam search (``decoding.decode``) and scoring it: shared by validation and the evaluate CLI.
 
 The references of an image are all its captions in the dataset (as written, ``ImageRecord.raw``);
 the candidates are the best beam per image, words joined by spaces. Scores are pycocoevalcap's
@@ -23,7 +23,7 @@ from sca_caption.data.corpus import ImageRecord, records_in_split
 from sca_caption.data.features import FeatureCache
 from sca_caption.data.shapes import Scene, shapes_accuracy
 from sca_caption.data.vocab import Vocab
-from sca_caption.decoding import DecodeConfig, beam_search, changed
+from sca_caption.decoding import DecodeSettings, changed, decode
 from sca_caption.metrics import score_captions
 from sca_caption.models.captioner import SCACaptioner
 from sca_caption.prepare import data_root as dataset_root
@@ -46,25 +46,19 @@ def references(records: Sequence[ImageRecord]) -> dict[str, list[str]]:
     return {r.image_id: list(r.raw) for r in records}
 
 
-def decoding_limit(config: ExperimentConfig) -> int:
-    """The default decoding steps (validation, evaluate, caption): the longest training caption's
-    words plus ``<end>``."""
-    return config.data.max_length + 1
-
-
 def caption_images(
     model: SCACaptioner,
     vocab: Vocab,
     cache: FeatureCache,
     image_ids: Sequence[str],
     *,
-    decode: DecodeConfig,
-    max_length: int,
+    settings: DecodeSettings,
     device: torch.device,
     bf16: bool = False,
     progress: bool = False,
 ) -> dict[str, str]:
-    """The best beam's caption of each image (features from ``cache``), in ``image_ids`` order."""
+    """The best beam's caption of each image (features from ``cache``), in ``image_ids`` order;
+    ``settings`` with their ``max_length`` set."""
     model.eval()
     captions: dict[str, str] = {}
     batches = [image_ids[i : i + DECODE_BATCH] for i in range(0, len(image_ids), DECODE_BATCH)]
@@ -72,10 +66,7 @@ def caption_images(
         features = cache.read_batch([cache.index_of(i) for i in batch])
         features = {tap: x.to(device) for tap, x in features.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            beams = beam_search(
-                model, features, start=vocab.start, end=vocab.end, max_length=max_length,
-                suppress=vocab.never_emitted, **decode.search_arguments(),
-            )
+            beams = decode(model, features, settings)
         for image_id, hypotheses in zip(batch, beams):
             captions[image_id] = " ".join(vocab.decode(hypotheses[0].tokens))
     return captions
@@ -117,8 +108,7 @@ def evaluate_split(
     cache: FeatureCache,
     records: Sequence[ImageRecord],
     *,
-    decode: DecodeConfig,
-    max_length: int,
+    settings: DecodeSettings,
     device: torch.device,
     meteor: bool,
     scenes: dict[str, Scene] | None = None,
@@ -130,8 +120,7 @@ def evaluate_split(
     present = [r.image_id for r in records if r.image_id in cached]
     missing = [r.image_id for r in records if r.image_id not in cached]
     captions = caption_images(
-        model, vocab, cache, present, decode=decode, max_length=max_length, device=device,
-        bf16=bf16, progress=progress,
+        model, vocab, cache, present, settings=settings, device=device, bf16=bf16, progress=progress
     )
     return SplitEvaluation(captions, score_split(captions, records, meteor=meteor, scenes=scenes), missing)
 
@@ -177,7 +166,6 @@ def evaluate_model(
     validation and test (``bf16`` as ``train.bf16``), ``evaluate`` and ``export`` (float32)
     score a model."""
     return evaluate_split(
-        model, vocab, cache, records_in_split(records, split), decode=config.decode,
-        max_length=decoding_limit(config), device=device, meteor=meteor,
+        model, vocab, cache, records_in_split(records, split), settings=config.decoding(), device=device, meteor=meteor,
         scenes=split_scenes(config.data.dataset, dataset_root(config), split), bf16=bf16, progress=progress,
     )

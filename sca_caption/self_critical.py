@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sca_caption.data.vocab import Vocab
-from sca_caption.decoding import beam_search
+from sca_caption.decoding import DecodeSettings, decode
 from sca_caption.models.captioner import SCACaptioner
 from sca_caption.rewards import CiderD
 
@@ -102,10 +102,7 @@ def greedy_tokens(model: SCACaptioner, features: Mapping[str, Tensor], max_lengt
     """The greedy caption of each image, (N, L) word ids padded with ``<pad>``, in eval mode."""
     training = model.training
     model.eval()
-    hypotheses = beam_search(
-        model, features, start=vocab.start, end=vocab.end, beam_size=1, max_length=max_length,
-        suppress=vocab.never_emitted,
-    )
+    hypotheses = decode(model, features, DecodeSettings(beam_size=1, max_length=max_length))
     model.train(training)
     device = next(iter(features.values())).device
     tokens = torch.full((len(hypotheses), max_length), vocab.pad, dtype=torch.long, device=device)

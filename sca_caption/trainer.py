@@ -62,7 +62,7 @@ from sca_caption.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from sca_caption.config import ExperimentConfig, TrainConfig, write_config
+from sca_caption.config import ExperimentConfig, TrainConfig, decoding_limit, write_config
 from sca_caption.data.caption_dataset import (
     CaptionBatch,
     ImageBatch,
@@ -72,10 +72,10 @@ from sca_caption.data.caption_dataset import (
     shard,
 )
 from sca_caption.data.errors import DataError
-from sca_caption.decoding import DecodeConfig
+from sca_caption.decoding import DecodeSettings
 from sca_caption.distributed import Processes
 from sca_caption.errors import first_line, main_process_takes_interrupts
-from sca_caption.evaluation import SplitEvaluation, decoding_limit, evaluate_model
+from sca_caption.evaluation import SplitEvaluation, evaluate_model
 from sca_caption.io_utils import atomic_write_json, atomic_write_text
 from sca_caption.locks import exclusive
 from sca_caption.models.backbones import build_cache_backbone
@@ -90,7 +90,7 @@ RESUMABLE_CHANGES = frozenset(
         "data.data_root", "data.feature_cache", "data.num_workers",
         "train.patience", "train.log_every", "train.eval_every", "train.meteor",
         "train.checkpoint_every", "model.kernels",
-        *(f"decode.{name}" for name in DecodeConfig.__dataclass_fields__),  # validation decoding
+        *(f"decode.{name}" for name in DecodeSettings.__dataclass_fields__),  # validation decoding
     }
 )
 LOG_COLUMNS = (

@@ -248,3 +248,11 @@ def test_backbone_is_rebuilt_with_the_weights_the_checkpoint_names(tmp_path, lay
     assert all(torch.equal(prefix[k], rebuilt[k]) for k in rebuilt if k.startswith("stages.stem."))
     with pytest.raises(CheckpointError, match="with weights 'imagenet' is not the backbone its features came from"):
         ImageCaptioner.from_checkpoint(random_backbone, backbone_weights="imagenet")
+
+
+def test_max_length_above_the_services_limit_is_a_usage_error(capsys, checkpoint, photos):
+    """Issue #26.10: one limit on the decoding steps (the service refuses ?max_length=10000 too)."""
+    with pytest.raises(SystemExit) as stop:
+        main(["--checkpoint", str(checkpoint), "--max-length", "100000", str(photos / "a.jpg")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("argument --max-length: 100000 is above 100")

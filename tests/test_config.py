@@ -22,7 +22,7 @@ from sca_caption.config import (
     write_config,
 )
 from sca_caption.models.backbones import build_backbone
-from sca_caption.decoding import DecodeConfig, DecodingError, changed
+from sca_caption.decoding import DecodeSettings, DecodingError, changed
 from sca_caption.models.captioner import ModelConfig
 
 PRESET = """\
@@ -67,7 +67,7 @@ def test_precedence_defaults_preset_file_overrides(config_dir):
     assert (everything.train.lr, everything.train.epochs, everything.data.batch_size) == (0.3, 2, 8)
     assert everything.model.hidden_dim == 64
     # Keys nobody set keep their defaults.
-    assert everything.decode.beam_size == DecodeConfig().beam_size
+    assert everything.decode.beam_size == DecodeSettings().beam_size
     assert everything.model.order == ModelConfig().order
     # Later overrides win over earlier ones.
     assert load_config(overrides=["train.seed=1", "train.seed=2"]).train.seed == 2
@@ -181,10 +181,10 @@ def test_error_of_a_key_combination_names_the_keys_that_brought_it_in(config_dir
 
 def test_alpha_belongs_to_the_wu_penalty_and_a_change_of_penalty_drops_it():
     assert load_config(overrides=["decode.length_penalty=wu", "decode.alpha=1.5"]).decode.alpha == 1.5
-    wu = DecodeConfig(length_penalty="wu", alpha=1.5)
-    assert changed(wu, {"length_penalty": "average", "beam_size": None}) == DecodeConfig(length_penalty="average")
-    assert changed(wu, {"beam_size": 5}) == DecodeConfig(beam_size=5, length_penalty="wu", alpha=1.5)
-    assert changed(DecodeConfig(), {"length_penalty": "wu", "alpha": 0.5}).alpha == 0.5
+    wu = DecodeSettings(length_penalty="wu", alpha=1.5)
+    assert changed(wu, {"length_penalty": "average", "beam_size": None}) == DecodeSettings(length_penalty="average")
+    assert changed(wu, {"beam_size": 5}) == DecodeSettings(beam_size=5, length_penalty="wu", alpha=1.5)
+    assert changed(DecodeSettings(), {"length_penalty": "wu", "alpha": 0.5}).alpha == 0.5
     with pytest.raises(DecodingError, match="alpha 2.0 needs length_penalty wu"):
         changed(wu, {"length_penalty": "none", "alpha": 2.0})
 
@@ -215,7 +215,7 @@ def test_non_finite_numbers_are_refused_by_name():
     with pytest.raises(ConfigError, match=r"decode.alpha must be a finite number, got inf"):
         load_config(overrides=["decode.length_penalty=wu", "decode.alpha=.inf"])
     with pytest.raises(DecodingError, match="needs a finite alpha above 0"):
-        DecodeConfig(length_penalty="wu", alpha=math.nan)
+        DecodeSettings(length_penalty="wu", alpha=math.nan)
 
 
 def test_a_recorded_config_reads_as_the_run_had_it():
@@ -231,7 +231,7 @@ def test_a_recorded_config_reads_as_the_run_had_it():
     assert read.decode.alpha == 0.0 and read.model.finetune_upper is False
     assert recorded(ExperimentConfig().to_dict()) == ExperimentConfig().to_dict()
     old["decode"].update(length_penalty="wu", alpha=0.0)
-    assert ExperimentConfig.from_dict(recorded(old)).decode == DecodeConfig()
+    assert ExperimentConfig.from_dict(recorded(old)).decode == DecodeSettings()
     old["decode"].update(length_penalty="none", alpha="abc")  # malformed, not old: refused, not repaired
     with pytest.raises(ConfigError, match="decode.alpha must be a number, got 'abc'"):
         ExperimentConfig.from_dict(recorded(old))
@@ -293,3 +293,22 @@ def test_presets_load_and_attend_real_taps(preset):
     assert preset.split("_")[0] == config.data.dataset
     backbone = backbone_taps(config.model.backbone)
     backbone.cached_taps(config.model.layers)  # raises unless the layers are taps in forward order
+
+
+def test_a_min_length_the_caption_length_leaves_no_room_for_is_refused_while_parsing(tmp_path):
+    """Issue #26.9: refused by the config, naming the key's file and line, not after an epoch."""
+    run = tmp_path / "train.yaml"
+    run.write_text("data:\n  max_length: 29\ndecode:\n  min_length: 40\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file=run)
+    assert str(caught.value) == (
+        f"{run}:4: decoding settings: min_length (40) must be below max_length (30), the decoding steps with <end> "
+        "(decode.max_length null: data.max_length + 1)"
+    )
+    with pytest.raises(ConfigError, match=r"^override 'data.max_length=5': decoding settings: min_length \(6\)"):
+        load_config(overrides=["decode.min_length=6", "data.max_length=5"])
+    with pytest.raises(ConfigError, match=r"^override 'decode.min_length=9': decoding settings: min_length \(9\) must be below max_length \(9\)"):
+        load_config(overrides=["decode.max_length=9", "decode.min_length=9"])
+    with pytest.raises(ConfigError, match=r"decode.max_length must be at most 100, got 1000"):
+        load_config(overrides=["decode.max_length=1000"])
+    assert load_config(overrides=["decode.min_length=20"]).decoding().max_length == 21

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from caption_support import bomb_png, save_tiny_checkpoint, truncated_jpeg
 from serve_support import as_answer, library_captions, photo_bytes
-from sca_caption.captioning import ImageCaptioner
+from sca_caption.captioning import DecodeSettings, ImageCaptioner
 from sca_caption.serve.app import ServiceLimits, create_app
 from sca_caption.serve.model_card import ModelCard
 
@@ -176,3 +176,19 @@ def test_a_pickle_body_is_never_unpickled(tmp_path, client):
     refused(files(client, [("images", "x.pt", payload)]), 422, "x.pt: not an image file")
     assert not marker.exists()
     still_serving(client)
+
+
+def test_an_impossible_decoding_request_is_refused_whole_before_it_is_queued(captioner):
+    """Issues #24.6, #26.1: the options over the checkpoint's settings (here min_length 1 and the
+    caption length 6 + 1) are checked before the images are queued: a 422, not the worker's 500."""
+    recorded = ImageCaptioner(
+        captioner.model, captioner.prefix, captioner.vocab, max_length=captioner.max_length, decode=DecodeSettings(min_length=1)
+    )
+    with TestClient(create_app(recorded, card=ModelCard("tiny.pt"), limits=ServiceLimits(max_wait_ms=0))) as client:
+        for query, problem in (
+            ("?min_length=20&max_length=20", "min_length (20) must be below max_length (20)"),
+            ("?max_length=1", "min_length (1) must be below max_length (1)"),
+            ("?min_length=7", "min_length (7) must be below max_length (7)"),
+        ):
+            refused(raw(client, photo_bytes(0), query, "image/png"), 422, problem)
+        still_serving(client)

@@ -26,6 +26,7 @@ def test_the_shipped_file_is_small_float16_and_records_its_decoding_and_scores()
     # the decoding chosen on validation, as checkpoints/README.md describes it
     assert saved.config["decode"] == {
         "beam_size": 10, "length_penalty": "average", "alpha": 0.0, "min_length": 1, "block_trigrams": True,
+        "n_best": 1, "max_length": None, "attention": False,  # read as the defaults: the file predates them
     }
 
 

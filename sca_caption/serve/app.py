@@ -30,6 +30,8 @@ from torch import Tensor
 from sca_caption.captioning import ImageCaptioner
 from sca_caption.data.errors import DataError
 from sca_caption.data.images import decode_image
+from sca_caption.decode_options import DECODE_OPTIONS
+from sca_caption.decoding import DecodingError
 from sca_caption.serve.batcher import MicroBatcher
 from sca_caption.serve.model_card import ModelCard
 from sca_caption.serve.results import image_result
@@ -67,7 +69,8 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
         (413, "over the upload limit, or too many images in one request"),
         (415, "neither multipart/form-data nor an image/* body"),
         (422, "an image that cannot be decoded (not an image, truncated, over the pixel limit), "
-              "an option of the wrong type or range, or an unknown option or form field"),
+              "an option of the wrong type or range, options that do not fit together or with the "
+              "checkpoint's settings, or an unknown option or form field"),
     )
 }
 
@@ -117,13 +120,13 @@ def create_app(captioner: ImageCaptioner, *, card: ModelCard, limits: ServiceLim
         in the query string. One result per image, in upload order."""
         start = time.perf_counter()
         _refuse_repeated_options(request)
+        try:  # the whole request, over the checkpoint's settings, before any image is queued
+            settings = options.settings(captioner)
+        except DecodingError as err:
+            raise HTTPException(status_code=422, detail=str(err)) from None
         uploads = await read_uploads(
             request, max_bytes=int(limits.max_upload_mb * 2**20), max_images=limits.max_images
         )
-        try:
-            settings = options.settings(captioner)
-        except ValueError as err:
-            raise HTTPException(status_code=422, detail=str(err)) from None
         images = await run_in_threadpool(_decode_all, uploads, captioner.input_size)
         decoded = await batcher.caption(images, settings)
         results = await run_in_threadpool(
@@ -161,7 +164,7 @@ def _refuse_repeated_options(request: Request) -> None:
 
 def _model_info(captioner: ImageCaptioner, card: ModelCard, limits: ServiceLimits) -> ModelInfo:
     config = captioner.model.config
-    defaults = captioner.settings()
+    defaults = captioner.decode
     return ModelInfo(
         checkpoint=card.checkpoint,
         backbone=config.backbone,
@@ -171,15 +174,7 @@ def _model_info(captioner: ImageCaptioner, card: ModelCard, limits: ServiceLimit
         input_size=captioner.input_size,
         vocabulary_size=len(captioner.vocab),
         scores=card.scores,
-        decoding_defaults={
-            "beam": defaults.beam_size,
-            "n_best": defaults.n_best,
-            "max_length": captioner.max_length,
-            "length_penalty": defaults.length_penalty,
-            "length_alpha": defaults.alpha,
-            "min_length": defaults.min_length,
-            "block_trigrams": defaults.block_trigrams,
-        },
+        decoding_defaults={name: getattr(defaults, field) for name, (field, _) in DECODE_OPTIONS.items()},
         limits=Limits(
             max_images=limits.max_images,
             max_upload_mb=limits.max_upload_mb,

@@ -3,49 +3,46 @@ fields refused) and document every answer in the OpenAPI schema at ``/docs``."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from sca_caption.captioning import DecodeSettings, ImageCaptioner
-from sca_caption.decoding import LENGTH_PENALTIES
+from sca_caption.captioning import ImageCaptioner
+from sca_caption.decode_options import DECODE_OPTIONS, decode_changes, option_limits, option_type
+from sca_caption.decoding import MAX_LENGTH, DecodeSettings
 
-MAX_BEAM = 20
-MAX_LENGTH = 100
+SERVICE_CAPS: dict[str, dict[str, Any]] = {  # tighter bounds on the work one request may ask for
+    "beam": {"max": 20}, "n_best": {"max": 20}, "length_alpha": {"max": 5.0},
+}
 MAX_TOP_CHANNELS = 64
 
 
-class CaptionOptions(BaseModel):
-    """Decoding options of ``POST /v1/captions``, given as query parameters; an option left out
-    takes the checkpoint's recorded decoding setting (``GET /v1/model``: ``decoding_defaults``)."""
+def _query_field(name: str) -> tuple[Any, Any]:
+    """Decoding option ``name`` as an optional query parameter: its field's type (or choices)
+    and range, tightened by ``SERVICE_CAPS``."""
+    limits = option_limits(name) | SERVICE_CAPS.get(name, {})
+    kind = Literal[limits["choices"]] if "choices" in limits else option_type(name)  # type: ignore[valid-type]
+    return kind | None, Field(None, ge=limits.get("min"), le=limits.get("max"), description=DECODE_OPTIONS[name][1])
 
+
+class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    beam: int | None = Field(None, ge=1, le=MAX_BEAM, description="beam size (1: greedy)")
-    n_best: int = Field(1, ge=1, le=MAX_BEAM, description="captions per image, best first; at most beam")
-    max_length: int | None = Field(
-        None, ge=1, le=MAX_LENGTH, description="decoding steps, the end token included (default: the checkpoint's caption length + 1)"
-    )
-    length_penalty: Literal[LENGTH_PENALTIES] | None = Field(  # type: ignore[valid-type]
-        None, description="rank by log-prob (none), log-prob per step (average) or Wu et al.'s (wu)"
-    )
-    length_alpha: float | None = Field(None, ge=0.0, le=5.0, description="exponent of the wu penalty")
-    min_length: int | None = Field(None, ge=0, le=MAX_LENGTH, description="at least this many words")
-    block_trigrams: bool | None = Field(None, description="never repeat a trigram of the caption")
-    attention: bool = Field(False, description="per word and attended layer: the spatial map and the top channels")
-    top_channels: int = Field(5, ge=1, le=MAX_TOP_CHANNELS, description="channels per word and layer with attention")
-
     def settings(self, captioner: ImageCaptioner) -> DecodeSettings:
-        """These options over the checkpoint's recorded settings; a ``ValueError`` (one line) for
-        an ``n_best`` above the beam size."""
-        settings = captioner.settings(
-            beam_size=self.beam, length_penalty=self.length_penalty, alpha=self.length_alpha,
-            min_length=self.min_length, block_trigrams=self.block_trigrams, n_best=self.n_best,
-            max_length=self.max_length, attention=self.attention,
-        )
-        if settings.n_best > settings.beam_size:
-            raise ValueError(f"n_best ({settings.n_best}) must be at most beam ({settings.beam_size})")
-        return settings
+        """These options over the checkpoint's recorded settings, checked whole (a one-line
+        ``DecodingError`` for settings that do not fit together or with the checkpoint's)."""
+        return captioner.settings(**decode_changes(self), attention=self.attention)
+
+
+CaptionOptions = create_model(
+    "CaptionOptions",
+    __base__=_Options,
+    __doc__="Decoding options of ``POST /v1/captions``, given as query parameters; an option left out "
+    "takes the checkpoint's recorded decoding setting (``GET /v1/model``: ``decoding_defaults``).",
+    **{name: _query_field(name) for name in DECODE_OPTIONS},
+    attention=(bool, Field(False, description="per word and attended layer: the spatial map and the top channels")),
+    top_channels=(int, Field(5, ge=1, le=MAX_TOP_CHANNELS, description="channels per word and layer with attention")),
+)
 
 
 class ScoredCaption(BaseModel):
@@ -92,16 +89,11 @@ class CaptionResponse(BaseModel):
     elapsed_ms: float = Field(description="the request's time in the server")
 
 
-class DecodingDefaults(BaseModel):
-    """The checkpoint's recorded decoding settings: what an option left out means."""
-
-    beam: int
-    n_best: int
-    max_length: int
-    length_penalty: str
-    length_alpha: float
-    min_length: int
-    block_trigrams: bool
+DecodingDefaults = create_model(
+    "DecodingDefaults",
+    __doc__="The checkpoint's recorded decoding settings: what an option left out means.",
+    **{name: (option_type(name), ...) for name in DECODE_OPTIONS},
+)
 
 
 class Limits(BaseModel):
@@ -109,7 +101,7 @@ class Limits(BaseModel):
     max_upload_mb: float = Field(description="request body size")
     max_batch: int = Field(description="images in one beam-search batch")
     max_wait_ms: float = Field(description="how long a batch waits for more images")
-    max_beam: int = MAX_BEAM
+    max_beam: int = SERVICE_CAPS["beam"]["max"]
     max_length: int = MAX_LENGTH
 
 
