@@ -129,7 +129,7 @@ def test_bad_input_is_one_data_error_line_naming_it(captioner, photo, tmp_path, 
 
 
 def test_bad_settings_are_one_line(captioner, photo):
-    with pytest.raises(DecodingError, match=r"^n_best must be between 1 and beam_size \(2\); got 3$"):
+    with pytest.raises(DecodingError, match=r"^decoding settings: n_best \(3\) must be at most beam \(2\), the beam_size$"):
         captioner(photo, beam=2, n_best=3)
 
 
