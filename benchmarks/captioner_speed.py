@@ -13,8 +13,10 @@ tanh-map elements evaluated (k·C channel, k·m spatial, per layer and step, for
 
 Settings (random weights; only the shapes matter) from ``common.py``: ``lite0`` (one layer on
 EfficientNet-Lite0's stage7, the issue's CPU configuration), ``paper`` (the paper's two layers
-on ResNet-152, res5c_branch2b then res5c), ``flickr8k`` (configs/flickr8k.yaml's sizes) and
-``flickr8k_two`` (the same with stage6 then stage7, whose MBConv block runs in every step). Each order runs with every attention backend of
+on ResNet-152, res5c_branch2b then res5c), ``flickr8k`` (configs/flickr8k.yaml's sizes),
+``flickr8k_two`` (the same with stage6 then stage7, whose MBConv block runs in every step) and
+``flickr8k_head`` / ``flickr8k_lite2_head`` (stage7 then the 1280-channel head of Lite0 / Lite2:
+the attention on 1280 channels), among others. Each order runs with every attention backend of
 ``--kernels`` ("plain": the paper's equations, what a GPU runs; "cpu": the CPU kernels), side by
 side, each in a fresh process whose resident-memory rise is printed as ``peak_rss_mb``.
 

@@ -13,7 +13,10 @@ Settings (random weights; only the shapes matter):
   on Lite0 ``stage7``, and its two-layer variant ``stage6`` → ``stage7``;
 - ``flickr8k_vgg19``, ``flickr8k_resnet152``: the same sizes on the paper's backbones, one layer
   each: VGG-19 ``conv5_4`` (512×14×14) and ResNet-152 ``res5c`` (2048×7×7): what a CPU recipe
-  on those features would cost.
+  on those features would cost;
+- ``flickr8k_head``, ``flickr8k_lite2_head``: the same sizes on two layers, ``stage7`` → ``head``
+  (whose 1×1 conv + BN runs at every step) of Lite0 (320×7×7 then 1280×7×7) and of Lite2
+  (352×9×9 then 1280×9×9): the CPU kernels on 1280 channels.
 """
 
 from __future__ import annotations
@@ -52,12 +55,14 @@ SETTINGS = {
     "flickr8k_two": Setting("efficientnet_lite0", ("stage6", "stage7"), 128, 384, 256),  # its two-layer variant
     "flickr8k_vgg19": Setting("vgg19", ("conv5_4",), 128, 384, 256),
     "flickr8k_resnet152": Setting("resnet152", ("res5c",), 128, 384, 256),
+    "flickr8k_head": Setting("efficientnet_lite0", ("stage7", "head"), 128, 384, 256),
+    "flickr8k_lite2_head": Setting("efficientnet_lite2", ("stage7", "head"), 128, 384, 256),
 }
 
 
-def build_captioner(setting: Setting, order: str, vocab: int, kernels: str = "auto") -> SCACaptioner:
+def build_captioner(setting: Setting, order: str, vocab: int, kernels: str = "cpu") -> SCACaptioner:
     """A captioner of ``setting``'s sizes attending in ``order`` with the attention backend
-    ``kernels`` ("plain" or "cpu"), on a randomly initialised backbone."""
+    ``kernels`` ("plain" or "cpu", the CPU presets' choice), on a randomly initialised backbone."""
     config = ModelConfig(
         backbone=setting.backbone,
         layers=setting.layers,

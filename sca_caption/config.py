@@ -152,8 +152,9 @@ def recorded(values: Mapping[str, Any]) -> dict[str, Any]:
     later) set to what the run did, its default or ``EARLIER_VALUES`` (the default for a
     self-critical key of a run without self-critical epochs); and the settings that did nothing
     then and are refused now dropped: an ``alpha`` without the wu penalty, the wu penalty at
-    alpha 0 (read as none, the same ranking), ``finetune_upper`` with one attended layer.
-    Unknown sections and keys stay for ``from_dict`` to refuse."""
+    alpha 0 (read as none, the same ranking), ``finetune_upper`` with one attended layer; and
+    the retired ``kernels: auto`` (the CPU kernels on a CPU) read as the default "plain", which
+    computes the same numbers. Unknown sections and keys stay for ``from_dict`` to refuse."""
     out = {name: dict(section) if isinstance(section, Mapping) else section for name, section in values.items()}
     for name, cls in SECTIONS.items():
         section = out.setdefault(name, {})
@@ -175,6 +176,8 @@ def recorded(values: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(model, dict) and isinstance(model.get("layers"), (list, tuple)) and len(model["layers"]) < 2:
         if model.get("finetune_upper") is True:
             model["finetune_upper"] = False
+    if isinstance(model, dict) and model.get("kernels") == "auto":
+        model["kernels"] = "plain"
     return out
 
 

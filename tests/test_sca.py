@@ -194,7 +194,7 @@ def test_unknown_order_is_a_config_error() -> None:
         SCALayer(C, K, "cs", True, "fast")
 
 
-def encoder(layers: tuple[str, ...], order: str = "cs", finetune: bool = False, backend: str = "auto") -> SCAEncoder:
+def encoder(layers: tuple[str, ...], order: str = "cs", finetune: bool = False, backend: str = "plain") -> SCAEncoder:
     torch.manual_seed(0)
     return SCAEncoder(
         build_tiny_backbone(), layers, 4, order, rescale=True, finetune_upper=finetune, kernels=backend
@@ -246,10 +246,11 @@ def test_encoder_runs_every_order_and_depth(order: str, layers: tuple[str, ...])
         assert attention.channel is None
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("finetune", [False, True])
-def test_upper_stage_frozen_unless_finetuned(finetune: bool) -> None:
+def test_upper_stage_frozen_unless_finetuned(finetune: bool, backend: str) -> None:
     layers = ("conv3", "conv4", "conv5")
-    enc = encoder(layers, finetune=finetune)
+    enc = encoder(layers, finetune=finetune, backend=backend)
     enc.train()
     assert not any(m.training for m in enc.upper.modules())  # batch-norm statistics stay fixed
     memory, _ = enc.remember(double(tiny_features(layers)), torch.float64)
@@ -264,10 +265,12 @@ def test_upper_stage_frozen_unless_finetuned(finetune: bool) -> None:
     assert enc.layers[0].channel.weight.grad.abs().sum() > 0
 
 
-def coord_encoder(layers: tuple[str, ...], order: str) -> SCAEncoder:
+def coord_encoder(layers: tuple[str, ...], order: str, backend: str = "plain") -> SCAEncoder:
     torch.manual_seed(0)
     backbone = build_tiny_backbone()
-    return SCAEncoder(backbone, layers, 4, order, rescale=True, finetune_upper=False, coord_channels=True).double()
+    return SCAEncoder(
+        backbone, layers, 4, order, rescale=True, finetune_upper=False, coord_channels=True, kernels=backend
+    ).double()
 
 
 def test_coordinate_channels_hold_x_then_y_from_minus_one_to_one() -> None:
@@ -282,8 +285,9 @@ def test_coordinate_channels_hold_x_then_y_from_minus_one_to_one() -> None:
     torch.testing.assert_close(top[:, 8:].mean(dim=(2, 3)), torch.zeros(3, 2, dtype=torch.float64))
 
 
-def test_context_carries_the_attended_position() -> None:
-    enc = coord_encoder(("conv3",), "s")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_context_carries_the_attended_position(backend: str) -> None:
+    enc = coord_encoder(("conv3",), "s", backend)
     memory, _ = enc.remember(double(tiny_features(("conv3",))), torch.float64)
     context, attention = enc(memory, torch.randn(3, enc.query_dim, dtype=torch.float64))
     positions = memory.maps[:, :, :, 8:].flatten(1, 2)  # (B, m, 2)
@@ -291,9 +295,10 @@ def test_context_carries_the_attended_position() -> None:
     torch.testing.assert_close(context[:, 8:], expected)
 
 
-def test_coordinate_channels_stay_out_of_the_upper_stages() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_coordinate_channels_stay_out_of_the_upper_stages(backend: str) -> None:
     layers = ("conv3", "conv4")
-    enc = coord_encoder(layers, "cs")
+    enc = coord_encoder(layers, "cs", backend)
     features = double(tiny_features(layers))
     memory, top = enc.remember(features, torch.float64)
     stage = enc.upper.stages["conv4"]

@@ -1,21 +1,28 @@
 """The "cpu" kernels against the plain equations, in float64: the chunked C-S spatial scores
 (values and every gradient), rows that read per-image memory (beam search) against copied per-row
 tensors, whole captioners (loss, gradients, beam search) for every order and depth, and the
-memory the kernels keep in inference."""
+memory the kernels keep in inference. And how a backend is chosen: the plain equations unless the
+kernels are asked for (as the CPU presets do), which refuse a layer they were not written for."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 from test_sca import expected_layer, hand_spatial, inputs, randomise
 from tiny_backbone import build_tiny_backbone, tiny_features
 
+from sca_caption.checkpoint import load_checkpoint
+from sca_caption.config import ExperimentConfig, load_config
 from sca_caption.decoding import beam_search
 from sca_caption.models import kernels
 from sca_caption.models.captioner import ModelConfig, SCACaptioner
-from sca_caption.models.sca import ORDERS, SCALayer, SpatialAttention
+from sca_caption.models.errors import ModelConfigError
+from sca_caption.models.sca import ORDERS, ChannelAttention, SCALayer, SpatialAttention
+
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "flickr8k_cs_lite0.pt"
 
 B, M, C, K = 3, 6, 5, 4
 
@@ -180,3 +187,68 @@ def test_inference_keeps_no_spatial_map_for_a_backward_pass(monkeypatch: pytest.
 
     assert largest_allocation(grad=True) >= kept
     assert largest_allocation(grad=False) < kept
+
+
+def test_the_default_backend_runs_the_modules_as_a_reader_edits_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An edit to ``ChannelAttention.forward`` (here: uniform weights) is what a default model
+    computes, on a CPU too."""
+    monkeypatch.setattr(ChannelAttention, "forward", lambda self, pooled, query: torch.full_like(pooled, 1 / pooled.shape[1]))
+    config = ModelConfig(backbone="tiny", layers=("conv3", "conv4"), attention_dim=4, hidden_dim=7, embed_dim=5)
+    torch.manual_seed(0)
+    encoder = SCACaptioner(config, 11, build_tiny_backbone()).double().encoder
+    memory, _ = encoder.remember({name: x.double() for name, x in tiny_features(config.layers).items()}, torch.float64)
+    _, attention = encoder(memory, torch.randn(3, encoder.query_dim, dtype=torch.float64))
+    assert attention.channel is not None
+    for beta in attention.channel:
+        torch.testing.assert_close(beta, torch.full_like(beta, 1 / beta.shape[1]))
+
+
+class TemperedChannelAttention(ChannelAttention):
+    """A reader's variant: the scores divided by a learnt temperature (a new parameter)."""
+
+    def __init__(self, channels: int, attention_dim: int) -> None:
+        super().__init__(channels, attention_dim)
+        self.temperature = torch.nn.Parameter(torch.ones(()))
+
+
+def test_the_cpu_backend_refuses_a_layer_it_does_not_implement(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = SCALayer(C, K, "cs", True, "plain")
+    layer.channel = TemperedChannelAttention(C, K)
+    with pytest.raises(ModelConfigError) as caught:
+        kernels.check_implements(layer)
+    message = str(caught.value)
+    assert "\n" not in message and "use kernels 'plain'" in message
+    assert "channel is TemperedChannelAttention, not ChannelAttention" in message
+    assert "channel.temperature is an extra tensor" in message
+
+    class Subclassed(SCALayer):
+        pass
+
+    with pytest.raises(ModelConfigError, match="the layer is Subclassed, not SCALayer"):
+        Subclassed(C, K, "sc", True, "cpu")
+    # a parameter added to ChannelAttention itself: refused when the model is built, by the cpu
+    # backend only, and only for orders with channel attention
+    original = ChannelAttention.__init__
+
+    def with_temperature(self: ChannelAttention, channels: int, attention_dim: int) -> None:
+        original(self, channels, attention_dim)
+        self.register_buffer("temperature", torch.ones(()))
+
+    monkeypatch.setattr(ChannelAttention, "__init__", with_temperature)
+    config = ModelConfig(backbone="tiny", layers=("conv3",), attention_dim=4, hidden_dim=7, embed_dim=5, kernels="cpu")
+    with pytest.raises(ModelConfigError, match="channel.temperature is an extra tensor"):
+        SCACaptioner(config, 11, build_tiny_backbone())
+    SCACaptioner(dataclasses.replace(config, kernels="plain"), 11, build_tiny_backbone())
+    SCACaptioner(dataclasses.replace(config, order="s"), 11, build_tiny_backbone())
+    kernels.check_implements(SCALayer(C, K, "s", True, "plain"))
+
+
+def test_presets_choose_the_kernels_and_old_checkpoints_auto_reads_as_plain() -> None:
+    assert ModelConfig().kernels == "plain"
+    assert load_config("flickr8k").model.kernels == "cpu" and load_config("shapes").model.kernels == "cpu"
+    with pytest.raises(ModelConfigError, match="kernels must be one of plain, cpu; got 'auto'"):
+        ModelConfig(kernels="auto")
+    # the shipped checkpoint recorded kernels: auto (the kernels on a CPU, before they were a choice)
+    saved = load_checkpoint(SHIPPED)
+    assert saved.config["model"]["kernels"] == "plain"
+    assert ExperimentConfig.from_dict(saved.config).model.kernels == "plain"

@@ -40,10 +40,10 @@ class ModelConfig:
     appends each location's x and y (from -1 to 1) to every attended map, as CoordConv does (Liu
     et al., 2018): not in SCA-CNN, whose convolutional features say what is at a location far
     better than where it is; the shapes captions, which are about positions, need it.
-    ``kernels``: the attention's backend, one of ``KERNELS`` ("auto": the CPU kernels on a CPU,
-    the plain equations elsewhere; see ``sca``). ``decoder``: "sat", Show-Attend-Tell's LSTM as
-    SCA-CNN uses it (h_{t-1} queries the encoder), or "updown", Up-Down's attention and language
-    LSTMs (the attention LSTM's h¹_t queries it; ``models.decoder``).
+    ``kernels``: the attention's backend, one of ``KERNELS`` ("plain": the modules' equations;
+    "cpu": the CPU kernels, an explicit choice; see ``sca``). ``decoder``: "sat", Show-Attend-Tell's
+    LSTM as SCA-CNN uses it (h_{t-1} queries the encoder), or "updown", Up-Down's attention and
+    language LSTMs (the attention LSTM's h¹_t queries it; ``models.decoder``).
 
     Where the authors' Theano code differs from the defaults (the authors' setting in brackets):
 
@@ -70,7 +70,7 @@ class ModelConfig:
     tag_lambda: float = 0.1
     tag_loss_weight: float = 0.0
     coord_channels: bool = False
-    kernels: str = "auto"
+    kernels: str = "plain"
     context_to_output: bool = True
     normalize_features: bool = False
     decoder: str = "sat"

@@ -1,6 +1,8 @@
 """The "cpu" backend of the SCA attention: the equations of ``sca_caption.models.sca`` computed in
-cache-sized chunks with hand-written backward passes, several times faster than the plain
-equations on a CPU (BENCHMARKS.md) and equal to them (tests/test_sca_kernels.py).
+cache-sized chunks with hand-written backward passes, faster than the plain equations on a CPU
+(BENCHMARKS.md) and equal to them (tests/test_sca_kernels.py). It runs only where chosen
+(``model.kernels: cpu``, as the CPU presets do), follows the layer's ``steps``, and refuses a
+layer whose modules are not the ones written out here (``check_implements``).
 
 What makes it fast, and why each trick is safe:
 
@@ -21,14 +23,14 @@ The paper's scalar score biases are left out here as in the plain equations.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import itertools
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-if TYPE_CHECKING:
-    from sca_caption.models.sca import ChannelAttention, FirstTerms, SCALayer, SpatialAttention
+from sca_caption.models import sca  # the module object: sca imports this module in turn
+from sca_caption.models.errors import ModelConfigError
 
 _CHUNK_ELEMENTS = 1 << 18  # floats of the (rows, C, k) channel map handled at once: 1 MiB, about L2
 _SPATIAL_CHUNK_ELEMENTS = 1 << 18  # floats of a (rows, m, max(C, k)) block of the C-S spatial attention
@@ -232,17 +234,12 @@ def _weighted_rows(
     return out
 
 
-def _gather(x: Tensor, rows: Tensor | None) -> Tensor:
-    """Per-image ``x`` (N, ...) read per row: ``x[rows]`` (R, ...), or ``x`` itself without ``rows``."""
-    return x if rows is None else x.index_select(0, rows)
-
-
 def _tanh_scores(preactivation: Tensor, weight: Tensor) -> Tensor:
     """wᵀ tanh(x) over the last dim up to a constant: 2wᵀσ(2x), (..., k) -> (...); overwrites x."""
     return preactivation.mul_(2).sigmoid_() @ weight.mul(2)
 
 
-def channel_weights(attention: ChannelAttention, pooled: Tensor, query: Tensor) -> Tensor:
+def channel_weights(attention: sca.ChannelAttention, pooled: Tensor, query: Tensor) -> Tensor:
     """``attention(pooled, query)``: v (R, C), q (R, k) -> β (R, C), computed in the parameters'
     dtype (under bfloat16 autocast v and q arrive in bfloat16)."""
     dtype = attention.weight.dtype
@@ -251,7 +248,7 @@ def channel_weights(attention: ChannelAttention, pooled: Tensor, query: Tensor) 
     return torch.softmax(scores, dim=1)
 
 
-def spatial_weights(attention: SpatialAttention, keys: Tensor, query: Tensor, rows: Tensor | None) -> Tensor:
+def spatial_weights(attention: sca.SpatialAttention, keys: Tensor, query: Tensor, rows: Tensor | None) -> Tensor:
     """α from per-image keys W_s V + b_s (N, m, k) and per-row queries (R, k) -> (R, m)."""
     if rows is None:
         return torch.softmax(_tanh_scores(keys + query.unsqueeze(1), attention.score), dim=1)
@@ -268,7 +265,7 @@ def spatial_weights(attention: SpatialAttention, keys: Tensor, query: Tensor, ro
 
 
 def weighted_spatial_weights(
-    attention: SpatialAttention, maps: Tensor, scale: Tensor, query: Tensor, rows: Tensor | None
+    attention: sca.SpatialAttention, maps: Tensor, scale: Tensor, query: Tensor, rows: Tensor | None
 ) -> Tensor:
     """α over the channel-weighted map V ⊙ s: per-image V (N, m, C), per-row s (R, C) and query
     (R, k) -> α (R, m); V ⊙ s is never materialised. Computed in the parameters' dtype."""
@@ -293,43 +290,75 @@ def weighted_sum(alpha: Tensor, maps: Tensor, rows: Tensor | None = None) -> Ten
 
 
 def attend(
-    layer: SCALayer, maps: Tensor, queries: Tensor, rows: Tensor | None, terms: FirstTerms | None, top: bool
+    layer: sca.SCALayer, maps: Tensor, queries: Tensor, rows: Tensor | None, terms: sca.FirstTerms | None, top: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``SCALayer.forward`` computed with the kernels above (same arguments, same results)."""
-    if terms is None:
-        terms = layer.first_terms(maps)
+    """``SCALayer.forward`` computed with the kernels above (same arguments, same results), step
+    by step through ``layer.steps``. The map a step leaves, V ⊙ β̃ or V ⊙ α̃, is never formed for
+    the next one: a channel step after α pools Σ_i α̃_i V_i / m, a spatial step after β scores
+    V ⊙ β̃ through ``weighted_spatial_weights``, and the context is β̃ ⊙ Σ_i α_i V_i."""
+    terms = layer.first_terms(maps) if terms is None else terms
     _, m, c = maps.shape
-    channel_scale = float(c) if layer.rescale else 1.0
-    spatial_scale = float(m) if layer.rescale else 1.0
-    k = layer.attention_dim
-    if layer.order == "none":
-        return _gather(maps.mean(dim=1) if top else maps, rows), None, None
-    if layer.order == "c":
-        assert layer.channel is not None and terms.pooled is not None
-        pooled = _gather(terms.pooled, rows)
-        beta = channel_weights(layer.channel, pooled, queries)
-        scaled = beta * channel_scale
-        output = scaled * pooled if top else _gather(maps, rows) * scaled.unsqueeze(1)
-        return output, None, beta
-    if layer.order == "s":
-        assert layer.spatial is not None and terms.keys is not None
-        alpha = spatial_weights(layer.spatial, terms.keys, queries, rows)
-        output = weighted_sum(alpha, maps, rows) if top else _gather(maps, rows) * (alpha * spatial_scale).unsqueeze(2)
-        return output, alpha, None
-    assert layer.channel is not None and layer.spatial is not None
-    if layer.order == "cs":
-        assert terms.pooled is not None
-        beta = channel_weights(layer.channel, _gather(terms.pooled, rows), queries[:, :k])
-        scaled = beta * channel_scale
-        alpha = weighted_spatial_weights(layer.spatial, maps, scaled, queries[:, k:], rows)
-        if top:  # Σ_i α_i (β̃ ⊙ V_i) = β̃ ⊙ Σ_i α_i V_i
-            return scaled * weighted_sum(alpha, maps, rows), alpha, beta
-        return _gather(maps, rows) * scaled.unsqueeze(1) * (alpha * spatial_scale).unsqueeze(2), alpha, beta
-    assert terms.keys is not None  # "sc"
-    alpha = spatial_weights(layer.spatial, terms.keys, queries[:, k:], rows)
-    attended_sum = weighted_sum(alpha, maps, rows)
-    beta = channel_weights(layer.channel, attended_sum * (spatial_scale / m), queries[:, :k])
-    scaled = beta * channel_scale
-    if top:
-        return scaled * attended_sum, alpha, beta
-    return _gather(maps, rows) * (alpha * spatial_scale).unsqueeze(2) * scaled.unsqueeze(1), alpha, beta
+    query = layer.split_queries(queries)
+    alpha: Tensor | None = None
+    beta: Tensor | None = None
+    summed: Tensor | None = None  # Σ_i α_i V_i (R, C) for the final α, where a step needed it
+    for step in layer.steps:
+        if step == "channel":
+            assert layer.channel is not None
+            if alpha is None:  # the first step: v from the image's memory
+                assert terms.pooled is not None
+                pooled = sca.per_row(terms.pooled, rows)
+            else:
+                summed = weighted_sum(alpha, maps, rows)
+                pooled = layer.rescaled(summed, m) / m  # the mean of V ⊙ α̃
+            beta = channel_weights(layer.channel, pooled, query["channel"])
+        else:
+            assert layer.spatial is not None
+            if beta is None:  # the first step: W_s V + b_s from the image's memory
+                assert terms.keys is not None
+                alpha = spatial_weights(layer.spatial, terms.keys, query["spatial"], rows)
+            else:
+                alpha = weighted_spatial_weights(layer.spatial, maps, layer.rescaled(beta, c), query["spatial"], rows)
+    if not top:
+        x = sca.per_row(maps, rows)
+        for step in layer.steps:
+            if step == "channel":
+                assert beta is not None
+                x = x * layer.rescaled(beta, c).unsqueeze(1)  # V ⊙ β̃
+            else:
+                assert alpha is not None
+                x = x * layer.rescaled(alpha, m).unsqueeze(2)  # V ⊙ α̃
+        return x, alpha, beta
+    if summed is None:  # Σ_i α_i V_i, the mean without spatial attention
+        summed = sca.per_row(maps.mean(dim=1), rows) if alpha is None else weighted_sum(alpha, maps, rows)
+    return (summed if beta is None else layer.rescaled(beta, c) * summed), alpha, beta
+
+
+def check_implements(layer: sca.SCALayer) -> None:
+    """Refuse (``ModelConfigError``, one line) a layer that is not exactly what ``attend``
+    computes: an ``SCALayer`` whose steps' modules are ``ChannelAttention`` and
+    ``SpatialAttention`` (its ``nn.Linear`` key), holding their own parameters and nothing more.
+    ``attend`` reads those parameters and re-derives the equations, so a subclass, another module
+    or a new parameter or buffer would otherwise be ignored without a word."""
+    modules: dict[str, type] = {"": sca.SCALayer}
+    tensors: set[str] = set()
+    if "channel" in layer.steps:
+        modules["channel"] = sca.ChannelAttention
+        tensors |= {"channel.weight", "channel.bias", "channel.score"}
+    if "spatial" in layer.steps:
+        modules |= {"spatial": sca.SpatialAttention, "spatial.key": nn.Linear}
+        tensors |= {"spatial.key.weight", "spatial.key.bias", "spatial.score"}
+    found = {name: type(module) for name, module in layer.named_modules()}
+    named = itertools.chain(layer.named_parameters(), layer.named_buffers())
+    problems = [
+        f"{name or 'the layer'} is {kind.__name__}, not {modules[name].__name__}" if name in modules
+        else f"{name} is an extra {kind.__name__}"
+        for name, kind in found.items()
+        if modules.get(name) is not kind
+    ]
+    problems += [f"{name} is an extra tensor" for name, _ in named if name not in tensors]
+    if problems:
+        raise ModelConfigError(
+            f"kernels 'cpu' implements the SCA layer of models/sca.py as written, but {'; '.join(problems)}: "
+            "use kernels 'plain', or teach models/kernels.py the change"
+        )

@@ -39,10 +39,12 @@ term (W_s V + b_s, or the pooled v) is computed once (``first_terms``); a higher
 recomputed by the backbone from the attended map below at every step. Decoding rows (beams) read
 their image's tensors through ``CaptionState.image``, a row-to-image index.
 
-Backends (``KERNELS``): "plain" is the equations above in plain PyTorch, what a reader holds
-against the paper and what a GPU runs; "cpu" is ``sca_caption.models.kernels``, the same numbers
-computed in cache-sized chunks with hand-written backward passes (several times faster on a
-CPU); "auto" picks "cpu" for tensors on the CPU and "plain" elsewhere. Both are tested equal.
+Backends (``KERNELS``): "plain", the default, is the modules above in plain PyTorch: what a
+reader holds against the paper, edits, and what a GPU runs. "cpu" is ``sca_caption.models.kernels``,
+an explicit choice (the CPU presets make it): the same numbers computed in cache-sized chunks with
+hand-written backward passes, faster on a CPU, driven by ``SCALayer.steps`` but reading the
+modules' parameters and re-deriving their equations, so a layer it was not written for (another
+module class, a new parameter) is refused when built. Both are tested equal.
 """
 
 from __future__ import annotations
@@ -54,13 +56,13 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from sca_caption.models import kernels
+from sca_caption.models import kernels as cpu_kernels
 from sca_caption.models.backbones.base import TappedBackbone, freeze
 from sca_caption.models.errors import ModelConfigError
 
 STEPS = {"cs": ("channel", "spatial"), "sc": ("spatial", "channel"), "c": ("channel",), "s": ("spatial",), "none": ()}
 ORDERS = tuple(STEPS)
-KERNELS = ("auto", "plain", "cpu")
+KERNELS = ("plain", "cpu")
 COORD_CHANNELS = 2  # x and y of each location, appended to attended maps when asked for
 
 
@@ -128,10 +130,11 @@ class FirstTerms:
 class SCALayer(nn.Module):
     """Channel and/or spatial attention over one layer, in one of ``ORDERS``.
 
-    ``kernels``: the backend, one of ``KERNELS`` (see the module docstring).
+    ``kernels``: the backend, one of ``KERNELS`` (see the module docstring); "cpu" refuses a layer
+    whose modules are not the ones the kernels implement (``kernels.check_implements``).
     """
 
-    def __init__(self, channels: int, attention_dim: int, order: str, rescale: bool, kernels: str = "auto") -> None:
+    def __init__(self, channels: int, attention_dim: int, order: str, rescale: bool, kernels: str = "plain") -> None:
         super().__init__()
         if order not in ORDERS:
             raise ModelConfigError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
@@ -144,6 +147,8 @@ class SCALayer(nn.Module):
         self.kernels = kernels
         self.channel = ChannelAttention(channels, attention_dim) if "channel" in self.steps else None
         self.spatial = SpatialAttention(channels, attention_dim) if "spatial" in self.steps else None
+        if kernels == "cpu":
+            cpu_kernels.check_implements(self)
 
     @property
     def query_dim(self) -> int:
@@ -173,38 +178,43 @@ class SCALayer(nn.Module):
         ``self.first_terms(maps)`` where already computed. ``out`` is X (R, m, C), or the context z
         (R, C) when ``top``; α (R, m) and β (R, C) are None without that attention.
         """
-        if self.kernels == "cpu" or (self.kernels == "auto" and maps.device.type == "cpu"):
-            return kernels.attend(self, maps, queries, rows, terms, top)
-        v = maps if rows is None else maps[rows]  # (R, m, C)
-        query = dict(zip([s for s in ("channel", "spatial") if s in self.steps], queries.split(self.attention_dim, 1)))
+        if self.kernels == "cpu":
+            return cpu_kernels.attend(self, maps, queries, rows, terms, top)
+        v = per_row(maps, rows)  # (R, m, C)
+        query = self.split_queries(queries)
         _, m, c = v.shape
         x, alpha, beta = v, None, None
         for i, step in enumerate(self.steps):
             cached = terms if i == 0 and terms is not None else FirstTerms()
             if step == "channel":
                 assert self.channel is not None
-                pooled = x.mean(dim=1) if cached.pooled is None else _rows(cached.pooled, rows)
+                pooled = x.mean(dim=1) if cached.pooled is None else per_row(cached.pooled, rows)
                 beta = self.channel(pooled, query["channel"])
-                x = x * self._rescaled(beta, c).unsqueeze(1)  # V ⊙ β̃
+                x = x * self.rescaled(beta, c).unsqueeze(1)  # V ⊙ β̃
             else:
                 assert self.spatial is not None
-                keys = None if cached.keys is None else _rows(cached.keys, rows)
+                keys = None if cached.keys is None else per_row(cached.keys, rows)
                 alpha = self.spatial(x, query["spatial"], keys)
-                x = x * self._rescaled(alpha, m).unsqueeze(2)  # V ⊙ α̃
+                x = x * self.rescaled(alpha, m).unsqueeze(2)  # V ⊙ α̃
         if not top:
             return x, alpha, beta
         weights = torch.full_like(v[..., 0], 1.0 / m) if alpha is None else alpha
         context = torch.einsum("rm,rmc->rc", weights, v)  # Σ_i α_i V_i
         if beta is not None:
-            context = context * self._rescaled(beta, c)  # β̃ ⊙ Σ_i α_i V_i
+            context = context * self.rescaled(beta, c)  # β̃ ⊙ Σ_i α_i V_i
         return context, alpha, beta
 
-    def _rescaled(self, weights: Tensor, length: int) -> Tensor:
+    def split_queries(self, queries: Tensor) -> dict[str, Tensor]:
+        """Queries (R, query_dim) -> {step: its query (R, k)}, the channel query first."""
+        steps = [step for step in ("channel", "spatial") if step in self.steps]
+        return dict(zip(steps, queries.split(self.attention_dim, 1)))
+
+    def rescaled(self, weights: Tensor, length: int) -> Tensor:
         """β̃ = C·β or α̃ = m·α with ``rescale``, else the weights themselves."""
         return weights * length if self.rescale else weights
 
 
-def _rows(x: Tensor, rows: Tensor | None) -> Tensor:
+def per_row(x: Tensor, rows: Tensor | None) -> Tensor:
     """Per-image ``x`` (N, ...) read per row: ``x[rows]`` (R, ...), or ``x`` itself without ``rows``."""
     return x if rows is None else x.index_select(0, rows)
 
@@ -243,7 +253,7 @@ class SCAEncoder(nn.Module):
         rescale: bool,
         finetune_upper: bool,
         coord_channels: bool = False,
-        kernels: str = "auto",
+        kernels: str = "plain",
     ) -> None:
         super().__init__()
         if not 1 <= len(layers) <= 3:
@@ -321,8 +331,8 @@ class SCAEncoder(nn.Module):
         and the step's attention; row r reads image ``rows[r]`` (image r when None)."""
         if memory.maps is None:
             assert memory.context is not None
-            return _rows(memory.context, rows), Attention(None, None)
-        taps = {name: _rows(x, rows) for name, x in memory.side.items()}
+            return per_row(memory.context, rows), Attention(None, None)
+        taps = {name: per_row(x, rows) for name, x in memory.side.items()}
         maps = memory.maps
         spatial: list[Tensor] = []
         channel: list[Tensor] = []
