@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from PIL import Image
 
 from sca_caption import caption, evaluate, export, train
 from sca_caption.io_utils import OutputError, atomic_write_text, check_output_file, check_output_folder
@@ -129,3 +130,24 @@ def test_export_and_build_vocab_replace_only_their_own_kind_of_file(tmp_path, ca
     assert export.main([str(notes), str(notes)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {notes}: is the checkpoint to export; name another model file"]
     assert notes.read_text() == '{"mine": true}\n'
+
+
+def test_make_shapes_on_a_full_disk_is_one_line_and_leaves_no_partial_image(tmp_path, capsys, monkeypatch):
+    real_save = Image.Image.save
+    written: list[Path] = []
+
+    def full_after_three(image, path, *args, **kwargs):
+        if len(written) == 3:
+            Path(path).write_bytes(b"\xff\xd8 half a JPEG")
+            raise OSError(28, "No space left on device")
+        written.append(Path(path))
+        return real_save(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_after_three)
+    out = tmp_path / "shapes"
+    assert make_shapes.main(["--out", str(out), "--train", "5", "--val", "1", "--test", "1"]) == 2
+    fourth = out / "images" / "train_00003.jpg"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {fourth}: not written (OSError: [Errno 28] No space left on device)"
+    ]
+    assert sorted((out / "images").iterdir()) == written and not (out / "dataset_shapes.json").exists()
