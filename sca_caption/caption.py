@@ -52,7 +52,7 @@ from sca_caption.captioning import (
 from sca_caption.decode_options import add_decode_options, decode_changes
 from sca_caption.devices import add_device_option, default_device
 from sca_caption.errors import Interrupted, SCACaptionError, command
-from sca_caption.io_utils import OutputError, atomic_write, atomic_write_text, check_output_file, check_output_folder
+from sca_caption.io_utils import COCO_RESULTS, OutputError, atomic_write, atomic_write_text, check_output_file, check_output_folder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: no --checkpoint given: using {checkpoint} ({which})", file=sys.stderr)
     paths = collect_images(args.paths)
     _check_outputs_are_not_inputs(args, paths)
+    if args.json is not None:  # replaces only a results file, never the checkpoint (the images: just above)
+        check_output_file(args.json, "--json file", inputs={checkpoint: "the checkpoint"}, replaces=COCO_RESULTS)
     captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device, backbone_weights=args.backbone_weights)
     if args.attention is not None and not captioner.has_spatial_attention:
         _error(f"{checkpoint}: its model (order {captioner.model.config.order!r}) has no spatial attention to draw")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sca_caption import caption, evaluate, export, train
-from sca_caption.io_utils import OutputError, atomic_write_text, check_output_file, check_output_folder
+from sca_caption.io_utils import COCO_RESULTS, OutputError, atomic_write_text, check_output_file, check_output_folder
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "preprocess"))
@@ -151,3 +151,40 @@ def test_make_shapes_on_a_full_disk_is_one_line_and_leaves_no_partial_image(tmp_
         f"error: {fourth}: not written (OSError: [Errno 28] No space left on device)"
     ]
     assert sorted((out / "images").iterdir()) == written and not (out / "dataset_shapes.json").exists()
+
+
+def test_caption_and_evaluate_replace_only_a_results_file_never_an_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"PK\x03\x04 my model")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    annotations = tmp_path / "shapes" / "dataset_shapes.json"
+    annotations.parent.mkdir()
+    annotations.write_text('{"dataset": "shapes", "images": []}\n')
+    (tmp_path / "photo.png").write_bytes(b"not read")
+    for main, argv, refusal in [
+        (caption.main, ["--checkpoint", str(model), "--json", str(model), "photo.png"],
+         f"{model}: is the checkpoint; name another --json file"),
+        (caption.main, ["--checkpoint", str(model), "--json", str(notes), "photo.png"],
+         f"{notes}: exists and is not a COCO results JSON file; not overwritten"),
+        (evaluate.main, ["--checkpoint", str(model), "--out", str(model)],
+         f"{model}: is the checkpoint to evaluate; name another results file"),
+        (evaluate.main, ["--checkpoint", str(model), "--out", str(annotations)],
+         f"{annotations}: exists and is not a COCO results JSON file; not overwritten"),
+    ]:
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: {refusal}"]
+    assert model.read_bytes() == b"PK\x03\x04 my model" and notes.read_text() == "mine\n"
+    assert annotations.read_text() == '{"dataset": "shapes", "images": []}\n'
+
+
+def test_a_results_file_of_an_earlier_run_may_be_replaced(tmp_path):
+    results = tmp_path / "results.json"
+    for earlier in ("[]\n", '[\n{"image_id": "p1", "caption": "a dog", "file": "p1.jpg"}\n]\n'):
+        results.write_text(earlier)
+        check_output_file(results, "results file", inputs={tmp_path / "m.pt": "the checkpoint"}, replaces=COCO_RESULTS)
+    for other in ("{}", '[{"caption": "no id"}]', "[1, 2]", "not json"):
+        results.write_text(other)
+        with pytest.raises(OutputError, match="exists and is not a COCO results JSON file; not overwritten"):
+            check_output_file(results, "results file", replaces=COCO_RESULTS)
