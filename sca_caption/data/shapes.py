@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -401,6 +402,21 @@ def _save_image(image: Image.Image, path: Path) -> None:
     except OSError as err:
         path.unlink(missing_ok=True)
         raise OutputError(f"{path}: not written ({first_line(err)})") from None
+
+
+def how_to_make(data_root: Path, default_root: Path) -> str:
+    """The end of a "no shapes dataset in ``data_root``" error: the ``make_shapes`` command for
+    ``data_root`` where the generator may write, else for ``default_root`` (``data_root`` holds
+    other files: another dataset's folder, perhaps shared and read-only, is never advised)."""
+    command = "`python preprocess/make_shapes.py --out {}`"
+    try:
+        check_shapes_folder(data_root)
+    except DataError:
+        return (
+            f"{data_root} holds other files (another dataset?), so the shapes dataset does not go there: make it "
+            f"in a folder of its own with {command.format(shlex.quote(str(default_root)))} and use that data root"
+        )
+    return f"make it with {command.format(shlex.quote(str(data_root)))}"
 
 
 def check_shapes_folder(folder: Path) -> None:
