@@ -10,6 +10,9 @@ pattern (quote it; ``**`` recurses). Without ``--checkpoint``: the shipped Flick
 stdout, one line per image in input order: ``PATH<TAB>CAPTION``. With ``--n-best K``: K lines
 per image, ``PATH<TAB>RANK<TAB>SCORE<TAB>CAPTION`` with RANK 1..K (best first) and SCORE the
 ranking score (the log-probability, divided by the length penalty if one is set), 4 decimals.
+So that a record is always one line of tab-separated fields, PATH is printed with a backslash,
+tab, newline or carriage return in it escaped as ``\\\\``, ``\\t``, ``\\n``, ``\\r`` (other paths
+print as they are).
 
 ``--json FILE``: a COCO results list, one entry per captioned image: ``image_id`` (the number of
 a COCO file name, else the file name stem), ``caption``, ``file``, ``score``, ``log_prob``,
@@ -195,12 +198,16 @@ def _run(
             _print_captions(result, args.n_best is not None)
 
 
+RECORD_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
 def _print_captions(result: CaptionedImage, scored: bool) -> None:
+    path = str(result.path).translate(RECORD_ESCAPES)  # one line, whatever the file's name
     if not scored:
-        print(f"{result.path}\t{result.captions[0].text}", flush=True)
+        print(f"{path}\t{result.captions[0].text}", flush=True)
         return
     for rank, caption in enumerate(result.captions, start=1):
-        print(f"{result.path}\t{rank}\t{caption.hypothesis.score:.4f}\t{caption.text}", flush=True)
+        print(f"{path}\t{rank}\t{caption.hypothesis.score:.4f}\t{caption.text}", flush=True)
 
 
 def _json_lines(entries: list[dict[str, Any]]) -> str:

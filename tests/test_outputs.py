@@ -3,6 +3,7 @@ one line and before it reads a model or an image, a place it could not write its
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -10,6 +11,7 @@ from typing import Callable
 import pytest
 from PIL import Image
 
+from caption_support import checkpoint, shape_image  # noqa: F401
 from sca_caption import caption, evaluate, export, train
 from sca_caption.io_utils import COCO_RESULTS, OutputError, atomic_write_text, check_output_file, check_output_folder
 
@@ -188,3 +190,18 @@ def test_a_results_file_of_an_earlier_run_may_be_replaced(tmp_path):
         results.write_text(other)
         with pytest.raises(OutputError, match="exists and is not a COCO results JSON file; not overwritten"):
             check_output_file(results, "results file", replaces=COCO_RESULTS)
+
+
+def test_caption_prints_one_record_per_image_whatever_its_name(checkpoint, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = ["plain.png", "two\nlines.png", "a\ttab.png", "back\\slash.png", "cr\r.png"]
+    for name in names:
+        shape_image(photos / name, (200, 40, 40), (20, 20, 60, 60))
+    assert caption.main(["--checkpoint", str(checkpoint), "--workers", "0", "--no-progress", str(photos)]) == 0
+    records = capsys.readouterr().out.splitlines()
+    assert len(records) == len(names) and all(record.count("\t") == 1 for record in records), records
+    unescape = {"\\\\": "\\", "\\t": "\t", "\\n": "\n", "\\r": "\r"}
+    printed = {re.sub(r"\\[\\tnr]", lambda m: unescape[m.group()], record.split("\t")[0]) for record in records}
+    assert printed == {str(photos / name) for name in names}
+    assert str(photos / "plain.png") in [record.split("\t")[0] for record in records]  # printed as it is
