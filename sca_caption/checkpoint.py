@@ -41,7 +41,7 @@ from sca_caption.config import ExperimentConfig, recorded
 from sca_caption.data.errors import DataError
 from sca_caption.data.input_files import open_regular
 from sca_caption.data.vocab import Vocab
-from sca_caption.io_utils import atomic_write
+from sca_caption.io_utils import FileKind, atomic_write
 from sca_caption.models.backbones import BackbonePrefix, build_backbone
 from sca_caption.models.captioner import SCACaptioner
 from sca_caption.models.errors import ModelConfigError
@@ -100,7 +100,7 @@ def load_checkpoint(
     checkpoint's config (read by ``config.recorded``) at the same key. Each mismatch, corrupt or
     foreign file is a one-line ``CheckpointError`` naming the file.
     """
-    payload = _read(Path(path))
+    payload = _verified(Path(path), _read(Path(path)))
     if not isinstance(payload["config"], Mapping):
         raise CheckpointError(f"{path}: its config is {type(payload['config']).__name__}, not a mapping of sections")
     payload["config"] = recorded(payload["config"])  # keys added since it was written, as the run had them
@@ -175,6 +175,11 @@ def _read(path: Path) -> dict[str, Any]:
     missing = [f.name for f in fields(Checkpoint) if f.name not in payload]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return payload
+
+
+def _verified(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` less its checksum, which it matches, with model weights that are all finite."""
     stored = payload.pop("checksum", None)
     if stored is not None and stored != _checksum(payload):
         raise CheckpointError(f"{path}: its contents do not match the checksum saved with them (corrupted on disk or in a copy?)")
@@ -184,6 +189,18 @@ def _read(path: Path) -> dict[str, Any]:
         if isinstance(tensor, Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: model weight {name} holds NaN or infinite values; a model cannot be used from it")
     return payload
+
+
+def _is_checkpoint_file(path: Path) -> bool:
+    """Whether ``path`` is an sca-caption checkpoint (of this format, sound or not)."""
+    try:
+        _read(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+CHECKPOINT_FILE = FileKind("an sca-caption checkpoint", _is_checkpoint_file)
 
 
 def _checksum(payload: Mapping[str, Any]) -> str:

@@ -36,7 +36,8 @@ class OutputError(SCACaptionError):
 
 @dataclass(frozen=True)
 class FileKind:
-    """A kind of file a command writes, and so may replace: its ``name`` for messages, and
+    """A kind of file a command writes, and so may replace: its ``name`` for messages (with its
+    article: "a COCO results JSON file"), and
     ``holds(path)``, whether an existing file is one of that kind."""
 
     name: str
@@ -56,7 +57,7 @@ def _holds_coco_results(path: Path) -> bool:
     return isinstance(entries, list) and all(isinstance(e, dict) and {"image_id", "caption"} <= e.keys() for e in entries)
 
 
-COCO_RESULTS = FileKind("COCO results JSON file", _holds_coco_results)
+COCO_RESULTS = FileKind("a COCO results JSON file", _holds_coco_results)
 
 
 def check_output_file(
@@ -78,7 +79,7 @@ def check_output_file(
         if target.exists() and Path(source).exists() and os.path.samefile(target, source):
             raise OutputError(f"{target}: is {role}; name another {what}")
     if replaces is not None and target.exists() and not replaces.holds(target):
-        raise OutputError(f"{target}: exists and is not a {replaces.name}; not overwritten")
+        raise OutputError(f"{target}: exists and is not {replaces.name}; not overwritten")
     _check_writable_folder(target.parent, target, what)
 
 
