@@ -11,6 +11,9 @@ named in a note on stderr.
 stdout, one line per image in input order: ``PATH<TAB>CAPTION``. With ``--n-best K``: K lines
 per image, ``PATH<TAB>RANK<TAB>SCORE<TAB>CAPTION`` with RANK 1..K (best first) and SCORE the
 ranking score (the log-probability, divided by the length penalty if one is set), 4 decimals.
+So that a record is always one line of tab-separated fields, PATH is printed with a backslash,
+tab, newline or carriage return in it escaped as ``\\\\``, ``\\t``, ``\\n``, ``\\r`` (other paths
+print as they are).
 
 ``--json FILE``: a COCO results list, one entry per captioned image: ``image_id`` (the number of
 a COCO file name, else the file name stem), ``caption``, ``file``, ``score``, ``log_prob``,
@@ -53,7 +56,7 @@ from sca_caption.captioning import (
 from sca_caption.decode_options import DECODE_OPTIONS, add_decode_options, decode_changes
 from sca_caption.devices import add_device_option, default_device
 from sca_caption.errors import Interrupted, SCACaptionError, command
-from sca_caption.io_utils import OutputError, atomic_write, atomic_write_text, check_output_file, check_output_folder
+from sca_caption.io_utils import COCO_RESULTS, OutputError, atomic_write, atomic_write_text, check_output_file, check_output_folder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: no --checkpoint given: using {checkpoint} ({which})", file=sys.stderr)
     paths = collect_images(args.paths)
     _check_outputs_are_not_inputs(args, paths)
+    if args.json is not None:  # replaces only a results file, never the checkpoint (the images: just above)
+        check_output_file(args.json, "--json file", inputs={checkpoint: "the checkpoint"}, replaces=COCO_RESULTS)
     captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device, backbone_weights=args.backbone_weights)
     if args.attention is not None and not captioner.has_spatial_attention:
         _error(f"{checkpoint}: its model (order {captioner.model.config.order!r}) has no spatial attention to draw")
@@ -184,12 +189,16 @@ def _run(
             _print_captions(result, args.n_best is not None)
 
 
+RECORD_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
 def _print_captions(result: CaptionedImage, scored: bool) -> None:
+    path = str(result.path).translate(RECORD_ESCAPES)  # one line, whatever the file's name
     if not scored:
-        print(f"{result.path}\t{result.captions[0].text}", flush=True)
+        print(f"{path}\t{result.captions[0].text}", flush=True)
         return
     for rank, caption in enumerate(result.captions, start=1):
-        print(f"{result.path}\t{rank}\t{caption.hypothesis.score:.4f}\t{caption.text}", flush=True)
+        print(f"{path}\t{rank}\t{caption.hypothesis.score:.4f}\t{caption.text}", flush=True)
 
 
 def _json_lines(entries: list[dict[str, Any]]) -> str:

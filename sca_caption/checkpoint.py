@@ -14,15 +14,19 @@ None), so ``torch.load(path, weights_only=True)`` reads it without running pickl
     config         the experiment config as a plain nested dict (the model's backbone and layers included)
     vocab          the vocabulary's words in id order
     extra          trainer bookkeeping in plain values (best score, epochs without improvement, ...)
+    checksum       SHA-256 of everything above (``_checksum``), checked on loading; files saved
+                   before it was recorded have none and load without the check
 
 Everything loads on the CPU (the trainer moves the model and optimizer; the RNG states must stay
-there). ``load_checkpoint`` refuses a file made for another vocabulary or config with a one-line
+there). ``load_checkpoint`` refuses a file whose contents differ from its checksum (a flipped
+byte), model weights that are not finite (NaN or infinity), and a file made for another vocabulary or config with a one-line
 ``CheckpointError`` that names the file and every differing key; ``load_captioner`` is the one way
 to rebuild a trained model from a file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import random
 from dataclasses import dataclass, field, fields
@@ -37,7 +41,7 @@ from sca_caption.config import ExperimentConfig, recorded
 from sca_caption.data.errors import DataError
 from sca_caption.data.input_files import open_regular
 from sca_caption.data.vocab import Vocab
-from sca_caption.io_utils import atomic_write
+from sca_caption.io_utils import FileKind, atomic_write
 from sca_caption.models.backbones import BackbonePrefix, build_backbone
 from sca_caption.models.captioner import SCACaptioner
 from sca_caption.models.errors import ModelConfigError
@@ -68,13 +72,20 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
-    """Write ``checkpoint`` to ``path`` atomically: after a crash, ``path`` holds the previous file."""
+    """Write ``checkpoint`` to ``path`` atomically: after a crash, ``path`` holds the previous file;
+    a failed write (a full disk) is one ``OutputError`` line and leaves no temporary file."""
     payload: dict[str, Any] = {"format": FORMAT}
     payload.update({f.name: getattr(checkpoint, f.name) for f in fields(checkpoint)})
     payload["vocab"] = list(checkpoint.vocab)
     _require_plain(payload, path, "checkpoint")
+    payload["checksum"] = _checksum(payload)
     with atomic_write(path, "wb") as handle:
-        torch.save(payload, handle)
+        try:
+            torch.save(payload, handle)
+        except RuntimeError as error:  # torch reports a failed write (a full disk) as its own RuntimeError
+            if isinstance(error.__context__, OSError):
+                raise error.__context__ from None  # atomic_write: one line, the old file kept
+            raise
 
 
 def load_checkpoint(
@@ -89,7 +100,7 @@ def load_checkpoint(
     checkpoint's config (read by ``config.recorded``) at the same key. Each mismatch, corrupt or
     foreign file is a one-line ``CheckpointError`` naming the file.
     """
-    payload = _read(Path(path))
+    payload = _verified(Path(path), _read(Path(path)))
     if not isinstance(payload["config"], Mapping):
         raise CheckpointError(f"{path}: its config is {type(payload['config']).__name__}, not a mapping of sections")
     payload["config"] = recorded(payload["config"])  # keys added since it was written, as the run had them
@@ -165,6 +176,57 @@ def _read(path: Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
     return payload
+
+
+def _verified(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` less its checksum, which it matches, with model weights that are all finite."""
+    stored = payload.pop("checksum", None)
+    if stored is not None and stored != _checksum(payload):
+        raise CheckpointError(f"{path}: its contents do not match the checksum saved with them (corrupted on disk or in a copy?)")
+    if not isinstance(payload["model"], Mapping):
+        raise CheckpointError(f"{path}: its model is {type(payload['model']).__name__}, not a mapping of tensors")
+    for name, tensor in payload["model"].items():
+        if isinstance(tensor, Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: model weight {name} holds NaN or infinite values; a model cannot be used from it")
+    return payload
+
+
+def _is_checkpoint_file(path: Path) -> bool:
+    """Whether ``path`` is an sca-caption checkpoint (of this format, sound or not)."""
+    try:
+        _read(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+CHECKPOINT_FILE = FileKind("an sca-caption checkpoint", _is_checkpoint_file)
+
+
+def _checksum(payload: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a checkpoint's dict: every key, plain value, and tensor's dtype, shape and
+    bytes, in order."""
+    digest = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        if isinstance(value, Tensor):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{flat.dtype}{tuple(value.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+        elif isinstance(value, Mapping):
+            digest.update(f"D{len(value)}".encode())
+            for key, item in value.items():
+                add(key)
+                add(item)
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                add(item)
+        else:
+            digest.update(f"V{type(value).__name__}:{value!r};".encode())
+
+    add(payload)
+    return digest.hexdigest()
 
 
 def _require_plain(value: Any, path: str | Path, where: str) -> None:

@@ -23,7 +23,7 @@ from sca_caption.decode_options import add_decode_options, decode_changes
 from sca_caption.decoding import DecodeSettings
 from sca_caption.devices import add_device_option, default_device
 from sca_caption.errors import command
-from sca_caption.io_utils import check_output_file, check_output_folder
+from sca_caption.io_utils import COCO_RESULTS, check_output_file, check_output_folder
 from sca_caption.evaluation import evaluate_checkpoint
 from sca_caption.metrics import write_coco_results
 
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(default_device(args.device))
     if args.out is not None:
-        check_output_file(args.out, "results file")
+        check_output_file(args.out, "results file", inputs={args.checkpoint: "the checkpoint to evaluate"},
+                          replaces=COCO_RESULTS)
     else:
         check_output_folder(args.checkpoint.parent, "results file (--out puts it elsewhere)")
     evaluation, config = evaluate_checkpoint(

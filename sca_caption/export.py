@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from sca_caption.checkpoint import Checkpoint, CheckpointError, captioner_from, load_checkpoint, save_checkpoint
+from sca_caption.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, captioner_from, load_checkpoint, save_checkpoint
 from sca_caption.config import ExperimentConfig
 from sca_caption.data.corpus import SPLITS, ImageRecord, records_in_split
 from sca_caption.data.features import FeatureCache
@@ -98,14 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder (default: the checkpoint's)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    check_output_file(args.out, "model file")
-    if args.out.exists() and args.out.resolve() == args.checkpoint.resolve():
-        raise CheckpointError(f"{args.out}: is the checkpoint to export; name another model file")
-    if args.out.exists():  # only a checkpoint is replaced
-        try:
-            load_checkpoint(args.out)
-        except CheckpointError:
-            raise CheckpointError(f"{args.out}: exists and is not an sca-caption checkpoint; not overwritten") from None
+    check_output_file(args.out, "model file", inputs={args.checkpoint: "the checkpoint to export"}, replaces=CHECKPOINT_FILE)
     exported = slim(load_checkpoint(args.checkpoint), decode_changes(args))
     config = ExperimentConfig.from_dict(exported.config, source=str(args.checkpoint))
     if args.data_root is not None:

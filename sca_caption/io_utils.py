@@ -5,6 +5,11 @@ work, a place it could not write: a folder where a file is wanted or the reverse
 folder under a file, a read-only or otherwise unwritable folder (tried by creating and removing a
 hidden file in the nearest folder that exists; nothing missing is created).
 
+The rule for an output file that exists: a command never replaces an input of its run (the
+checkpoint it reads, ...), and replaces only a file of the kind it writes (``FileKind``, e.g.
+``COCO_RESULTS``): anything else there (a user's notes, a model, a dataset's annotations) is
+refused in one line and left as it is.
+
 Atomic writing: a reader sees the old file or the complete new one, never a partial one. The new
 content goes to a hidden temporary file in the target's folder (same file system, so the final
 ``os.replace`` is atomic), is flushed and fsynced, then renamed over the target; the folder is
@@ -18,8 +23,9 @@ import json
 import os
 import secrets
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator, Mapping
 
 from sca_caption.errors import SCACaptionError, first_line
 
@@ -28,13 +34,52 @@ class OutputError(SCACaptionError):
     """An output file or folder that cannot be written; the message names it."""
 
 
-def check_output_file(path: str | os.PathLike[str], what: str = "output file") -> None:
-    """Refuse (``OutputError``) a ``path`` a file cannot be written at."""
+@dataclass(frozen=True)
+class FileKind:
+    """A kind of file a command writes, and so may replace: its ``name`` for messages (with its
+    article: "a COCO results JSON file"), and
+    ``holds(path)``, whether an existing file is one of that kind."""
+
+    name: str
+    holds: Callable[[Path], bool]
+
+
+def _holds_coco_results(path: Path) -> bool:
+    """A JSON list of objects that each have an ``image_id`` and a ``caption``."""
+    try:
+        with path.open("rb") as handle:
+            if handle.read(64).lstrip()[:1] != b"[":  # not JSON text of a list: not read further
+                return False
+            handle.seek(0)
+            entries = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return isinstance(entries, list) and all(isinstance(e, dict) and {"image_id", "caption"} <= e.keys() for e in entries)
+
+
+COCO_RESULTS = FileKind("a COCO results JSON file", _holds_coco_results)
+
+
+def check_output_file(
+    path: str | os.PathLike[str],
+    what: str = "output file",
+    *,
+    inputs: Mapping[str | os.PathLike[str], str] | None = None,
+    replaces: FileKind | None = None,
+) -> None:
+    """Refuse (``OutputError``) a ``path`` a file cannot be written at; one of the run's ``inputs``
+    (path -> what it is, e.g. "the checkpoint to evaluate"); or, given the ``replaces`` kind, an
+    existing file that is not of that kind."""
     target = Path(path)
     if target.is_dir():
         raise OutputError(f"{target}: is a folder, but the {what} goes here")
     if target.exists() and not target.is_file():
         raise OutputError(f"{target}: is not a regular file, but the {what} goes here")
+    for source, role in (inputs or {}).items():
+        if target.exists() and Path(source).exists() and os.path.samefile(target, source):
+            raise OutputError(f"{target}: is {role}; name another {what}")
+    if replaces is not None and target.exists() and not replaces.holds(target):
+        raise OutputError(f"{target}: exists and is not {replaces.name}; not overwritten")
     _check_writable_folder(target.parent, target, what)
 
 

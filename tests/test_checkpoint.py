@@ -281,10 +281,11 @@ def foreign_files(folder: Path) -> dict[str, tuple[Path, str]]:
     torch.save({"format": FORMAT, "model": {}, "epoch": 0}, partial)
     files["partial"] = (partial, "checkpoint lacks optimizer, step, data_order")
     odd_config = folder / "odd_config.pt"
-    torch.save({**torch.load(good, weights_only=True), "config": "shapes"}, odd_config)
+    unsummed = {k: v for k, v in torch.load(good, weights_only=True).items() if k != "checksum"}  # as before checksums
+    torch.save({**unsummed, "config": "shapes"}, odd_config)
     files["odd_config"] = (odd_config, "its config is str, not a mapping of sections")
     odd_layers = folder / "odd_layers.pt"
-    payload = torch.load(good, weights_only=True)
+    payload = unsummed
     payload["config"]["model"]["layers"] = 3
     torch.save(payload, odd_layers)
     files["odd_layers"] = (odd_layers, "checkpoint does not match this run: model.layers is 3 there")
@@ -303,6 +304,76 @@ def test_corrupt_or_foreign_files_give_one_line(tmp_path, trained):
         assert text.startswith(f"{path}: "), name
         assert fragment in text, (name, text)
         assert "weights_only" not in text, (name, text)  # never advise loading untrusted pickles
+
+
+def test_a_flipped_byte_is_refused_naming_the_file(tmp_path, trained):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, snapshot(*trained, step=3))
+    weight = trained[0].state_dict()["0.weight"].numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    at = data.find(weight) + len(weight) // 2  # a byte inside a weight's values: torch.load reads it silently
+    assert at > len(weight) // 2
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["model"]["0.weight"], trained[0].state_dict()["0.weight"])
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    assert str(caught.value) == (
+        f"{path}: its contents do not match the checksum saved with them (corrupted on disk or in a copy?)"
+    )
+
+
+def test_a_checkpoint_saved_before_checksums_still_loads(tmp_path, trained):
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, snapshot(*trained, step=3))
+    payload = torch.load(path, weights_only=True)
+    del payload["checksum"]
+    torch.save(payload, path)
+    assert load_checkpoint(path).step == 3
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused_naming_the_file(tmp_path, trained, bad):
+    model = trained[0]
+    with torch.no_grad():
+        model[3].bias[1] = bad
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, snapshot(*trained, step=3))
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    assert str(caught.value) == f"{path}: model weight 3.bias holds NaN or infinite values; a model cannot be used from it"
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_file(tmp_path, trained, monkeypatch):
+    path = tmp_path / "last.pt"
+    previous = snapshot(*trained, step=3)
+    save_checkpoint(path, previous)
+    real_save = torch.save
+
+    class FullDisk:
+        """A file that takes 1000 bytes, then fails as a full disk does."""
+
+        def __init__(self, handle) -> None:
+            self.handle, self.room = handle, 1000
+
+        def write(self, data) -> int:
+            if len(data) > self.room:
+                raise OSError(28, "No space left on device")
+            self.room -= len(data)
+            return self.handle.write(data)
+
+        def flush(self) -> None:
+            self.handle.flush()
+
+    monkeypatch.setattr(torch, "save", lambda obj, handle: real_save(obj, FullDisk(handle)))
+    with pytest.raises(OutputError) as caught:  # torch itself raised RuntimeError (inline_container.cc)
+        save_checkpoint(path, replace(previous, step=4))
+    assert str(caught.value) == (
+        f"{path}: not written, the file there is unchanged (OSError: [Errno 28] No space left on device)"
+    )
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    assert load_checkpoint(path).step == 3
 
 
 def test_experiment_config_survives_a_checkpoint(tmp_path, trained):

@@ -25,6 +25,22 @@ REPO = Path(__file__).resolve().parents[1]
 SIGNALS = [signal.SIGINT, signal.SIGTERM]
 
 
+def interruptible() -> None:
+    """A child's ``preexec_fn``: SIGINT at its default, as a terminal's Ctrl-C finds it. A shell
+    starts a background job (``nohup pytest ... &``) with SIGINT ignored, the children inherit
+    that, and Python then never turns SIGINT into ``KeyboardInterrupt``."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises ``KeyboardInterrupt`` in this process during the test, as Python sets it up
+    unless it was started with SIGINT ignored (a background job)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
 def test_caption_interrupted_writes_the_json_of_the_images_done(checkpoint: Path, tmp_path: Path, sig):
     photos = tmp_path / "photos"
@@ -34,7 +50,8 @@ def test_caption_interrupted_writes_the_json_of_the_images_done(checkpoint: Path
     results = tmp_path / "out.json"
     command = [sys.executable, "-u", "-m", "sca_caption.caption", "--checkpoint", str(checkpoint), "--no-progress",
                "--batch-size", "1", "--workers", "0", "--json", str(results), str(photos)]
-    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=interruptible)
     assert process.stdout is not None
     first = process.stdout.readline()  # the first image is captioned: interrupt now
     assert first.startswith(str(photos / "p000.png"))
@@ -56,7 +73,8 @@ def test_extraction_interrupted_keeps_its_parts_and_the_same_command_finishes(tm
     command = [sys.executable, str(REPO / "preprocess" / "extract_features.py"), "--dataset", "shapes",
                "--data-root", str(root), "--backbone", "efficientnet_lite0", "--weights", "none", "--layers",
                "stage7", "--out", str(out), "--batch-size", "2", "--workers", "0"]
-    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=interruptible)
     parts = out.with_name(out.name + ".parts")
     deadline = time.monotonic() + 120
     while len(list(parts.glob("part-*.npz"))) < 2:
@@ -76,7 +94,7 @@ def test_extraction_interrupted_keeps_its_parts_and_the_same_command_finishes(tm
 
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
-def test_any_command_interrupted_is_one_line_and_status_2(capsys, sig):
+def test_any_command_interrupted_is_one_line_and_status_2(capsys, ctrl_c_raises, sig):
     @command
     def main(argv: list[str] | None = None) -> int:
         os.kill(os.getpid(), sig)

@@ -11,6 +11,8 @@ import torch
 
 from paused_train import PAUSED
 from sca_caption import train
+from sca_caption.data.datasets import load_corpus
+from sca_caption.data.errors import DataError
 from train_support import TinyShapes, run_train, subprocess_env, tiny_shapes, train_command  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -66,3 +68,17 @@ def test_a_signal_mid_epoch_saves_the_step_and_says_how_to_resume(
     run_train("--out", str(out), "--resume", *settings, cwd=tmp_path)
     ended, wanted = torch.load(out / "last.pt", weights_only=True), torch.load(whole / "last.pt", weights_only=True)
     assert all(torch.equal(v, ended["model"][k]) for k, v in wanted["model"].items())  # as if never stopped
+
+
+def test_a_shapes_run_pointed_at_another_dataset_is_never_told_to_write_there(tmp_path: Path) -> None:
+    flickr = tmp_path / "shared" / "flickr8k"  # another dataset's folder, perhaps shared and read-only
+    (flickr / "Flicker8k_Dataset").mkdir(parents=True)
+    (flickr / "dataset_flickr8k.json").write_text("{}\n")
+    with pytest.raises(DataError) as caught:
+        load_corpus("shapes", flickr)
+    assert str(caught.value) == (
+        f"no shapes dataset in {flickr}: looked for dataset_shapes.json; {flickr} holds other files (another "
+        "dataset?), so the shapes dataset does not go there: make it in a folder of its own with "
+        "`python preprocess/make_shapes.py --out data/shapes` and use that data root"
+    )
+    assert sorted(p.name for p in flickr.iterdir()) == ["Flicker8k_Dataset", "dataset_flickr8k.json"]

@@ -3,14 +3,17 @@ one line and before it reads a model or an image, a place it could not write its
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
+from PIL import Image
 
+from caption_support import checkpoint, shape_image  # noqa: F401
 from sca_caption import caption, evaluate, export, train
-from sca_caption.io_utils import OutputError, atomic_write_text, check_output_file, check_output_folder
+from sca_caption.io_utils import COCO_RESULTS, OutputError, atomic_write_text, check_output_file, check_output_folder
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "preprocess"))
@@ -129,3 +132,76 @@ def test_export_and_build_vocab_replace_only_their_own_kind_of_file(tmp_path, ca
     assert export.main([str(notes), str(notes)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {notes}: is the checkpoint to export; name another model file"]
     assert notes.read_text() == '{"mine": true}\n'
+
+
+def test_make_shapes_on_a_full_disk_is_one_line_and_leaves_no_partial_image(tmp_path, capsys, monkeypatch):
+    real_save = Image.Image.save
+    written: list[Path] = []
+
+    def full_after_three(image, path, *args, **kwargs):
+        if len(written) == 3:
+            Path(path).write_bytes(b"\xff\xd8 half a JPEG")
+            raise OSError(28, "No space left on device")
+        written.append(Path(path))
+        return real_save(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_after_three)
+    out = tmp_path / "shapes"
+    assert make_shapes.main(["--out", str(out), "--train", "5", "--val", "1", "--test", "1"]) == 2
+    fourth = out / "images" / "train_00003.jpg"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {fourth}: not written (OSError: [Errno 28] No space left on device)"
+    ]
+    assert sorted((out / "images").iterdir()) == written and not (out / "dataset_shapes.json").exists()
+
+
+def test_caption_and_evaluate_replace_only_a_results_file_never_an_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"PK\x03\x04 my model")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    annotations = tmp_path / "shapes" / "dataset_shapes.json"
+    annotations.parent.mkdir()
+    annotations.write_text('{"dataset": "shapes", "images": []}\n')
+    (tmp_path / "photo.png").write_bytes(b"not read")
+    for main, argv, refusal in [
+        (caption.main, ["--checkpoint", str(model), "--json", str(model), "photo.png"],
+         f"{model}: is the checkpoint; name another --json file"),
+        (caption.main, ["--checkpoint", str(model), "--json", str(notes), "photo.png"],
+         f"{notes}: exists and is not a COCO results JSON file; not overwritten"),
+        (evaluate.main, ["--checkpoint", str(model), "--out", str(model)],
+         f"{model}: is the checkpoint to evaluate; name another results file"),
+        (evaluate.main, ["--checkpoint", str(model), "--out", str(annotations)],
+         f"{annotations}: exists and is not a COCO results JSON file; not overwritten"),
+    ]:
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: {refusal}"]
+    assert model.read_bytes() == b"PK\x03\x04 my model" and notes.read_text() == "mine\n"
+    assert annotations.read_text() == '{"dataset": "shapes", "images": []}\n'
+
+
+def test_a_results_file_of_an_earlier_run_may_be_replaced(tmp_path):
+    results = tmp_path / "results.json"
+    for earlier in ("[]\n", '[\n{"image_id": "p1", "caption": "a dog", "file": "p1.jpg"}\n]\n'):
+        results.write_text(earlier)
+        check_output_file(results, "results file", inputs={tmp_path / "m.pt": "the checkpoint"}, replaces=COCO_RESULTS)
+    for other in ("{}", '[{"caption": "no id"}]', "[1, 2]", "not json"):
+        results.write_text(other)
+        with pytest.raises(OutputError, match="exists and is not a COCO results JSON file; not overwritten"):
+            check_output_file(results, "results file", replaces=COCO_RESULTS)
+
+
+def test_caption_prints_one_record_per_image_whatever_its_name(checkpoint, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = ["plain.png", "two\nlines.png", "a\ttab.png", "back\\slash.png", "cr\r.png"]
+    for name in names:
+        shape_image(photos / name, (200, 40, 40), (20, 20, 60, 60))
+    assert caption.main(["--checkpoint", str(checkpoint), "--workers", "0", "--no-progress", str(photos)]) == 0
+    records = capsys.readouterr().out.splitlines()
+    assert len(records) == len(names) and all(record.count("\t") == 1 for record in records), records
+    unescape = {"\\\\": "\\", "\\t": "\t", "\\n": "\n", "\\r": "\r"}
+    printed = {re.sub(r"\\[\\tnr]", lambda m: unescape[m.group()], record.split("\t")[0]) for record in records}
+    assert printed == {str(photos / name) for name in names}
+    assert str(photos / "plain.png") in [record.split("\t")[0] for record in records]  # printed as it is

@@ -39,7 +39,7 @@ def karpathy_file(name: str, data_root: Path) -> Path:
 def how_to_get(name: str, data_root: Path) -> str:
     """How to get dataset ``name`` into ``data_root``: the end of every "no dataset" error."""
     if name == "shapes":
-        return f"make it with `python preprocess/make_shapes.py --out {shlex.quote(str(data_root))}`"
+        return shapes.how_to_make(data_root, default_data_root(name))
     command = f"`python preprocess/download.py --dataset {name} --root {shlex.quote(str(data_root))}`"
     if name == "flickr30k":
         return f"{command} fetches {karpathy_file(name, data_root).name}; {flickr30k_images_hint(data_root)}"

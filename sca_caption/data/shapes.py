@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -34,7 +35,7 @@ from sca_caption.data.errors import DataError
 from sca_caption.data.input_files import read_json
 from sca_caption.data.tokenize import tokenize
 from sca_caption.errors import first_line
-from sca_caption.io_utils import atomic_write_json
+from sca_caption.io_utils import OutputError, atomic_write_json
 
 DATASET_FILE = "dataset_shapes.json"
 GRAMMAR = 4  # version of the generator (captions and drawing), kept in the dataset file; a file of another is stale
@@ -370,7 +371,7 @@ def generate_shapes(out_dir: Path, seed: int = 0, counts: Mapping[str, int] = DE
             rng = random.Random(f"shapes/{seed}/{split}/{i}")
             scene = random_scene(rng)
             filename = f"{split}_{i:05d}.jpg"
-            render_scene(scene).save(image_dir / filename, format="JPEG", quality=95, subsampling=0)
+            _save_image(render_scene(scene), image_dir / filename)
             imgid = len(entries)
             sentences = [
                 {"raw": raw, "tokens": list(tokenize(raw)), "imgid": imgid, "sentid": imgid * CAPTIONS_PER_IMAGE + k}
@@ -391,6 +392,31 @@ def generate_shapes(out_dir: Path, seed: int = 0, counts: Mapping[str, int] = DE
     dataset = {"dataset": "shapes", "grammar": GRAMMAR, "seed": seed, "counts": dict(counts), "images": entries}
     atomic_write_json(json_path, dataset, indent=None)
     return json_path
+
+
+def _save_image(image: Image.Image, path: Path) -> None:
+    """Write ``image`` as a JPEG; a failed write (a full disk) is one ``OutputError`` line and
+    leaves no partial file."""
+    try:
+        image.save(path, format="JPEG", quality=95, subsampling=0)
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        raise OutputError(f"{path}: not written ({first_line(err)})") from None
+
+
+def how_to_make(data_root: Path, default_root: Path) -> str:
+    """The end of a "no shapes dataset in ``data_root``" error: the ``make_shapes`` command for
+    ``data_root`` where the generator may write, else for ``default_root`` (``data_root`` holds
+    other files: another dataset's folder, perhaps shared and read-only, is never advised)."""
+    command = "`python preprocess/make_shapes.py --out {}`"
+    try:
+        check_shapes_folder(data_root)
+    except DataError:
+        return (
+            f"{data_root} holds other files (another dataset?), so the shapes dataset does not go there: make it "
+            f"in a folder of its own with {command.format(shlex.quote(str(default_root)))} and use that data root"
+        )
+    return f"make it with {command.format(shlex.quote(str(data_root)))}"
 
 
 def check_shapes_folder(folder: Path) -> None:
