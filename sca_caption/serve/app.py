@@ -8,12 +8,15 @@ decoding step, so the service, the CLI and ``evaluate`` give the same captions).
 - ``GET /v1/model``: the model, its recorded scores, the decoding defaults and the limits.
 - ``GET /healthz``; ``GET /``: the web page (``static/``, every asset served from here).
 
-Every refusal is a 4xx JSON ``{"error": "one line"}``. The event loop never runs the model:
-images are decoded in the thread pool and captioned by the ``MicroBatcher``'s worker thread.
+Every refusal is a 4xx JSON ``{"error": "one line"}`` (503 while the server shuts down). The
+event loop never runs the model: images are decoded in the thread pool, at most ``PixelBudget``'s
+pixels at once, and captioned by the ``MicroBatcher``'s worker thread. ``/docs`` serves Swagger UI
+from the packaged copy of ``fastapi-offline``, so it works with no network.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Sequence
 
 from fastapi import FastAPI, Query, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -30,8 +34,9 @@ from torch import Tensor
 from sca_caption.captioning import ImageCaptioner
 from sca_caption.data.errors import DataError
 from sca_caption.data.images import decode_image
-from sca_caption.serve.batcher import MicroBatcher
+from sca_caption.serve.batcher import MicroBatcher, ShuttingDown
 from sca_caption.serve.model_card import ModelCard
+from sca_caption.serve.pixel_budget import PixelBudget, declared_pixels
 from sca_caption.serve.results import image_result
 from sca_caption.serve.schemas import (
     CaptionOptions,
@@ -64,28 +69,51 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
         (400, "empty body, no image, an empty file or a malformed multipart body"),
+        (408, "the request body was not received within the body timeout"),
         (413, "over the upload limit, or too many images in one request"),
         (415, "neither multipart/form-data nor an image/* body"),
         (422, "an image that cannot be decoded (not an image, truncated, over the pixel limit), "
               "an option of the wrong type or range, or an unknown option or form field"),
+        (503, "the server is shutting down"),
     )
 }
 
 
 @dataclass(frozen=True)
 class ServiceLimits:
-    """``max_images`` per request, ``max_upload_mb`` per request body, and the micro-batching:
-    up to ``max_batch`` images per batch, waiting at most ``max_wait_ms`` for more."""
+    """``max_images`` per request, ``max_upload_mb`` per request body, received within
+    ``body_timeout_s`` seconds, and the micro-batching: up to ``max_batch`` images per batch,
+    waiting at most ``max_wait_ms`` for more. Each value must be finite and within ``BOUNDS``
+    (a ``ValueError`` naming the first that is not)."""
 
     max_batch: int = 16
     max_wait_ms: float = 10.0
     max_upload_mb: float = 10.0
     max_images: int = 16
+    body_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in BOUNDS.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and low <= value <= high) or (value == 0 and name in POSITIVE):
+                above = "above 0" if name in POSITIVE else f"at least {low:g}"
+                raise ValueError(f"{name} {value:g}: must be a finite number {above} and at most {high:g}")
+
+
+BOUNDS: dict[str, tuple[float, float]] = {
+    "max_batch": (1, 1024),
+    "max_wait_ms": (0, 60_000),  # a batch waits a minute at most, so every request is answered
+    "max_upload_mb": (0, 1024),
+    "max_images": (1, 1024),
+    "body_timeout_s": (0, 3600),
+}
+POSITIVE = ("max_upload_mb", "body_timeout_s")
 
 
 def create_app(captioner: ImageCaptioner, *, card: ModelCard, limits: ServiceLimits = ServiceLimits()) -> FastAPI:
     """The service's app for ``captioner``; ``card`` names its checkpoint and recorded scores."""
     batcher = MicroBatcher(captioner, max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms)
+    budget = PixelBudget()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -95,11 +123,12 @@ def create_app(captioner: ImageCaptioner, *, card: ModelCard, limits: ServiceLim
         finally:
             await batcher.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="sca-caption",
         summary="Captions for images from an SCA-CNN captioner, with per-word attention maps",
         lifespan=lifespan,
     )
+    app.state.batcher = batcher  # the server stops it when its shutdown begins (__main__)
     _add_error_handlers(app)
     _add_page(app)
     info = _model_info(captioner, card, limits)
@@ -118,13 +147,14 @@ def create_app(captioner: ImageCaptioner, *, card: ModelCard, limits: ServiceLim
         start = time.perf_counter()
         _refuse_repeated_options(request)
         uploads = await read_uploads(
-            request, max_bytes=int(limits.max_upload_mb * 2**20), max_images=limits.max_images
+            request, max_bytes=int(limits.max_upload_mb * 2**20), max_images=limits.max_images,
+            timeout_s=limits.body_timeout_s,
         )
         try:
             settings = options.settings(captioner)
         except ValueError as err:
             raise HTTPException(status_code=422, detail=str(err)) from None
-        images = await run_in_threadpool(_decode_all, uploads, captioner.input_size)
+        images = await run_in_threadpool(_decode_all, uploads, captioner.input_size, budget)
         decoded = await batcher.caption(images, settings)
         results = await run_in_threadpool(
             lambda: [
@@ -145,11 +175,16 @@ def create_app(captioner: ImageCaptioner, *, card: ModelCard, limits: ServiceLim
     return app
 
 
-def _decode_all(uploads: Sequence[Upload], size: int) -> list[Tensor]:
-    try:
-        return [decode_image(u.data, size, u.name) for u in uploads]
-    except DataError as err:
-        raise UploadError(422, str(err)) from None
+def _decode_all(uploads: Sequence[Upload], size: int, budget: PixelBudget) -> list[Tensor]:
+    """The uploads' model inputs, each decoded within ``budget``."""
+    images = []
+    for upload in uploads:
+        with budget.hold(declared_pixels(upload.data)):
+            try:
+                images.append(decode_image(upload.data, size, upload.name))
+            except DataError as err:
+                raise UploadError(422, str(err)) from None
+    return images
 
 
 def _refuse_repeated_options(request: Request) -> None:
@@ -207,6 +242,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UploadError)
     async def refused(_: Request, err: UploadError) -> JSONResponse:
         return JSONResponse({"error": err.message}, status_code=err.status)
+
+    @app.exception_handler(ShuttingDown)
+    async def stopping(_: Request, err: ShuttingDown) -> JSONResponse:
+        return JSONResponse({"error": str(err)}, status_code=503, headers={"Retry-After": "5", "Connection": "close"})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
