@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import torch
 import pytest
 
 from caption_support import save_tiny_checkpoint
@@ -174,3 +175,18 @@ def test_the_listening_socket_takes_ipv4_and_ipv6_loopback(host):
         pytest.skip("no IPv6 here")
     with listening_socket(host, 0) as sock:
         assert sock.getsockname()[0] == host and sock.getsockname()[1] > 0
+
+
+def test_the_prefix_runs_in_chunks_with_the_same_features(tmp_path, capsys):
+    captioner = ImageCaptioner.from_checkpoint(save_tiny_checkpoint(tmp_path / "tiny.pt"))
+    images = torch.rand(5, 3, captioner.input_size, captioner.input_size, generator=torch.Generator().manual_seed(0))
+    whole = captioner.features(images)
+    calls = []
+    captioner.prefix.register_forward_hook(lambda module, inputs, outputs: calls.append(len(inputs[0])))
+    captioner.prefix_chunk = 2
+    chunked = captioner.features(images)
+    assert calls == [2, 2, 1]
+    assert whole.keys() == chunked.keys() and all(torch.equal(whole[k], chunked[k]) for k in whole)
+    assert parse_args(["--prefix-chunk", "4"]).prefix_chunk == 4
+    with pytest.raises(SystemExit):
+        parse_args(["--prefix-chunk", "17", "--max-batch", "16"])

@@ -29,6 +29,7 @@ from sca_caption.errors import SCACaptionError, command, first_line
 from sca_caption.serve.app import BOUNDS, ServiceLimits, create_app
 from sca_caption.serve.batcher import MicroBatcher
 from sca_caption.serve.model_card import model_card
+from sca_caption.serve.prefix_chunk import fastest_prefix_chunk
 
 DEFAULTS = ServiceLimits()
 SHUTDOWN_GRACE_S = 5
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"images in one request (default {DEFAULTS.max_images})")
     parser.add_argument("--body-timeout-s", type=float, default=DEFAULTS.body_timeout_s, metavar="S",
                         help=f"a request body not received within S seconds is answered 408 (default {DEFAULTS.body_timeout_s:g})")
+    parser.add_argument("--prefix-chunk", type=int, default=0, metavar="N",
+                        help="images per backbone-prefix pass (default 0: the fastest per image here, measured at start-up)")
     add_device_option(parser)
     parser.add_argument("--backbone-weights", default=None,
                         help="the weights the checkpoint's feature cache was built with (default: those its config names)")
@@ -61,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.limits = ServiceLimits(**{name: getattr(args, name) for name in BOUNDS})
     except ValueError as err:
         parser.error(f"--{str(err).replace('_', '-')}")
+    if not 0 <= args.prefix_chunk <= args.max_batch:
+        parser.error(f"--prefix-chunk {args.prefix_chunk}: must be 0 (measure) to --max-batch ({args.max_batch})")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: not a port number (0-65535)")
     if not args.allow_remote and not _is_loopback(args.host):
@@ -112,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint, which = (args.checkpoint, "as given") if args.checkpoint is not None else default_checkpoint()
         print(f"sca_caption.serve: checkpoint {checkpoint} ({which}), device {args.device}", file=sys.stderr, flush=True)
         captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device, backbone_weights=args.backbone_weights)
+        captioner.prefix_chunk = args.prefix_chunk or fastest_prefix_chunk(captioner, args.max_batch)
+        print(f"sca_caption.serve: backbone prefix in chunks of {captioner.prefix_chunk} "
+              f"({'as given' if args.prefix_chunk else 'the fastest per image here'})", file=sys.stderr, flush=True)
         card = model_card(checkpoint)
         app = create_app(captioner, card=card, limits=args.limits)
         config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
