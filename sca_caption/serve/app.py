@@ -9,15 +9,18 @@ decoding step, so the service, the CLI and ``evaluate`` give the same captions).
 - ``GET /healthz``; ``GET /``: the web page (``static/``, every asset served from here).
 
 Every refusal is a 4xx JSON ``{"error": "one line"}`` (503 while the server shuts down). The
-event loop never runs the model: images are decoded in the thread pool, at most ``PixelBudget``'s
-pixels at once, and captioned by the ``MicroBatcher``'s worker thread. ``/docs`` serves Swagger UI
+event loop never runs the model: images are decoded one at a time on one decoding thread (a
+decoded frame can be 1 GB; threads decoding side by side each keep their own malloc arena of
+it) and captioned by the ``MicroBatcher``'s worker thread. ``/docs`` serves Swagger UI
 from the packaged copy of ``fastapi-offline``, so it works with no network.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +39,6 @@ from sca_caption.data.errors import DataError
 from sca_caption.data.images import decode_image
 from sca_caption.serve.batcher import MicroBatcher, ShuttingDown
 from sca_caption.serve.model_card import ModelCard
-from sca_caption.serve.pixel_budget import PixelBudget, declared_pixels
 from sca_caption.serve.results import image_result
 from sca_caption.serve.schemas import (
     CaptionOptions,
@@ -113,15 +115,18 @@ POSITIVE = ("max_upload_mb", "body_timeout_s")
 def create_app(captioner: ImageCaptioner, *, card: ModelCard, limits: ServiceLimits = ServiceLimits()) -> FastAPI:
     """The service's app for ``captioner``; ``card`` names its checkpoint and recorded scores."""
     batcher = MicroBatcher(captioner, max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms)
-    budget = PixelBudget()
+    decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-decoder")  # a new one at each start
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        nonlocal decoder
+        decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-decoder")
         batcher.start()
         try:
             yield
         finally:
             await batcher.close()
+            decoder.shutdown(wait=True)
 
     app = FastAPIOffline(
         title="sca-caption",
@@ -154,7 +159,7 @@ def create_app(captioner: ImageCaptioner, *, card: ModelCard, limits: ServiceLim
             settings = options.settings(captioner)
         except ValueError as err:
             raise HTTPException(status_code=422, detail=str(err)) from None
-        images = await run_in_threadpool(_decode_all, uploads, captioner.input_size, budget)
+        images = await asyncio.get_running_loop().run_in_executor(decoder, _decode_all, uploads, captioner.input_size)
         decoded = await batcher.caption(images, settings)
         results = await run_in_threadpool(
             lambda: [
@@ -175,16 +180,11 @@ def create_app(captioner: ImageCaptioner, *, card: ModelCard, limits: ServiceLim
     return app
 
 
-def _decode_all(uploads: Sequence[Upload], size: int, budget: PixelBudget) -> list[Tensor]:
-    """The uploads' model inputs, each decoded within ``budget``."""
-    images = []
-    for upload in uploads:
-        with budget.hold(declared_pixels(upload.data)):
-            try:
-                images.append(decode_image(upload.data, size, upload.name))
-            except DataError as err:
-                raise UploadError(422, str(err)) from None
-    return images
+def _decode_all(uploads: Sequence[Upload], size: int) -> list[Tensor]:
+    try:
+        return [decode_image(u.data, size, u.name) for u in uploads]
+    except DataError as err:
+        raise UploadError(422, str(err)) from None
 
 
 def _refuse_repeated_options(request: Request) -> None:
