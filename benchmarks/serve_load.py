@@ -12,15 +12,22 @@ requests (each one Flickr8k photo as a raw ``image/jpeg`` body, cycling through 
 (non-200 answers or failed requests), the batch sizes the server reported, and the memory
 before and after. Before the modes: the CLI's images/s (``caption_speed.run``, batch size =
 the client count, on the same photos) and the model's time per image at batch 1 and at the
-client count (backbone prefix, beam search); after them, one line with the ratios.
+client count (backbone prefix, beam search); after them, one line with the ratios: the decode
+stage's speed-up (beam search per image, batch 1 over the client count), the prefix's, and the
+whole request's (``batched_over_single``).
 
     python benchmarks/serve_load.py --random-model flickr8k --beam 3 --clients 16 --requests 2000
+
+``--modes large`` instead sends ``--large-clients`` concurrent uploads of a ``--large-side``
+square PNG (flat, a few hundred KB, just under the pixel limit at 9400) and prints the server's
+peak resident memory (VmHWM) before and after them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import re
@@ -34,6 +41,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from PIL import Image
 
 from caption_speed import DEFAULT_DATA, RANDOM_VOCAB, random_checkpoint, run as cli_run
 from sca_caption.captioning import DecodeSettings, ImageCaptioner, collect_images
@@ -65,16 +73,17 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError("the server did not start in time")
 
-    def resident_mb(self) -> float:
+    def resident_mb(self, key: str = "VmRSS") -> float:
+        """Resident memory now (VmRSS) or at its peak so far (VmHWM), MB."""
         status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+        return int(re.search(key + r":\s+(\d+) kB", status).group(1)) / 1024
 
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=60)
 
 
-async def load(url: str, bodies: list[bytes], requests: int, clients: int, beam: int) -> dict:
+async def load(url: str, bodies: list[bytes], requests: int, clients: int, beam: int, media_type: str = "image/jpeg") -> dict:
     """``requests`` captioning requests from ``clients`` concurrent clients; timings and errors."""
     latencies: list[float] = []
     batch_sizes: Counter[int] = Counter()
@@ -88,7 +97,7 @@ async def load(url: str, bodies: list[bytes], requests: int, clients: int, beam:
             sent += 1
             start = time.perf_counter()
             try:
-                answer = await http.post(f"{url}/v1/captions?beam={beam}", content=body, headers={"content-type": "image/jpeg"})
+                answer = await http.post(f"{url}/v1/captions?beam={beam}", content=body, headers={"content-type": media_type})
             except httpx.HTTPError:
                 errors += 1
                 continue
@@ -114,6 +123,24 @@ async def load(url: str, bodies: list[bytes], requests: int, clients: int, beam:
         "errors": errors,
         "batch_sizes": dict(sorted(batch_sizes.items())),
     }
+
+
+def large_uploads(checkpoint: Path, scratch: Path, side: int, clients: int, beam: int) -> dict:
+    """The server's peak resident memory (VmHWM) after start-up and after ``clients`` concurrent
+    uploads of a flat ``side`` x ``side`` RGB PNG."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (120, 140, 160)).save(buffer, "PNG")
+    body = buffer.getvalue()
+    server = Server(checkpoint, scratch / "large.log", "--max-upload-mb", str(max(1, len(body) * 2 // 2**20 + 1)))
+    try:
+        before = server.resident_mb("VmHWM")
+        result = asyncio.run(load(server.url, [body], clients, clients, beam, "image/png"))
+        peak = server.resident_mb("VmHWM")
+    finally:
+        server.stop()
+    return {"benchmark": "serve_large_uploads", "side": side, "png_kb": round(len(body) / 1024), "clients": clients,
+            "errors": result["errors"], "seconds": result["seconds"], "peak_rss_before_mb": round(before, 1),
+            "peak_rss_after_mb": round(peak, 1)}
 
 
 def model_split(captioner: ImageCaptioner, paths: list[Path], beam: int, batch_sizes: tuple[int, ...]) -> dict:
@@ -147,7 +174,10 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=200, help="requests after the bursts, before the first memory reading")
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
-    parser.add_argument("--modes", nargs="+", choices=["batched", "single"], default=["batched", "single"])
+    parser.add_argument("--modes", nargs="+", choices=["batched", "single", "large"], default=["batched", "single"],
+                        help="large: only the large-upload memory check")
+    parser.add_argument("--large-side", type=int, default=9400, help="the large mode's PNG side (default 9400)")
+    parser.add_argument("--large-clients", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2, help="the CLI's image decoding processes")
     args = parser.parse_args()
 
@@ -157,6 +187,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = args.checkpoint or random_checkpoint(Path(scratch) / "random.pt", args.random_model)
         model = str(args.checkpoint) if args.checkpoint else f"random {args.random_model} model"
+        if args.modes == ["large"]:
+            print(json.dumps(large_uploads(checkpoint, Path(scratch), args.large_side, args.large_clients, args.beam)), flush=True)
+            return 0
         captioner = ImageCaptioner.from_checkpoint(checkpoint)
         cli = cli_run(captioner, paths, DecodeSettings(beam_size=args.beam), batch_size=args.clients, workers=args.workers)
         print(json.dumps({"benchmark": "caption_cli", "model": model, **common, **cli}), flush=True)
@@ -183,7 +216,9 @@ def main() -> int:
                 "max_wait_ms": args.max_wait_ms, **common, **result, "rss_before_mb": round(before, 1),
                 "rss_after_mb": round(after, 1), "rss_growth": round(after / before - 1, 4),
             }), flush=True)
-    summary = {"benchmark": "serve_vs_cli", "cli_images_per_s": cli["images_per_s"], **{f"{m}_images_per_s": v for m, v in speeds.items()}}
+    one, many = split["batch_1"], split[f"batch_{args.clients}"]
+    summary = {"benchmark": "serve_vs_cli", "cli_images_per_s": cli["images_per_s"], **{f"{m}_images_per_s": v for m, v in speeds.items()},
+               "decode_speedup": round(one["beam_ms"] / many["beam_ms"], 3), "prefix_speedup": round(one["prefix_ms"] / many["prefix_ms"], 3)}
     if "batched" in speeds:
         summary["batched_over_cli"] = round(speeds["batched"] / cli["images_per_s"], 3)
         if "single" in speeds:

@@ -229,6 +229,7 @@ class ImageCaptioner:
         self.layers = model.config.layers
         self.input_size = prefix.backbone.input_size
         self.grids = _layer_grids(prefix.backbone, self.layers, self.device)
+        self.prefix_chunk: int | None = None  # images per prefix pass (None: the whole batch)
 
     @classmethod
     def from_checkpoint(
@@ -259,10 +260,11 @@ class ImageCaptioner:
 
     def features(self, images: Tensor) -> dict[str, Tensor]:
         """Images (B, 3, S, S) in [0, 1] -> the prefix outputs {tap: float32 (B, C, h, w)}, rounded
-        through float16 like the feature cache's rows."""
+        through float16 like the feature cache's rows. The prefix runs ``prefix_chunk`` images at a
+        time (on some CPUs a large batch is slower per image); an image's outputs do not depend on it."""
         with torch.inference_mode():
-            taps = self.prefix(images.to(self.device))
-            return {name: x.to(torch.float16).to(torch.float32) for name, x in taps.items()}
+            chunks = [self.prefix(c.to(self.device)) for c in images.split(self.prefix_chunk or max(len(images), 1))]
+            return {name: torch.cat([c[name] for c in chunks]).to(torch.float16).to(torch.float32) for name in chunks[0]}
 
     def caption_features(self, features: dict[str, Tensor], settings: DecodeSettings) -> list[list[Caption]]:
         """Prefix outputs {tap: (B, C, h, w)} (e.g. feature cache rows) -> per image its

@@ -10,12 +10,16 @@ the batch's rows may round differently in the last bits, so scores are compared 
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
+import time
 from typing import Any, Awaitable, Callable
 
 import httpx
 import pytest
+import torch
 from fastapi import FastAPI
+from PIL import Image
 
 from caption_support import save_tiny_checkpoint
 from serve_support import as_answer, library_captions, photo_bytes
@@ -179,3 +183,52 @@ def test_the_app_starts_again_on_a_new_event_loop_after_a_shutdown(captioner):
     app = app_for(captioner, max_wait_ms=0)
     for _ in range(2):
         assert serve(app, lambda client: post(client, photo_bytes(0))).status_code == 200
+
+
+def test_stopping_answers_every_queued_image_503_at_once(captioner):
+    app = app_for(captioner, max_batch=16, max_wait_ms=60_000)
+
+    async def scenario(client: httpx.AsyncClient) -> tuple[list[httpx.Response], float]:
+        waiting = [asyncio.create_task(post(client, photo_bytes(i))) for i in range(2)]
+        await queued(client, 2)
+        start = asyncio.get_running_loop().time()
+        await app.state.batcher.stop()
+        answers = await asyncio.gather(*waiting)
+        late = await post(client, photo_bytes(3))
+        return [*answers, late], asyncio.get_running_loop().time() - start
+
+    answers, seconds = serve(app, scenario)
+    assert seconds < 1
+    assert [a.status_code for a in answers] == [503, 503, 503]
+    assert answers[0].json() == {"error": "the server is shutting down; send the request again later"}
+
+
+def large_png(width: int, height: int) -> bytes:
+    """A bilevel PNG of ``width`` x ``height``: a large declared size in a few kilobytes."""
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_large_uploads_are_decoded_one_at_a_time(captioner, monkeypatch):
+    """Three concurrent 9000 x 9000 uploads (81 M pixels each): never two decoded at once."""
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def decode(data: bytes, size: int, name: str) -> torch.Tensor:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.3)
+        with lock:
+            running -= 1
+        return torch.zeros(3, size, size)
+
+    monkeypatch.setattr("sca_caption.serve.app.decode_image", decode)
+
+    async def scenario(client: httpx.AsyncClient) -> list[int]:
+        return [a.status_code for a in await asyncio.gather(*(post(client, large_png(9000, 9000)) for _ in range(3)))]
+
+    assert serve(app_for(captioner, max_batch=3, max_wait_ms=0), scenario) == [200, 200, 200]
+    assert most == 1

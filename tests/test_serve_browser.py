@@ -1,7 +1,8 @@
 """The web page in a real browser: Debian's chromium, headless, driven by Selenium through
 Debian's chromium-driver (``.ci/run`` installs both with apt-get when absent). It loads the page
 from the service on 127.0.0.1, uploads a Flickr8k photo, waits for its caption, hovers a word and
-checks that its attention overlay is drawn; a text file is rejected with the server's message.
+checks that its attention overlay is drawn; a text file is rejected with the server's message;
+the API docs at /docs render with no network.
 The screenshot is kept in test-artifacts/serve_page.png."""
 
 from __future__ import annotations
@@ -101,3 +102,14 @@ def test_upload_a_photo_see_its_caption_and_a_words_attention(shared_data, tmp_p
     browser.find_element(By.ID, "files").send_keys(str(notes))
     rejected = wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".card.rejected .error")))
     assert rejected.text == "Rejected: notes.jpg: not an image file Pillow can read"
+
+
+def test_the_api_docs_render_their_operations_with_no_network(service, browser):
+    """``/docs`` is Swagger UI from the packaged copy: the browser resolves no host but 127.0.0.1."""
+    browser.get(f"{service}/docs")
+    paths = WebDriverWait(browser, 60).until(
+        expected_conditions.presence_of_all_elements_located((By.CSS_SELECTOR, ".opblock .opblock-summary-path"))
+    )
+    assert {p.text.replace("\u200b", "") for p in paths} == {"/v1/captions", "/v1/model", "/healthz"}
+    assert all(not src.startswith("http") or src.startswith(service)
+               for src in browser.execute_script("return [...document.scripts].map(s => s.src)"))

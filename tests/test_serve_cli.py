@@ -11,9 +11,11 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import torch
 import pytest
 
 from caption_support import save_tiny_checkpoint
@@ -70,6 +72,57 @@ def test_the_real_server_serves_on_loopback_and_shuts_down(tmp_path, stop):
     assert status == 0 and "Application shutdown complete" in log.read_text() and "error" not in log.read_text()
 
 
+@pytest.mark.slow
+def test_a_slow_body_times_out_and_sigterm_stops_at_once_answering_queued_requests_503(tmp_path):
+    """A client sending one byte a second is answered 408 after --body-timeout-s; a request queued
+    for a batch that would wait a minute is answered 503 on SIGTERM, and the server exits in seconds."""
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny.pt")
+    log = tmp_path / "server.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sca_caption.serve", "--checkpoint", str(checkpoint), "--port", "0",
+             "--max-wait-ms", "60000", "--body-timeout-s", "2"],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        port = wait_for_port(log, process)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(f"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n".encode())
+            start = time.monotonic()
+            answer = b""
+            for _ in range(8):  # one byte a second until the server answers
+                try:
+                    slow.sendall(b"x")
+                except OSError:
+                    break
+                slow.settimeout(1)
+                try:
+                    answer += slow.recv(4096)
+                except TimeoutError:
+                    continue
+                if answer:
+                    break
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert time.monotonic() - start < 5
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=30) as http:
+            queued = ThreadPoolExecutor(1).submit(
+                http.post, "/v1/captions", content=photo_bytes(1), headers={"content-type": "image/png"}
+            )
+            while http.get("/healthz").json()["queued"] != 1:
+                time.sleep(0.05)
+            start = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            answer = queued.result(timeout=30)
+            status = process.wait(timeout=30)
+        assert answer.status_code == 503 and answer.json() == {"error": "the server is shutting down; send the request again later"}
+        assert status == 0 and time.monotonic() - start < 10  # the batch would have waited 60 s
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
 def test_loopback_hosts_need_no_flag(host):
     assert parse_args(["--host", host]).host == host
@@ -84,7 +137,11 @@ def test_another_host_needs_allow_remote(capsys, host):
     assert parse_args(["--host", host, "--allow-remote"]).host == host  # parsed only: nothing is bound here
 
 
-@pytest.mark.parametrize("argv", [["--max-batch", "0"], ["--max-wait-ms", "-1"], ["--max-upload-mb", "0"], ["--port", "70000"]])
+@pytest.mark.parametrize("argv", [
+    ["--max-batch", "0"], ["--max-wait-ms", "-1"], ["--max-upload-mb", "0"], ["--port", "70000"],
+    ["--max-wait-ms", "nan"], ["--max-wait-ms", "inf"], ["--max-wait-ms", "1e12"], ["--max-upload-mb", "inf"],
+    ["--max-upload-mb", "nan"], ["--max-batch", "100000"], ["--body-timeout-s", "0"], ["--body-timeout-s", "inf"],
+])
 def test_impossible_limits_are_usage_errors(capsys, argv):
     with pytest.raises(SystemExit) as exited:
         parse_args(argv)
@@ -120,3 +177,18 @@ def test_the_listening_socket_takes_ipv4_and_ipv6_loopback(host):
         pytest.skip("no IPv6 here")
     with listening_socket(host, 0) as sock:
         assert sock.getsockname()[0] == host and sock.getsockname()[1] > 0
+
+
+def test_the_prefix_runs_in_chunks_with_the_same_features(tmp_path, capsys):
+    captioner = ImageCaptioner.from_checkpoint(save_tiny_checkpoint(tmp_path / "tiny.pt"))
+    images = torch.rand(5, 3, captioner.input_size, captioner.input_size, generator=torch.Generator().manual_seed(0))
+    whole = captioner.features(images)
+    calls = []
+    captioner.prefix.register_forward_hook(lambda module, inputs, outputs: calls.append(len(inputs[0])))
+    captioner.prefix_chunk = 2
+    chunked = captioner.features(images)
+    assert calls == [2, 2, 1]
+    assert whole.keys() == chunked.keys() and all(torch.equal(whole[k], chunked[k]) for k in whole)
+    assert parse_args(["--prefix-chunk", "4"]).prefix_chunk == 4
+    with pytest.raises(SystemExit):
+        parse_args(["--prefix-chunk", "17", "--max-batch", "16"])

@@ -8,19 +8,26 @@ decoding step, so the service, the CLI and ``evaluate`` give the same captions).
 - ``GET /v1/model``: the model, its recorded scores, the decoding defaults and the limits.
 - ``GET /healthz``; ``GET /``: the web page (``static/``, every asset served from here).
 
-Every refusal is a 4xx JSON ``{"error": "one line"}``. The event loop never runs the model:
-images are decoded in the thread pool and captioned by the ``MicroBatcher``'s worker thread.
+Every refusal is a 4xx JSON ``{"error": "one line"}`` (503 while the server shuts down). The
+event loop never runs the model: images are decoded one at a time on one decoding thread (a
+decoded frame can be 1 GB; threads decoding side by side each keep their own malloc arena of
+it) and captioned by the ``MicroBatcher``'s worker thread. ``/docs`` serves Swagger UI
+from the packaged copy of ``fastapi-offline``, so it works with no network.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Sequence
 
 from fastapi import FastAPI, Query, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -32,7 +39,7 @@ from sca_caption.data.errors import DataError
 from sca_caption.data.images import decode_image
 from sca_caption.decode_options import DECODE_OPTIONS
 from sca_caption.decoding import DecodingError
-from sca_caption.serve.batcher import MicroBatcher
+from sca_caption.serve.batcher import MicroBatcher, ShuttingDown
 from sca_caption.serve.model_card import ModelCard
 from sca_caption.serve.results import image_result
 from sca_caption.serve.schemas import (
@@ -66,43 +73,70 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
         (400, "empty body, no image, an empty file or a malformed multipart body"),
+        (408, "the request body was not received within the body timeout"),
         (413, "over the upload limit, or too many images in one request"),
         (415, "neither multipart/form-data nor an image/* body"),
         (422, "an image that cannot be decoded (not an image, truncated, over the pixel limit), "
               "an option of the wrong type or range, options that do not fit together or with the "
               "checkpoint's settings, or an unknown option or form field"),
+        (503, "the server is shutting down"),
     )
 }
 
 
 @dataclass(frozen=True)
 class ServiceLimits:
-    """``max_images`` per request, ``max_upload_mb`` per request body, and the micro-batching:
-    up to ``max_batch`` images per batch, waiting at most ``max_wait_ms`` for more."""
+    """``max_images`` per request, ``max_upload_mb`` per request body, received within
+    ``body_timeout_s`` seconds, and the micro-batching: up to ``max_batch`` images per batch,
+    waiting at most ``max_wait_ms`` for more. Each value must be finite and within ``BOUNDS``
+    (a ``ValueError`` naming the first that is not)."""
 
     max_batch: int = 16
     max_wait_ms: float = 10.0
     max_upload_mb: float = 10.0
     max_images: int = 16
+    body_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in BOUNDS.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and low <= value <= high) or (value == 0 and name in POSITIVE):
+                above = "above 0" if name in POSITIVE else f"at least {low:g}"
+                raise ValueError(f"{name} {value:g}: must be a finite number {above} and at most {high:g}")
+
+
+BOUNDS: dict[str, tuple[float, float]] = {
+    "max_batch": (1, 1024),
+    "max_wait_ms": (0, 60_000),  # a batch waits a minute at most, so every request is answered
+    "max_upload_mb": (0, 1024),
+    "max_images": (1, 1024),
+    "body_timeout_s": (0, 3600),
+}
+POSITIVE = ("max_upload_mb", "body_timeout_s")
 
 
 def create_app(captioner: ImageCaptioner, *, card: ModelCard, limits: ServiceLimits = ServiceLimits()) -> FastAPI:
     """The service's app for ``captioner``; ``card`` names its checkpoint and recorded scores."""
     batcher = MicroBatcher(captioner, max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms)
+    decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-decoder")  # a new one at each start
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        nonlocal decoder
+        decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-decoder")
         batcher.start()
         try:
             yield
         finally:
             await batcher.close()
+            decoder.shutdown(wait=True)
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="sca-caption",
         summary="Captions for images from an SCA-CNN captioner, with per-word attention maps",
         lifespan=lifespan,
     )
+    app.state.batcher = batcher  # the server stops it when its shutdown begins (__main__)
     _add_error_handlers(app)
     _add_page(app)
     info = _model_info(captioner, card, limits)
@@ -125,9 +159,10 @@ def create_app(captioner: ImageCaptioner, *, card: ModelCard, limits: ServiceLim
         except DecodingError as err:
             raise HTTPException(status_code=422, detail=str(err)) from None
         uploads = await read_uploads(
-            request, max_bytes=int(limits.max_upload_mb * 2**20), max_images=limits.max_images
+            request, max_bytes=int(limits.max_upload_mb * 2**20), max_images=limits.max_images,
+            timeout_s=limits.body_timeout_s,
         )
-        images = await run_in_threadpool(_decode_all, uploads, captioner.input_size)
+        images = await asyncio.get_running_loop().run_in_executor(decoder, _decode_all, uploads, captioner.input_size)
         decoded = await batcher.caption(images, settings)
         results = await run_in_threadpool(
             lambda: [
@@ -202,6 +237,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UploadError)
     async def refused(_: Request, err: UploadError) -> JSONResponse:
         return JSONResponse({"error": err.message}, status_code=err.status)
+
+    @app.exception_handler(ShuttingDown)
+    async def stopping(_: Request, err: ShuttingDown) -> JSONResponse:
+        return JSONResponse({"error": str(err)}, status_code=503, headers={"Retry-After": "5", "Connection": "close"})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:

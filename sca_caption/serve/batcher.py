@@ -8,6 +8,10 @@ queue and form the next batch at once. Images with other decoding settings than 
 batch are decoded as a beam-search batch of their own, so each image gets the settings it asked
 for; each request's future is answered with its own images' captions.
 
+Stopping (``stop``, at the start of the server's shutdown) answers every image not yet
+captioned at once with ``ShuttingDown`` (a 503), whatever ``max_wait_ms`` is, so that the server's
+wait for its open requests ends within the batch being decoded.
+
 An image's captions do not depend on the other images of its batch: the prefix computes each
 image alone, and beam search keeps every image's beams apart. On the CPU they are identical to
 those of the same image decoded in any batch of the same size; another batch size can round the
@@ -17,6 +21,7 @@ decoder's float32 matrix products differently in the last bits (as for the capti
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +31,10 @@ import torch
 from torch import Tensor
 
 from sca_caption.captioning import Caption, DecodeSettings, ImageCaptioner
+
+
+class ShuttingDown(Exception):
+    """The server is stopping: an image that was not captioned before it began to (HTTP 503)."""
 
 
 @dataclass(frozen=True)
@@ -51,8 +60,8 @@ class MicroBatcher:
     more, and decodes each batch on one worker thread. ``start`` and ``close`` run on the loop."""
 
     def __init__(self, captioner: ImageCaptioner, *, max_batch: int, max_wait_ms: float) -> None:
-        if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_wait_ms >= 0; got {max_batch} and {max_wait_ms}")
+        if max_batch < 1 or not (math.isfinite(max_wait_ms) and max_wait_ms >= 0):
+            raise ValueError(f"max_batch must be >= 1 and max_wait_ms finite and >= 0; got {max_batch} and {max_wait_ms}")
         self.captioner = captioner
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
@@ -73,22 +82,28 @@ class MicroBatcher:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caption-worker")
         self._gathering = asyncio.get_running_loop().create_task(self._gather())
 
-    async def close(self) -> None:
-        """Stop gathering, fail the images not yet answered, and wait for the worker to finish."""
+    async def stop(self) -> None:
+        """Stop gathering and answer every image not yet captioned with ``ShuttingDown``; the
+        batch being decoded finishes on the worker thread, its answers dropped."""
         if self._gathering is not None:
             self._gathering.cancel()
             await asyncio.gather(self._gathering, return_exceptions=True)
         unanswered = self._forming + self._decoding + [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        self._forming, self._decoding = [], []
         for job in unanswered:
             if not job.future.done():
-                job.future.set_exception(RuntimeError("the server is shutting down"))
+                job.future.set_exception(ShuttingDown("the server is shutting down; send the request again later"))
+
+    async def close(self) -> None:
+        """``stop``, then wait for the worker thread to finish its batch."""
+        await self.stop()
         if self._worker is not None:
             self._worker.shutdown(wait=True)
 
     async def caption(self, images: Sequence[Tensor], settings: DecodeSettings) -> list[Decoded]:
         """The captions of ``images`` (each (3, S, S) in [0, 1]), in order, once decoded."""
         if self._gathering is None or self._gathering.done():
-            raise RuntimeError("the batcher is not running")
+            raise ShuttingDown("the server is shutting down; send the request again later")
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in images]
         for image, future in zip(images, futures):

@@ -1,9 +1,11 @@
 """The images of a captioning request: multipart files in the field ``images``, or one raw body
 with an ``image/*`` content type. The body is read into memory up to the upload limit and no
-further; file names are only echoed back, never used as paths."""
+further, and within the body timeout (a client sending a byte now and then is answered 408 and
+its connection closed, not kept open for ever); file names are only echoed back, never used as paths."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -34,9 +36,10 @@ class UploadError(Exception):
         self.message = message
 
 
-async def read_uploads(request: Request, *, max_bytes: int, max_images: int) -> list[Upload]:
-    """The request's images, in order; ``UploadError`` for a body that is too large, empty, of
-    another content type, malformed, or holding other fields or more than ``max_images`` images."""
+async def read_uploads(request: Request, *, max_bytes: int, max_images: int, timeout_s: float) -> list[Upload]:
+    """The request's images, in order; ``UploadError`` for a body that is too large, not received
+    within ``timeout_s`` seconds, empty, of another content type, malformed, or holding other fields
+    or more than ``max_images`` images."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     multipart = media_type == "multipart/form-data"
     if not multipart and not media_type.startswith("image/"):
@@ -45,7 +48,10 @@ async def read_uploads(request: Request, *, max_bytes: int, max_images: int) -> 
             f"unsupported content type {media_type or '(none)'!r}: send images as multipart/form-data files "
             f"in the field {FILE_FIELD!r}, or one image as the raw body with an image/* content type",
         )
-    body = await _read_body(request, max_bytes)
+    try:
+        body = await asyncio.wait_for(_read_body(request, max_bytes), timeout_s)
+    except asyncio.TimeoutError:
+        raise UploadError(408, f"request body not received within the body timeout of {timeout_s:g} s") from None
     if not body:
         raise UploadError(400, "empty request body: no image to caption")
     uploads = await _multipart_files(request.headers, body) if multipart else [Upload(RAW_BODY_NAME, body)]
