@@ -1,5 +1,6 @@
-"""``python -m sca_caption.train`` with a step callback, for tests that interrupt it at a known
-point mid-epoch. First arguments:
+"""``python -m sca_caption.train`` stopped at a known point mid-epoch, for tests that interrupt it.
+The test side wraps ``Trainer._stop_if_signalled`` (which every optimizer step ends with, after
+any checkpoint of that step); the trainer has no hook of its own. First arguments:
 
 - ``--pause-after K``: after optimizer step K it prints ``PAUSED`` and sleeps (for a SIGKILL);
 - ``--signal-after K NAME``: after step K it sends itself the real signal NAME (e.g. SIGTERM), as
@@ -7,7 +8,7 @@ point mid-epoch. First arguments:
 - ``--signal-group-after K NAME``: the same to its whole process group (its DataLoader workers
   too), as a terminal's Ctrl-C arrives (start it in a session of its own).
 
-Everything else is the train CLI's own code (``train.main`` with the callback's trainer)."""
+Everything else is the train CLI's own code (``train.main``)."""
 
 from __future__ import annotations
 
@@ -17,17 +18,14 @@ import sys
 import time
 from typing import Callable
 
-from sca_caption.distributed import start_processes
-from sca_caption.errors import command
-from sca_caption.prepare import prepare
-from sca_caption.train import experiment_config, parse_args
+from sca_caption import train
 from sca_caption.trainer import Trainer
 
 PAUSED = "PAUSED"
 
 
 def callback(argv: list[str]) -> tuple[Callable[[int], None], list[str]]:
-    """The step callback the first arguments ask for, and the train CLI's arguments."""
+    """The action after each step the first arguments ask for, and the train CLI's arguments."""
     if argv[0] == "--pause-after":
         step = int(argv[1])
 
@@ -47,16 +45,18 @@ def callback(argv: list[str]) -> tuple[Callable[[int], None], list[str]]:
     return send, argv[3:]
 
 
-@command
-def main(argv: list[str] | None) -> int:
-    on_step, rest = callback(argv or [])
-    args = parse_args(rest)
-    config = experiment_config(args)
-    processes = start_processes(args.device)
-    data = prepare(config, progress=False, processes=processes)
-    Trainer(config, data, args.out, processes, resume=args.resume, progress=False, on_step=on_step).run()
-    return 0
+def after_each_step(action: Callable[[int], None]) -> None:
+    """Run ``action(step)`` at the end of every optimizer step, before the trainer looks for signals."""
+    stop_if_signalled = Trainer._stop_if_signalled
+
+    def wrapped(self: Trainer, started: float) -> None:
+        action(self.at.step)
+        stop_if_signalled(self, started)
+
+    Trainer._stop_if_signalled = wrapped  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    action, rest = callback(sys.argv[1:])
+    after_each_step(action)
+    sys.exit(train.main(rest))

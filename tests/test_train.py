@@ -22,7 +22,8 @@ from sca_caption.data.vocab import Vocab
 from sca_caption.models.backbones import build_cache_backbone
 from sca_caption.models.captioner import ModelConfig, SCACaptioner
 from sca_caption.prepare import prepare
-from sca_caption.trainer import cross_entropy_step, learning_rate, make_optimizer
+from sca_caption.optimization import learning_rate, make_optimizer
+from sca_caption.phases import cross_entropy_step
 from tiny_backbone import build_tiny_backbone, tiny_features
 from train_support import TinyShapes, tiny_shapes  # noqa: F401
 
