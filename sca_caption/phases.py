@@ -2,7 +2,7 @@
 (teacher forcing on (image, caption) samples) and ``SelfCriticalPhase`` (sampled captions of each
 image follow the CIDEr-D reward, ``sca_caption.self_critical``). Each knows its samples, their
 order in an epoch, its learning rate and its optimizer step; and ``batch_loader``, the one batch
-iterator of training and of the validation loss.
+iterator of training and of the validation loss (``validation_loss``).
 
 Data parallel: ``SCACaptioner.loss`` returns sums; each process divides its summed word losses
 by the token count of the global batch (and its per-image terms by the global batch size) and
@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from sca_caption.config import ExperimentConfig, TrainConfig
-from sca_caption.data.caption_dataset import CaptionBatch, CaptionSamples, ImageBatch, ImageSamples, epoch_order, image_order
+from sca_caption.data.caption_dataset import (
+    CaptionBatch, CaptionSamples, ImageBatch, ImageSamples, epoch_order, image_order, shard,
+)
 from sca_caption.data.vocab import Vocab
 from sca_caption.distributed import Processes
 from sca_caption.errors import main_process_takes_interrupts
@@ -37,6 +39,27 @@ def batch_loader(samples: Dataset, shares: list[list[int]], num_workers: int, de
         samples, sampler=shares, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda",
         worker_init_fn=main_process_takes_interrupts,
     )
+
+
+@torch.no_grad()
+def validation_loss(
+    model: SCACaptioner, samples: CaptionSamples, batch_size: int, processes: Processes, num_workers: int, bf16: bool
+) -> float:
+    """Teacher-forced word cross-entropy per token over the validation captions ``samples``, in
+    batches of ``batch_size`` shared out among the processes."""
+    model.eval()
+    count, rank, world, device = len(samples), processes.rank, processes.world, processes.device
+    batches = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+    shares = [share for share in (shard(b, rank, world) for b in batches) if share]
+    total, tokens = 0.0, 0
+    for batch in batch_loader(samples, shares, num_workers, device):
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            sums = model.loss(model(batch.features, batch.captions), batch.captions, Vocab.pad, batch.tags)
+        total += float(sums.words)
+        tokens += sums.tokens
+    total = processes.sum(torch.tensor(total, dtype=torch.float64))  # float64: one process's sum exactly
+    return total / max(processes.sum(torch.tensor(float(tokens), dtype=torch.float64)), 1)
 
 
 def cross_entropy_step(

@@ -73,7 +73,7 @@ from sca_caption.locks import exclusive
 from sca_caption.models.backbones import build_cache_backbone
 from sca_caption.models.captioner import SCACaptioner
 from sca_caption.optimization import cross_entropy_epochs, make_optimizer, set_learning_rate, step_seed
-from sca_caption.phases import STEP_COLUMNS, CrossEntropyPhase, SelfCriticalPhase, batch_loader
+from sca_caption.phases import STEP_COLUMNS, CrossEntropyPhase, SelfCriticalPhase, batch_loader, validation_loss
 from sca_caption.prepare import PreparedData
 from sca_caption.rewards import CiderD, build_or_load_cider, cider_cache_path, train_references
 from sca_caption.training_log import LOG_COLUMNS, summary, table, tensorboard
@@ -388,7 +388,10 @@ class Trainer:
         process decodes the split (METEOR on rank 0 only, whose scores count), so that none waits
         for rank 0 in a collective call; the loss is computed over the processes' shares."""
         evaluation = self._evaluate(self.model, self.config.data.val_split, meteor=self.proc.is_main)
-        evaluation.scores["loss"] = self._val_loss()
+        data, proc = self.config.data, self.proc
+        evaluation.scores["loss"] = validation_loss(
+            self.model, self.val_samples, data.batch_size, proc, data.num_workers, self.config.train.bf16
+        )
         return evaluation
 
     def _evaluate(self, model: SCACaptioner, split: str, meteor: bool = True) -> SplitEvaluation:
@@ -398,24 +401,6 @@ class Trainer:
             model, self.vocab, config, self.data.records, self.cache, split, device=self.device,
             meteor=meteor and config.train.meteor, bf16=config.train.bf16, progress=self.progress,
         )
-
-    @torch.no_grad()
-    def _val_loss(self) -> float:
-        """Teacher-forced word cross-entropy per token over the validation captions."""
-        self.model.eval()
-        size, count, proc = self.config.data.batch_size, len(self.val_samples), self.proc
-        batches = [list(range(start, min(start + size, count))) for start in range(0, count, size)]
-        shares = [share for share in (shard(b, proc.rank, proc.world) for b in batches) if share]
-        total, tokens = 0.0, 0
-        for batch in batch_loader(self.val_samples, shares, self.config.data.num_workers, self.device):
-            batch = batch.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.bf16):
-                output = self.model(batch.features, batch.captions)
-                sums = self.model.loss(output, batch.captions, self.vocab.pad, batch.tags)
-            total += float(sums.words)
-            tokens += sums.tokens
-        as_sum = lambda value: proc.sum(torch.tensor(value, dtype=torch.float64))  # noqa: E731
-        return as_sum(total) / max(as_sum(float(tokens)), 1)
 
     def _epoch_row(self, evaluation: SplitEvaluation | None) -> dict[str, float]:
         """The log row of the epoch just trained (validation columns empty where not validated)."""
