@@ -252,7 +252,7 @@ class Trainer:
         self.cross_entropy = CrossEntropyPhase(
             config, self.model, self.ddp, train_samples, processes, self._steps(len(train_samples))
         )
-        self.self_critical = None
+        self.self_critical: SelfCriticalPhase | None = None
         if train.scst_after is not None:
             images = data.image_samples(splits.train_split, self.cache)
             self.self_critical = SelfCriticalPhase(config, self.model, self.ddp, images, processes, self._reward(), self.vocab)
