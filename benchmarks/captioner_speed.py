@@ -3,7 +3,7 @@
 Prints JSON lines: first this machine's float32 matmul roofline (``common.matmul_roofline``: the
 best GFLOP/s of square matmuls from 512² to 3072² at the torch thread count used), then per setting
 and attention order the training throughput (forward, loss, backward and an Adam step on random
-cached features and captions, no padding; ``trainer.cross_entropy_step``, the trainer's own step)
+cached features and captions, no padding; ``phases.cross_entropy_step``, the trainer's own step)
 with the analytic FLOPs per caption and their breakdown.
 
 FLOPs count matmul-like work only (2 per multiply-add; see ``flops_per_caption`` for the
@@ -49,7 +49,8 @@ from sca_caption.config import TrainConfig
 from sca_caption.data.caption_dataset import CaptionBatch
 from sca_caption.models.backbones import build_backbone
 from sca_caption.models.captioner import SCACaptioner
-from sca_caption.trainer import cross_entropy_step, make_optimizer
+from sca_caption.optimization import make_optimizer
+from sca_caption.phases import cross_entropy_step
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -111,7 +112,7 @@ def flops_per_caption(
 def training_iteration(
     model: SCACaptioner, features: dict[str, torch.Tensor], captions: torch.Tensor, bf16: bool = False
 ) -> Callable[[], None]:
-    """One training iteration as a call: the trainer's own step (``trainer.cross_entropy_step``:
+    """One training iteration as a call: the trainer's own step (``phases.cross_entropy_step``:
     forward, under bfloat16 autocast with ``bf16``, loss, backward, clipping and its AdamW step)."""
     train = TrainConfig(bf16=bf16)
     optimizer = make_optimizer(model, train.lr, train.weight_decay)

@@ -3,7 +3,7 @@
 Prints JSON lines: one per step kind on random cached features and a random CIDEr-D reference set,
 with the captioner of ``--setting`` (``common.SETTINGS``; ``f8k``: configs/flickr8k.yaml's CPU sizes):
 
-- ``cross_entropy``: the trainer's own step (``trainer.cross_entropy_step``) on ``--batch``
+- ``cross_entropy``: the trainer's own step (``phases.cross_entropy_step``) on ``--batch``
   captions of ``--steps`` words;
 - ``self_critical`` (per baseline): ``--batch`` images, ``--samples`` sampled captions each of up
   to ``--steps`` + 1 tokens, their CIDEr-D rewards, the baseline, the teacher-forced policy loss,
@@ -32,7 +32,8 @@ from sca_caption.data.caption_dataset import CaptionBatch
 from sca_caption.data.vocab import Vocab
 from sca_caption.rewards import CiderD, DocumentFrequency
 from sca_caption.self_critical import policy_loss, rollout
-from sca_caption.trainer import cross_entropy_step, make_optimizer, optimizer_step
+from sca_caption.optimization import make_optimizer, optimizer_step
+from sca_caption.phases import cross_entropy_step
 
 CAPTIONS_PER_IMAGE = 5
 F8K = Setting("efficientnet_lite0", ("stage7",), 128, 384, 256)  # configs/flickr8k.yaml

@@ -3,8 +3,9 @@
 ``torchrun --nproc_per_node N -m sca_caption.train ...`` sets ``RANK``, ``LOCAL_RANK`` and
 ``WORLD_SIZE`` for each process; without them the run is a single process and nothing here talks
 to other processes. Rank 0 loads the corpus and writes the vocabulary first, then the others; all
-extract the feature cache together (each a share of the images, rank 0 merging). Rank 0 writes
-checkpoints and logs, and validates; the others wait for it at the collective calls below.
+extract the feature cache together (each a share of the images, rank 0 merging). Every process
+trains and validates; rank 0 alone writes checkpoints and logs, while the others wait for it at
+the collective calls below.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 from sca_caption.devices import default_device
 
-# Rank 0 validates alone (beam search over a whole split can take minutes) while the others wait.
+# The longest waits: rank 0 merging the processes' shares of a feature cache, or writing checkpoints.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 T = TypeVar("T")
 

@@ -1,4 +1,5 @@
-"""The training loop: teacher forcing, per-epoch validation with beam search, checkpoints.
+"""The training loop: per epoch one phase (cross-entropy or self-critical, ``phases``), then
+validation, early stopping, and the run's files.
 
 One run writes into its output folder:
 
@@ -22,22 +23,21 @@ vocabulary) at the constant learning rate ``train.scst_lr`` (fine-tuned backbone
 ``train.upper_lr_scale``, as in cross-entropy epochs) and dropout ``train.scst_dropout``. The
 first self-critical epoch starts from the best cross-entropy epoch's weights (``best.pt``) with a
 fresh optimizer; cross-entropy early stopping moves on to it. ``init_from`` (``--init-from``) starts a run from another run's
-weights instead, e.g. ``train.scst_after=0`` on a finished cross-entropy run.
+weights instead, e.g. ``train.scst_after=0`` on a finished cross-entropy run. The tag head
+(``model.num_tags``) learns in cross-entropy epochs only: the policy loss is the reward's alone.
 
 Ctrl-C or SIGTERM: the step in progress is finished, saved in ``last.pt``, and the run stops with
-one line saying how to continue (``--resume``); a second Ctrl-C stops at once.
+one line saying how to continue (``--resume``); a second Ctrl-C stops at once. A step whose loss
+is not finite (a learning rate far too high) stops the run at once, saving nothing.
 
 Data parallel (see ``distributed``): ``data.batch_size`` is the global batch, shared out among the
-processes sample by sample. ``SCACaptioner.loss`` returns sums; each process divides its summed
-word losses by the token count of the global batch (and its per-image terms by the global batch
-size) and multiplies by the number of processes, because DDP averages the gradients: the average
-is then the gradient of the global-batch mean, the same as one process computes.
+processes sample by sample (``phases`` scales each process's loss so DDP's average of the
+gradients is the global batch's). Only rank 0 writes files; every process validates (rank 0's
+scores count), so none waits long for another in a collective call.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import signal
 import threading
@@ -50,7 +50,6 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from sca_caption.checkpoint import (
@@ -62,27 +61,22 @@ from sca_caption.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from sca_caption.config import ExperimentConfig, TrainConfig, decoding_limit, write_config
-from sca_caption.data.caption_dataset import (
-    CaptionBatch,
-    ImageBatch,
-    epoch_order,
-    global_batches,
-    image_order,
-    shard,
-)
+from sca_caption.config import ExperimentConfig, write_config
+from sca_caption.data.caption_dataset import global_batches, shard
 from sca_caption.data.errors import DataError
 from sca_caption.decoding import DecodeSettings
 from sca_caption.distributed import Processes
-from sca_caption.errors import first_line, main_process_takes_interrupts
+from sca_caption.errors import first_line
 from sca_caption.evaluation import SplitEvaluation, evaluate_model
 from sca_caption.io_utils import atomic_write_json, atomic_write_text
 from sca_caption.locks import exclusive
 from sca_caption.models.backbones import build_cache_backbone
 from sca_caption.models.captioner import SCACaptioner
+from sca_caption.optimization import cross_entropy_epochs, make_optimizer, set_learning_rate, step_seed
+from sca_caption.phases import STEP_COLUMNS, CrossEntropyPhase, SelfCriticalPhase, batch_loader, validation_loss
 from sca_caption.prepare import PreparedData
 from sca_caption.rewards import CiderD, build_or_load_cider, cider_cache_path, train_references
-from sca_caption.self_critical import dropout_rate, policy_loss, rollout
+from sca_caption.training_log import LOG_COLUMNS, summary, table, tensorboard
 
 # Settings that do not change what the weights become, so a resumed run may change them.
 RESUMABLE_CHANGES = frozenset(
@@ -93,12 +87,6 @@ RESUMABLE_CHANGES = frozenset(
         *(f"decode.{name}" for name in DecodeSettings.__dataclass_fields__),  # validation decoding
     }
 )
-LOG_COLUMNS = (
-    "epoch", "step", "lr", "train_loss", "val_loss",
-    "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "shapes_accuracy",
-    "seconds",
-)
-STEP_COLUMNS = ("step", "reward", "baseline", "sample_length")
 LOWER_IS_BETTER = ("loss",)
 
 
@@ -174,30 +162,6 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def learning_rate(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
-    """The learning rate of optimizer step ``step`` (0-based): linear warm-up over
-    ``warmup_steps``, then constant, cosine (falling to 0 one step after the last) or step-wise decay."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.schedule == "cosine":
-        total = max(1, cross_entropy_epochs(config) * steps_per_epoch - config.warmup_steps)
-        progress = min(1.0, (step - config.warmup_steps) / total)
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if config.schedule == "step":
-        return config.lr * config.decay_factor ** (step // steps_per_epoch // config.decay_every)
-    return config.lr
-
-
-def cross_entropy_epochs(config: TrainConfig) -> int:
-    """The epochs trained with cross-entropy: all of them, or those before ``scst_after``."""
-    return config.epochs if config.scst_after is None else min(config.epochs, config.scst_after)
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The seed of the dropout generator for optimizer step ``step`` on process ``rank``."""
-    return (seed * 1_000_003 + step) * 1_009 + rank
-
-
 def build_model(config: ExperimentConfig, vocab_size: int, backbone_weights: str) -> SCACaptioner:
     """The captioner of ``config``, seeded with ``train.seed``. ``backbone_weights``: those the
     feature cache was made with ("imagenet", a path, or "none" for the extractor's seed-0 random
@@ -205,55 +169,6 @@ def build_model(config: ExperimentConfig, vocab_size: int, backbone_weights: str
     backbone = build_cache_backbone(config.model.backbone, backbone_weights)
     torch.manual_seed(config.train.seed)
     return SCACaptioner(config.model, vocab_size, backbone)
-
-
-def make_optimizer(model: SCACaptioner, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over the model's trainable parameters: group 0 the captioner's own, group 1 (only
-    where ``model.finetune_upper`` leaves them trainable) the backbone stages' (``set_learning_rate``)."""
-    upper = {id(p) for p in model.encoder.upper.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [[p for p in trainable if id(p) not in upper], [p for p in trainable if id(p) in upper]]
-    return torch.optim.AdamW([{"params": g} for g in groups if g], lr=lr, weight_decay=weight_decay)
-
-
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, upper_lr_scale: float) -> None:
-    """``lr`` for the captioner's parameters, ``upper_lr_scale`` × ``lr`` for the fine-tuned
-    backbone stages (``make_optimizer``'s groups)."""
-    for group, scale in zip(optimizer.param_groups, (1.0, upper_lr_scale)):
-        group["lr"] = lr * scale
-
-
-def optimizer_step(model: SCACaptioner, optimizer: torch.optim.Optimizer, loss: Tensor, grad_clip: float | None) -> None:
-    """Backward from ``loss``, the gradient norm clipped at ``grad_clip`` (None: not), one step."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-
-
-def cross_entropy_step(
-    model: SCACaptioner,
-    ddp: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: CaptionBatch,
-    pad: int,
-    tokens: int,
-    images: int,
-    world: int,
-    train: TrainConfig,
-) -> Tensor:
-    """One teacher-forced optimizer step on ``batch``, this process's share of a global batch of
-    ``tokens`` target tokens and ``images`` captions; returns this share's (detached) loss.
-
-    DDP averages the processes' gradients: scaled by the world size, the average is the gradient
-    of the global batch's mean (module docstring)."""
-    with torch.autocast(batch.captions.device.type, dtype=torch.bfloat16, enabled=train.bf16):
-        output = ddp(batch.features, batch.captions)
-        sums = model.loss(output, batch.captions, pad, batch.tags, train.label_smoothing)
-    loss = sums.mean(tokens, images) * world
-    optimizer_step(model, optimizer, loss, train.grad_clip)
-    return loss.detach()
 
 
 def resume_checkpoint(out: Path) -> Path:
@@ -285,6 +200,11 @@ def check_training_settings(config: ExperimentConfig) -> None:
         raise TrainingError("train.scst_baseline mean needs train.scst_samples >= 2 (the mean of the other samples)")
 
 
+def improves(score: float, best: float | None, metric: str) -> bool:
+    """Whether validation ``score`` of ``metric`` beats the ``best`` so far (None: no score yet)."""
+    return best is None or (score < best if metric in LOWER_IS_BETTER else score > best)
+
+
 class Trainer:
     """Trains one experiment into ``out``; ``run()`` does the whole loop (see the module docstring)."""
 
@@ -298,13 +218,10 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         log: Callable[[str], None] = print,
-        on_step: Callable[[int], None] | None = None,
         init_from: Path | None = None,
     ) -> None:
-        """``on_step(step)`` runs after each optimizer step (and any checkpoint of that step);
-        ``init_from``: a checkpoint whose model weights a new run starts from (same model and vocabulary)."""
+        """``init_from``: a checkpoint whose model weights a new run starts from (same model and vocabulary)."""
         self.config = config
-        self.on_step = on_step
         self._signals: list[str] = []  # SIGINT / SIGTERM received while ``run`` trains
         self.data = data
         self.out = Path(out)
@@ -313,26 +230,36 @@ class Trainer:
         self.progress = progress and processes.is_main
         self.log = log if processes.is_main else (lambda _: None)
         check_training_settings(config)
-        train = config.train
+        train, model = config.train, config.model
 
         self.vocab = data.vocab
         self.cache = data.open_cache()
         splits, length = config.data, config.data.max_length
-        self.tags = data.tags(splits.train_split, config.model.num_tags) if config.model.num_tags else []
-        self.train_samples = data.caption_samples(splits.train_split, self.cache, length, self.tags)
+        self.tags = data.tags(splits.train_split, model.num_tags) if model.num_tags else []
+        train_samples = data.caption_samples(splits.train_split, self.cache, length, self.tags)
         self.val_records = data.split(splits.val_split)
         self.val_samples = data.caption_samples(splits.val_split, self.cache, length, self.tags)
-        if not len(self.train_samples):
+        if not len(train_samples):
             raise TrainingError(f"no training samples: split {config.data.train_split!r} has no cached images")
-        self.steps_per_epoch = self._steps(len(self.train_samples))
-        self.train_images = data.image_samples(splits.train_split, self.cache)
-        self.reward = self._reward() if train.scst_after is not None else None
 
         self.model = build_model(config, len(self.vocab), config.data.backbone_weights).to(self.device)
         self.cache.check_prefix(self.model.encoder.features_fingerprint, "this run's")
+        self.ddp: nn.Module = self.model
+        if processes.distributed:  # the tag head has no gradient where its loss is off or self-critical
+            unused = model.num_tags > 0 and (model.tag_loss_weight == 0 or train.scst_after is not None)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=unused)
+        self.cross_entropy = CrossEntropyPhase(
+            config, self.model, self.ddp, train_samples, processes, self._steps(len(train_samples))
+        )
+        self.self_critical: SelfCriticalPhase | None = None
+        if train.scst_after is not None:
+            images = data.image_samples(splits.train_split, self.cache)
+            self.self_critical = SelfCriticalPhase(config, self.model, self.ddp, images, processes, self._reward(), self.vocab)
+
         self.optimizer = make_optimizer(self.model, train.lr, train.weight_decay)
         self.books = Bookkeeping()
-        self.at = Position(0, 0, self._order(0), 0)
+        self.at = Position(0, 0, self._phase(0).order(0), 0)
         last = self.out / "last.pt"
         if resume:
             self._restore(resume_checkpoint(self.out))
@@ -340,11 +267,6 @@ class Trainer:
             raise TrainingError(f"{last} exists: pass --resume to continue that run, or --out for a new one")
         elif init_from is not None:
             self._initialise(init_from)
-        self.ddp: nn.Module = self.model
-        if processes.distributed:
-            unused = config.model.num_tags > 0 and config.model.tag_loss_weight == 0
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=unused)
         self.writer: Any = None  # TensorBoard, opened by ``run``
 
     # -- the loop ---------------------------------------------------------------------------
@@ -356,76 +278,75 @@ class Trainer:
         with exclusive(self.out / ".run.lock", self.proc, busy), _signals_noted(self._signals):
             if self.proc.is_main:
                 write_config(self.out / "config.yaml", self.config)
-                self.writer = _tensorboard(self.out)
-            return self._run()
+                self.writer = tensorboard(self.out)
+            train = self.config.train
+            phase = self._phase(self.at.epoch)
+            samples = f"{len(phase.samples)} {'images, self-critically' if phase is self.self_critical else 'captions'}"
+            self.log(
+                f"training on {samples} ({self._steps(len(phase.samples))} steps per epoch, {self.proc.world} "
+                f"process(es), {self.device}), validating on {len(self.val_records)} images"
+            )
+            while self.at.epoch < train.epochs and not self.books.stopped:
+                self._train_epoch(self._phase(self.at.epoch))
+                epoch = self.at.epoch + 1
+                evaluation = self._validate() if epoch % train.eval_every == 0 or epoch == train.epochs else None
+                row = self._epoch_row(evaluation)
+                improved, following = self._judge(row)
+                self._start_epoch(following)
+                self._write_epoch(row, improved)
+            test_scores = self._test() if self.proc.is_main else {}
+            if self.writer is not None:
+                self.writer.close()
+            return TrainResult(self.out, self.books.best_score, self.books.best_epoch, test_scores, self.books.history)
 
-    def _run(self) -> TrainResult:
-        train = self.config.train
-        critical = self._self_critical(self.at.epoch)
-        samples = f"{len(self.train_images)} images, self-critically" if critical else f"{len(self.train_samples)} captions"
-        steps = self._steps(len(self.train_images if critical else self.train_samples))
-        self.log(
-            f"training on {samples} ({steps} steps per epoch, {self.proc.world} process(es), {self.device}), "
-            f"validating on {len(self.val_records)} images"
-        )
-        while self.at.epoch < train.epochs and not self.books.stopped:
-            self._train_epoch()
-            epoch = self.at.epoch
-            validate = (epoch + 1) % train.eval_every == 0 or epoch + 1 == train.epochs
-            row = self._epoch_row(self._validate() if validate else None)
-            self._end_epoch(row)
-        test_scores = self._test() if self.proc.is_main else {}
-        if self.writer is not None:
-            self.writer.close()
-        return TrainResult(self.out, self.books.best_score, self.books.best_epoch, test_scores, self.books.history)
-
-    def _train_epoch(self) -> None:
-        data, train = self.config.data, self.config.train
-        critical = self._self_critical(self.at.epoch)
-        if critical and self.at.epoch == train.scst_after and self.at.done == 0:
+    def _train_epoch(self, phase: CrossEntropyPhase | SelfCriticalPhase) -> None:
+        """Train ``phase`` from the current position to the end of the epoch."""
+        data, train, at = self.config.data, self.config.train, self.at
+        if phase is self.self_critical and at.epoch == train.scst_after and at.done == 0:
             self._start_self_critical()
-        samples = self.train_images if critical else self.train_samples
-        steps = self._steps(len(samples))
-        batches = global_batches(self.at.order, self.at.done, data.batch_size, self.proc.world)
-        loader = DataLoader(
-            samples,
-            sampler=[shard(b, self.proc.rank, self.proc.world) for b in batches],
-            batch_size=None,
-            num_workers=data.num_workers,
-            pin_memory=self.device.type == "cuda",
-            worker_init_fn=main_process_takes_interrupts,
-        )
+        batches = global_batches(at.order, at.done, data.batch_size, self.proc.world)
+        shares = [shard(b, self.proc.rank, self.proc.world) for b in batches]
+        steps = self._steps(len(phase.samples))
         bar = tqdm(
             total=steps, initial=steps - len(batches), unit="step",
-            desc=f"epoch {self.at.epoch + 1}/{train.epochs}", disable=not self.progress, dynamic_ncols=True,
+            desc=f"epoch {at.epoch + 1}/{train.epochs}", disable=not self.progress, dynamic_ncols=True,
         )
         self.ddp.train()
         started = time.perf_counter()
         trained = 0
         with bar:
-            for global_batch, batch in zip(batches, loader):
-                loss = self._self_critical_step(batch) if critical else self._train_step(global_batch, batch)
-                self.at.step += 1
-                self.at.done += len(global_batch)
+            for global_batch, batch in zip(batches, batch_loader(phase.samples, shares, data.num_workers, self.device)):
+                set_learning_rate(self.optimizer, phase.learning_rate(at.step), train.upper_lr_scale)
+                torch.manual_seed(step_seed(train.seed, at.step, self.proc.rank))
+                loss, rewards = phase.step(self.optimizer, global_batch, batch.to(self.device))
+                if not math.isfinite(loss):
+                    raise TrainingError(
+                        f"{self.out}: the training loss is {loss} at step {at.step + 1} (epoch {at.epoch + 1}): "
+                        "stopped without saving it; lower train.lr or set train.grad_clip"
+                    )
+                at.step += 1
+                at.done += len(global_batch)
                 self.books.epoch_loss += loss
                 self.books.epoch_steps += 1
+                if rewards is not None:
+                    self._note_rewards(rewards)
                 trained += len(global_batch)
                 rate = trained / max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix(loss=f"{loss:.3f}", samples_per_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
-                if self.at.step % train.log_every == 0:
+                if at.step % train.log_every == 0:
                     self._log_step(loss, rate)
-                mid_epoch = self.at.done < len(self.at.order)
-                if train.checkpoint_every and self.at.step % train.checkpoint_every == 0 and mid_epoch:
+                mid_epoch = at.done < len(at.order)
+                if train.checkpoint_every and at.step % train.checkpoint_every == 0 and mid_epoch and self.proc.is_main:
                     self._save(self.out / "last.pt")
-                if self.on_step is not None:
-                    self.on_step(self.at.step)
-                if self.proc.main_says(bool(self._signals)):
-                    self._stop_at_step(started)
+                self._stop_if_signalled(started)
         self.books.epoch_seconds += time.perf_counter() - started
 
-    def _stop_at_step(self, started: float) -> None:
-        """Ctrl-C or SIGTERM arrived during the step just taken: keep it in last.pt and stop."""
+    def _stop_if_signalled(self, started: float) -> None:
+        """Where Ctrl-C or SIGTERM arrived (on rank 0) during the step just taken: keep it in
+        last.pt and stop (``TrainingInterrupted``)."""
+        if not self.proc.main_says(bool(self._signals)):
+            return
         self.books.epoch_seconds += time.perf_counter() - started
         last = self.out / "last.pt"
         if self.proc.is_main:
@@ -436,49 +357,6 @@ class Trainer:
             f"{self.at.step}; {last} holds it: continue with --resume"
         )
 
-    def _train_step(self, global_batch: list[int], batch: CaptionBatch) -> float:
-        """One optimizer step on this process's share ``batch`` of ``global_batch``; returns the
-        global batch's loss."""
-        train = self.config.train
-        set_learning_rate(self.optimizer, learning_rate(self.at.step, train, self.steps_per_epoch), train.upper_lr_scale)
-        torch.manual_seed(step_seed(train.seed, self.at.step, self.proc.rank))
-        tokens = self.train_samples.target_count(global_batch)
-        loss = cross_entropy_step(
-            self.model, self.ddp, self.optimizer, batch.to(self.device), self.vocab.pad, tokens, len(global_batch),
-            self.proc.world, train,
-        )
-        return self.proc.sum(loss / self.proc.world)
-
-    def _self_critical_step(self, batch: ImageBatch) -> float:
-        """One self-critical optimizer step on this process's images ``batch``; returns the global
-        batch's loss (per counted token)."""
-        train, world = self.config.train, self.proc.world
-        set_learning_rate(self.optimizer, train.scst_lr, train.upper_lr_scale)
-        torch.manual_seed(step_seed(train.seed, self.at.step, self.proc.rank))
-        batch = batch.to(self.device)
-        assert self.reward is not None
-        with dropout_rate(self.model, train.scst_dropout):
-            run = rollout(
-                self.model, batch.features, batch.images, reward=self.reward, samples=train.scst_samples,
-                baseline=train.scst_baseline, max_length=decoding_limit(self.config), vocab=self.vocab,
-            )
-            tokens = self.proc.sum(torch.tensor(float(run.tokens)))
-            rows = self.proc.sum(torch.tensor(float(len(run.reward))))
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=train.bf16):
-                loss = policy_loss(self.ddp, batch.features, run, train.scst_samples, self.vocab) / tokens * world
-        optimizer_step(self.model, self.optimizer, loss, train.grad_clip)
-        row = {
-            "step": self.at.step + 1,
-            "reward": self.proc.sum(run.reward.sum()) / rows,
-            "baseline": self.proc.sum(run.baseline.sum()) / rows,
-            "sample_length": tokens / rows,
-        }
-        self.books.steps.append(row)
-        if self.writer is not None:
-            for key in STEP_COLUMNS[1:]:
-                self.writer.add_scalar(f"scst/{key}", row[key], self.at.step + 1)
-        return self.proc.sum(loss.detach() / world)
-
     def _start_self_critical(self) -> None:
         """The switch from cross-entropy: the best epoch's weights, a fresh optimizer, patience anew."""
         best = self.out / "best.pt"
@@ -488,6 +366,13 @@ class Trainer:
         self.books.bad_evaluations = 0
         self.log(f"epoch {self.at.epoch + 1}: self-critical training from {best if best.exists() else 'the current weights'}")
 
+    def _note_rewards(self, rewards: dict[str, float]) -> None:
+        """The self-critical step just taken: its row of steps.csv, and TensorBoard scalars."""
+        self.books.steps.append({"step": self.at.step, **rewards})
+        if self.writer is not None:
+            for key in STEP_COLUMNS[1:]:
+                self.writer.add_scalar(f"scst/{key}", rewards[key], self.at.step)
+
     def _log_step(self, loss: float, rate: float) -> None:
         """Every ``log_every`` steps: TensorBoard scalars, and a line where there is no progress bar."""
         if self.writer is not None:
@@ -496,39 +381,26 @@ class Trainer:
         if not self.progress:
             self.log(f"epoch {self.at.epoch + 1} step {self.at.step}: loss {loss:.3f}, lr {self._lr():.2e}, {rate:.0f} captions/s")
 
-    # -- validation, epoch end, test ---------------------------------------------------------
+    # -- validation, early stopping, epoch end, test -------------------------------------------
 
-    def _validate(self) -> SplitEvaluation | None:
-        """Rank 0 captions and scores the validation split; the other processes get None."""
-        if not self.proc.is_main:
-            return None
-        evaluation = self._evaluate(self.model, self.config.data.val_split)
-        evaluation.scores["loss"] = self._val_loss()
+    def _validate(self) -> SplitEvaluation:
+        """Captions and scores of the validation split and its loss (``scores["loss"]``). Every
+        process decodes the split (METEOR on rank 0 only, whose scores count), so that none waits
+        for rank 0 in a collective call; the loss is computed over the processes' shares."""
+        evaluation = self._evaluate(self.model, self.config.data.val_split, meteor=self.proc.is_main)
+        data, proc = self.config.data, self.proc
+        evaluation.scores["loss"] = validation_loss(
+            self.model, self.val_samples, data.batch_size, proc, data.num_workers, self.config.train.bf16
+        )
         return evaluation
 
-    def _evaluate(self, model: SCACaptioner, split: str) -> SplitEvaluation:
+    def _evaluate(self, model: SCACaptioner, split: str, meteor: bool = True) -> SplitEvaluation:
         """Beam-search captions of ``split`` with the run's decoding settings, and their scores."""
         config = self.config
         return evaluate_model(
-            model, self.vocab, config, self.data.records, self.cache, split,
-            device=self.device, meteor=config.train.meteor, bf16=config.train.bf16, progress=self.progress,
+            model, self.vocab, config, self.data.records, self.cache, split, device=self.device,
+            meteor=meteor and config.train.meteor, bf16=config.train.bf16, progress=self.progress,
         )
-
-    @torch.no_grad()
-    def _val_loss(self) -> float:
-        """Teacher-forced word cross-entropy per token over the validation captions."""
-        self.model.eval()
-        total, tokens = 0.0, 0
-        size = self.config.data.batch_size
-        for start in range(0, len(self.val_samples), size):
-            indices = list(range(start, min(start + size, len(self.val_samples))))
-            batch = self.val_samples[indices].to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.bf16):
-                output = self.model(batch.features, batch.captions)
-                sums = self.model.loss(output, batch.captions, self.vocab.pad, batch.tags)
-            total += float(sums.words)
-            tokens += sums.tokens
-        return total / max(tokens, 1)
 
     def _epoch_row(self, evaluation: SplitEvaluation | None) -> dict[str, float]:
         """The log row of the epoch just trained (validation columns empty where not validated)."""
@@ -545,38 +417,43 @@ class Trainer:
             row.update({k: v for k, v in evaluation.scores.items() if k in LOG_COLUMNS})
         return row
 
-    def _end_epoch(self, row: dict[str, float]) -> None:
-        """Early-stopping bookkeeping, best.pt, log.csv and last.pt for the next epoch."""
-        train = self.config.train
-        books = self.books
+    def _judge(self, row: dict[str, float]) -> tuple[bool, int]:
+        """Early stopping on rank 0's ``row`` (the epoch just trained): whether it is the best
+        so far, and the epoch to train next (``train.scst_after`` where cross-entropy ran out of
+        patience). Sets ``books.stopped`` on every process."""
+        train, books = self.config.train, self.books
         improved = skip = False
-        if self.proc.is_main:
-            score = row.get("val_loss" if train.early_stop_metric == "loss" else train.early_stop_metric)
-            if score is not None:
-                better = books.best_score is None or (
-                    score < books.best_score if train.early_stop_metric in LOWER_IS_BETTER else score > books.best_score
-                )
-                if better:
-                    books.best_score, books.best_epoch, books.bad_evaluations = score, self.at.epoch + 1, 0
-                    improved = True
-                else:
-                    books.bad_evaluations += 1
-                books.stopped = train.patience is not None and books.bad_evaluations >= train.patience
-                if books.stopped and train.scst_after is not None and not self._self_critical(self.at.epoch):
-                    books.stopped, skip = False, True  # cross-entropy is done: self-critical training next
-            books.history.append(row)
-            self.log(_summary(row, train.early_stop_metric, improved))
+        score = row.get("val_loss" if train.early_stop_metric == "loss" else train.early_stop_metric)
+        if self.proc.is_main and score is not None:
+            improved = improves(score, books.best_score, train.early_stop_metric)
+            if improved:
+                books.best_score, books.best_epoch, books.bad_evaluations = score, self.at.epoch + 1, 0
+            else:
+                books.bad_evaluations += 1
+            books.stopped = train.patience is not None and books.bad_evaluations >= train.patience
+            if books.stopped and train.scst_after is not None and self._phase(self.at.epoch) is self.cross_entropy:
+                books.stopped, skip = False, True  # cross-entropy is done: self-critical training next
         books.stopped = self.proc.main_says(books.stopped)
-        following = train.scst_after if self.proc.main_says(skip) else self.at.epoch + 1
-        books.epoch_loss, books.epoch_steps, books.epoch_seconds = 0.0, 0, 0.0
-        self.at = Position(following, self.at.step, self._order(following), 0)
+        return improved, train.scst_after if self.proc.main_says(skip) else self.at.epoch + 1
+
+    def _start_epoch(self, epoch: int) -> None:
+        """Move the position to the start of ``epoch`` and clear the epoch's running sums."""
+        self.books.epoch_loss, self.books.epoch_steps, self.books.epoch_seconds = 0.0, 0, 0.0
+        self.at = Position(epoch, self.at.step, self._phase(epoch).order(epoch), 0)
+
+    def _write_epoch(self, row: dict[str, float], improved: bool) -> None:
+        """Rank 0: the epoch's summary line, best.pt (where ``improved``), last.pt, log.csv,
+        steps.csv and TensorBoard scalars; then every process waits for it."""
+        train, books = self.config.train, self.books
         if self.proc.is_main:
+            books.history.append(row)
+            self.log(summary(row, train.early_stop_metric, improved))
             if improved:
                 self._save(self.out / "best.pt")
             self._save(self.out / "last.pt")
-            atomic_write_text(self.out / "log.csv", _csv(books.history))
+            atomic_write_text(self.out / "log.csv", table(books.history))
             if books.steps:
-                atomic_write_text(self.out / "steps.csv", _csv(books.steps, STEP_COLUMNS))
+                atomic_write_text(self.out / "steps.csv", table(books.steps, STEP_COLUMNS))
             if self.writer is not None:
                 for key, value in row.items():
                     if key not in ("epoch", "step"):
@@ -620,7 +497,7 @@ class Trainer:
             section, key = name.split(".")
             del expected[section][key]
         checkpoint = load_checkpoint(path, expect_config=expected, expect_vocab=self.vocab.words)  # on the CPU
-        samples = self.train_images if self._self_critical(checkpoint.epoch) else self.train_samples
+        samples = self._phase(checkpoint.epoch).samples
         if len(checkpoint.data_order) != len(samples):
             raise CheckpointError(
                 f"{path}: checkpoint does not match this run: it orders {len(checkpoint.data_order)} "
@@ -641,18 +518,21 @@ class Trainer:
         self.at = Position(checkpoint.epoch, checkpoint.step, checkpoint.data_order, checkpoint.data_position)
         self.log(f"resuming {path}: epoch {self.at.epoch + 1}, step {self.at.step}, {self.at.done} captions into the epoch")
 
+    def _initialise(self, path: Path) -> None:
+        """Start from the model weights of another run's checkpoint ``path``."""
+        model = {k: v for k, v in self.config.to_dict()["model"].items() if k != "kernels"}
+        checkpoint = load_checkpoint(path, expect_config={"model": model}, expect_vocab=self.vocab.words)
+        self.model.load_state_dict(checkpoint.model)
+        self.log(f"starting from the weights of {path} (epoch {checkpoint.epoch}, step {checkpoint.step})")
+
     # -- helpers ----------------------------------------------------------------------------------
 
-    def _order(self, epoch: int) -> Tensor:
-        train = self.config.train
-        if self._self_critical(epoch):
-            return image_order(len(self.train_images), train.seed, epoch)
-        return epoch_order(self.train_samples.targets, train.seed, epoch, self.config.data.batch_size)
-
-    def _self_critical(self, epoch: int) -> bool:
-        """Whether ``epoch`` trains self-critically."""
+    def _phase(self, epoch: int) -> CrossEntropyPhase | SelfCriticalPhase:
+        """How ``epoch`` trains: self-critically from ``train.scst_after`` on, else cross-entropy."""
         after = self.config.train.scst_after
-        return after is not None and epoch >= after
+        if self.self_critical is not None and after is not None and epoch >= after:
+            return self.self_critical
+        return self.cross_entropy
 
     def _steps(self, samples: int) -> int:
         """Optimizer steps of an epoch over ``samples`` samples."""
@@ -665,44 +545,6 @@ class Trainer:
         path = cider_cache_path(self.data.vocab_path)
         return self.proc.main_first(lambda: build_or_load_cider(path, self.vocab, references))
 
-    def _initialise(self, path: Path) -> None:
-        """Start from the model weights of another run's checkpoint ``path``."""
-        model = {k: v for k, v in self.config.to_dict()["model"].items() if k != "kernels"}
-        checkpoint = load_checkpoint(path, expect_config={"model": model}, expect_vocab=self.vocab.words)
-        self.model.load_state_dict(checkpoint.model)
-        self.log(f"starting from the weights of {path} (epoch {checkpoint.epoch}, step {checkpoint.step})")
-
     def _lr(self) -> float:
         """The captioner's learning rate (group 0; fine-tuned stages run at ``upper_lr_scale`` times it)."""
         return float(self.optimizer.param_groups[0]["lr"])
-
-
-def _summary(row: dict[str, float], metric: str, improved: bool) -> str:
-    """One line per epoch: losses and the validation scores (x100 like papers print them)."""
-    parts = [f"epoch {int(row['epoch'])}", f"step {int(row['step'])}", f"train loss {row['train_loss']:.3f}"]
-    if "val_loss" in row:
-        parts.append(f"val loss {row['val_loss']:.3f}")
-        for key in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "shapes_accuracy"):
-            if key in row:
-                parts.append(f"{key} {100 * row[key]:.1f}")
-        if improved:
-            parts.append(f"(best {metric})")
-    parts.append(f"{row['seconds']:.0f}s")
-    return ", ".join(parts)
-
-
-def _csv(rows: list[dict[str, float]], columns: tuple[str, ...] = LOG_COLUMNS) -> str:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue()
-
-
-def _tensorboard(out: Path) -> Any:
-    """A TensorBoard ``SummaryWriter`` for ``out``, or None where tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out))

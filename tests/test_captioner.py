@@ -11,7 +11,7 @@ from sca_caption.decoding import beam_search
 from sca_caption.models.captioner import DECODERS, CaptionState, ModelConfig, SCACaptioner
 from sca_caption.models.errors import ModelConfigError
 from sca_caption.models.sca import ORDERS
-from sca_caption.trainer import make_optimizer, optimizer_step, set_learning_rate
+from sca_caption.optimization import make_optimizer, optimizer_step, set_learning_rate
 
 VOCAB, PAD, START, END = 11, 0, 1, 2
 DEPTHS = [("conv3",), ("conv3", "conv4"), ("conv3", "conv4", "conv5")]

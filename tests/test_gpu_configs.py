@@ -11,7 +11,8 @@ from torch import nn
 
 from sca_caption.config import load_config
 from sca_caption.models.backbones import build_cache_backbone
-from sca_caption.trainer import build_model, check_training_settings, learning_rate
+from sca_caption.optimization import learning_rate
+from sca_caption.trainer import build_model, check_training_settings
 
 GPU_CONFIGS = ("flickr8k_gpu", "flickr30k", "coco")
 SMALL = ("model.hidden_dim=48", "model.attention_dim=24", "model.embed_dim=16")

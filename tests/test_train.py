@@ -22,7 +22,8 @@ from sca_caption.data.vocab import Vocab
 from sca_caption.models.backbones import build_cache_backbone
 from sca_caption.models.captioner import ModelConfig, SCACaptioner
 from sca_caption.prepare import prepare
-from sca_caption.trainer import cross_entropy_step, learning_rate, make_optimizer
+from sca_caption.optimization import learning_rate, make_optimizer
+from sca_caption.phases import cross_entropy_step
 from tiny_backbone import build_tiny_backbone, tiny_features
 from train_support import TinyShapes, tiny_shapes  # noqa: F401
 
@@ -321,3 +322,31 @@ def test_upper_lr_scale_holds_in_cross_entropy_and_self_critical_steps(tiny_shap
     weights = [name for name, value in built.items() if value.is_floating_point() and "running" not in name]
     unchanged = [torch.equal(trained[name], built[name]) for name in weights]
     assert all(unchanged) if scale == 0.0 else not any(unchanged)
+
+
+def test_a_non_finite_loss_stops_the_run_at_its_step_saving_nothing(tiny_shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    settings = tiny_shapes.overrides(train__lr="1e30", train__grad_clip=None)
+    assert train.main(["--no-progress", "--device", "cpu", "--out", str(out), *settings]) == 2
+    assert _error_line(capsys) == (
+        f"error: {out}: the training loss is nan at step 3 (epoch 1): stopped without saving it; "
+        "lower train.lr or set train.grad_clip"
+    )
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists() and not (out / "log.csv").exists()
+
+
+def test_a_loss_that_turns_non_finite_leaves_the_good_checkpoints_as_they_were(tiny_shapes, tmp_path, capsys):
+    """Epoch 2's learning rate is 1e28 (a step decay by 1e30): epoch 1's files must stay."""
+    out = tmp_path / "run"
+    settings = tiny_shapes.overrides(
+        train__schedule="step", train__decay_every=1, train__decay_factor="1e30", train__grad_clip=None,
+        train__eval_every=1,
+    )
+    assert train.main(["--no-progress", "--device", "cpu", "--out", str(out), *settings]) == 2
+    assert "the training loss is nan at step 7 (epoch 2): stopped without saving it" in _error_line(capsys)
+    for name in ("last.pt", "best.pt"):
+        kept = load_checkpoint(out / name)
+        assert (kept.epoch, kept.step) == (1, 4)
+        assert all(bool(torch.isfinite(value).all()) for value in kept.model.values() if value.is_floating_point())
+    with open(out / "log.csv", newline="") as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["1"]

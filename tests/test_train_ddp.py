@@ -67,3 +67,39 @@ def test_self_critical_training_runs_under_two_processes(tiny_shapes: TinyShapes
     for row in rows:
         assert 0.0 <= float(row["reward"]) < 10.0 and 1.0 <= float(row["sample_length"]) <= longest
     assert torch.load(tmp_path / "two" / "last.pt", weights_only=True)["step"] == 12
+
+
+def test_only_rank_0_writes_checkpoints_mid_epoch_too(tiny_shapes: TinyShapes, tmp_path: Path) -> None:
+    """A non-main process's last.pt (no log history, no best score) must never win the rename."""
+    settings = tiny_shapes.overrides(train__checkpoint_every=1, train__eval_every=2)
+    noted = tmp_path / "saves.txt"
+    run_train("--out", "two", *settings, cwd=tmp_path, processes=2, instrumented=("--note-saves", str(noted)))
+    saves = noted.read_text().splitlines()
+    # 4 steps per epoch: mid-epoch saves after steps 1-3 and 5-7, epoch ends after 4 and 8
+    assert saves == [f"0 last.pt {step}" for step in range(1, 8)] + ["0 best.pt 8", "0 last.pt 8"]
+    books = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["extra"]
+    assert len(books["history"]) == 2 and books["best_epoch"] == 2
+
+
+def test_self_critical_epochs_with_a_trained_tag_head_run_under_two_processes(tiny_shapes: TinyShapes, tmp_path: Path) -> None:
+    """The policy loss does not reach the tag head (it learns in cross-entropy epochs only)."""
+    settings = tiny_shapes.overrides(
+        data__batch_size=12, train__epochs=2, train__scst_after=1, train__scst_samples=2, train__eval_every=2,
+        train__scst_baseline="mean", model__num_tags=3, model__tag_loss_weight=0.5,
+    )
+    run_train("--out", "two", *settings, cwd=tmp_path, processes=2)
+    with open(tmp_path / "two" / "steps.csv") as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == [11, 12]
+    assert torch.load(tmp_path / "two" / "last.pt", weights_only=True)["step"] == 12
+
+
+def test_a_validation_longer_than_the_collective_timeout_keeps_the_processes_together(
+    tiny_shapes: TinyShapes, tmp_path: Path
+) -> None:
+    """Every process validates, so none waits for rank 0's decoding in a collective call."""
+    settings = tiny_shapes.overrides(train__epochs=1)
+    slow = ("--collective-timeout", "15", "--slow-validation", "25")
+    run_train("--out", "two", *settings, cwd=tmp_path, processes=2, instrumented=slow)
+    with open(tmp_path / "two" / "log.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1 and float(rows[0]["CIDEr"]) >= 0.0

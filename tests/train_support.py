@@ -58,13 +58,15 @@ def tiny_shapes(tmp_path_factory: pytest.TempPathFactory) -> TinyShapes:
     return data
 
 
-def train_command(*args: str, processes: int = 1) -> list[str]:
-    """``python -m sca_caption.train ARGS``, or under torchrun with ``processes`` CPU processes."""
+def train_command(*args: str, processes: int = 1, instrumented: tuple[str, ...] = ()) -> list[str]:
+    """``python -m sca_caption.train ARGS``, or under torchrun with ``processes`` CPU processes;
+    ``instrumented``: leading options of ``paused_train.py``, which then runs in place of the CLI."""
+    program = [str(REPO / "tests" / "paused_train.py"), *instrumented] if instrumented else ["-m", "sca_caption.train"]
     if processes == 1:
-        return [sys.executable, "-m", "sca_caption.train", "--no-progress", "--device", "cpu", *args]
+        return [sys.executable, *program, "--no-progress", "--device", "cpu", *args]
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-        "-m", "sca_caption.train", "--no-progress", "--device", "cpu", *args,
+        *program, "--no-progress", "--device", "cpu", *args,
     ]
 
 
@@ -74,10 +76,12 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
 
 
-def run_train(*args: str, cwd: Path, processes: int = 1) -> subprocess.CompletedProcess[str]:
-    """Run the train CLI to completion; fails the test with its output if it fails."""
+def run_train(
+    *args: str, cwd: Path, processes: int = 1, instrumented: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run the train CLI (``train_command``) to completion; fails the test with its output if it fails."""
     done = subprocess.run(
-        train_command(*args, processes=processes), cwd=cwd, env=subprocess_env(), capture_output=True, text=True,
+        train_command(*args, processes=processes, instrumented=instrumented), cwd=cwd, env=subprocess_env(), capture_output=True, text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
