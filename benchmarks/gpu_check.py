@@ -51,6 +51,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_leaves
 
 from beam_speed import decode_speed, random_features as beam_features
 from caption_speed import DEFAULT_DATA
@@ -117,8 +118,9 @@ def reset_peak(device: torch.device) -> None:
 
 
 def check_environment(device: torch.device, sizes: Sizes, data_root: Path) -> dict[str, Any]:
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"ok": True, "device": str(device), "gpu": gpu, "sizes": "tiny" if sizes is TINY else "full", "torch": torch.__version__, "cuda": torch.version.cuda,
+    on_gpu = device.type == "cuda"
+    return {"ok": True, "device": str(device), "gpu": torch.cuda.get_device_name(device) if on_gpu else None,
+            "bf16_supported": torch.cuda.is_bf16_supported() if on_gpu else None, "sizes": "tiny" if sizes is TINY else "full", "torch": torch.__version__, "cuda": torch.version.cuda,
             "python": platform.python_version(), "threads": torch.get_num_threads()}
 
 
@@ -231,14 +233,8 @@ def rng_state_restores(rng: dict[str, Any], device: torch.device) -> bool:
 
 
 def tensors(value: object) -> list[torch.Tensor]:
-    """Every tensor in a nested dict/list, in a fixed order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for key in sorted(value, key=str) for t in tensors(value[key])]
-    if isinstance(value, (list, tuple)):
-        return [t for item in value for t in tensors(item)]
-    return []
+    """Every tensor in a nested dict/list (a state dict), in the order of its keys."""
+    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
 def check_ddp_step(device: torch.device, sizes: Sizes, data_root: Path) -> dict[str, Any]:
@@ -334,8 +330,10 @@ def check_shipped_captions(device: torch.device, sizes: Sizes, data_root: Path) 
     if path is None:
         return {"ok": None, "reason": "no shipped checkpoint (checkpoints/flickr8k_cs_lite0.pt)"}
     paths = [folder / name for name in listing.read_text().split()[: sizes.images]]
-    best = {str(d): best_captions(ImageCaptioner.from_checkpoint(path, device=d), paths) for d in (device, torch.device("cpu"))}
-    on_device, on_cpu = best[str(device)], best["cpu"]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        return {"ok": False, "error": f"{len(missing)} of the first {len(paths)} test images are missing from {folder}, first {missing[0]}"}
+    on_device, on_cpu = (best_captions(ImageCaptioner.from_checkpoint(path, device=d), paths) for d in (device, torch.device("cpu")))
     failed = [p.name for p, d, c in zip(paths, on_device, on_cpu) if d is None or c is None]
     if failed:
         return {"ok": False, "error": f"{len(failed)} image(s) could not be read, first {failed[0]}"}
