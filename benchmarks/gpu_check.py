@@ -55,7 +55,7 @@ from torch.utils._pytree import tree_leaves
 
 from beam_speed import decode_speed, random_features as beam_features
 from caption_speed import DEFAULT_DATA
-from captioner_speed import feature_shapes, random_features, training_iteration
+from captioner_speed import Shapes, feature_shapes, random_features, training_iteration
 from common import SETTINGS, Setting, build_captioner, median_seconds
 from sca_caption.captioning import ImageCaptioner, shipped_checkpoint
 from sca_caption.checkpoint import restore_rng_state
@@ -120,16 +120,16 @@ def reset_peak(device: torch.device) -> None:
 def check_environment(device: torch.device, sizes: Sizes, data_root: Path) -> dict[str, Any]:
     on_gpu = device.type == "cuda"
     return {"ok": True, "device": str(device), "gpu": torch.cuda.get_device_name(device) if on_gpu else None,
-            "bf16_supported": torch.cuda.is_bf16_supported() if on_gpu else None, "sizes": "tiny" if sizes is TINY else "full", "torch": torch.__version__, "cuda": torch.version.cuda,
+            "bf16_supported": torch.cuda.is_bf16_supported() if on_gpu else None, "sizes": "tiny" if sizes is TINY else "full",
+            "torch": torch.__version__, "cuda": torch.version.cuda,
             "python": platform.python_version(), "threads": torch.get_num_threads()}
 
 
-def training_run(device: torch.device, sizes: Sizes, kernels: str, bf16: bool) -> dict[str, Any]:
-    """Captions/s and peak GPU memory of the training step at ``sizes``, one backend, bf16 on or off."""
-    setting = sizes.setting
+def training_run(device: torch.device, sizes: Sizes, shapes: Shapes, kernels: str, bf16: bool) -> dict[str, Any]:
+    """Captions/s and peak GPU memory of the training step at ``sizes`` on cached features of
+    ``shapes``, one backend, bf16 on or off."""
     torch.manual_seed(0)
-    model = build_captioner(setting, "cs", sizes.vocab, kernels).to(device)
-    shapes = feature_shapes(setting.backbone, setting.layers)
+    model = build_captioner(sizes.setting, "cs", sizes.vocab, kernels).to(device)
     features = {tap: x.to(device) for tap, x in random_features(shapes, sizes.batch).items()}
     captions = torch.randint(4, sizes.vocab, (sizes.batch, sizes.steps + 1))
     captions[:, 0] = 1
@@ -141,7 +141,8 @@ def training_run(device: torch.device, sizes: Sizes, kernels: str, bf16: bool) -
 
 
 def check_train_speed(device: torch.device, sizes: Sizes, data_root: Path) -> dict[str, Any]:
-    runs = [one_of_several(lambda: training_run(device, sizes, kernels, bf16), kernels=kernels, bf16=bf16)
+    shapes = feature_shapes(sizes.setting.backbone, sizes.setting.layers)
+    runs = [one_of_several(lambda: training_run(device, sizes, shapes, kernels, bf16), kernels=kernels, bf16=bf16)
             for bf16 in (False, True) for kernels in ("plain", "cpu")]
     return {"ok": all(r["ok"] for r in runs), "setting": setting_name(sizes), "weights": RANDOM_WEIGHTS,
             "batch": sizes.batch, "steps": sizes.steps, "vocab": sizes.vocab, "runs": runs}
@@ -178,7 +179,9 @@ def tiny_run_settings(root: Path) -> list[str]:
     return [f"{key}={value}" for key, value in values.items()]
 
 
-def train_cli(device: torch.device, out: Path, settings: list[str], *leading: str, resume: bool = False) -> subprocess.CompletedProcess[str]:
+def train_cli(
+    device: torch.device, out: Path, settings: list[str], *leading: str, resume: bool = False
+) -> subprocess.CompletedProcess[str]:
     """``python -m sca_caption.train`` on ``device`` into ``out``; ``leading``: options of
     tests/paused_train.py, which then runs the CLI (interrupted at a known step)."""
     program = [str(REPO / "tests" / "paused_train.py"), *leading] if leading else ["-m", "sca_caption.train"]
@@ -412,7 +415,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=device_name, default="cuda", help=f"{DEVICE_HELP.split(' (')[0]} (default cuda)")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: the code paths in a minute or two, no figures worth reading")
-    parser.add_argument("--checks", type=check_names, default=list(CHECKS), help=f"comma-separated, in the order to run (default all: {','.join(CHECKS)})")
+    parser.add_argument("--checks", type=check_names, default=list(CHECKS),
+                        help=f"comma-separated, in the order to run (default all: {','.join(CHECKS)})")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA, help="Flickr8k folder (default ../shared/data/flickr8k)")
     return parser.parse_args(argv)
 
