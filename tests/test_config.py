@@ -69,8 +69,9 @@ def test_precedence_defaults_preset_file_overrides(config_dir):
     # Keys nobody set keep their defaults.
     assert everything.decode.beam_size == DecodeConfig().beam_size
     assert everything.model.order == ModelConfig().order
-    # Later overrides win over earlier ones.
-    assert load_config(overrides=["train.seed=1", "train.seed=2"]).train.seed == 2
+    # Two overrides of one key are refused (issue #26.7: which one was meant?), not the last taken.
+    with pytest.raises(ConfigError, match="train.seed is already set by override 'train.seed=1'"):
+        load_config(overrides=["train.seed=1", "train.seed=2"])
 
 
 @pytest.mark.parametrize(
