@@ -1,6 +1,6 @@
 """A user's mistake is caught while the command line and config files are read (issue #26,
-RELIABILITY.md): a seed numpy refuses, an unknown backbone, a section, key or override given
-twice, a ``--min-count`` of 0, a vocabulary of (almost) no words, and a Ctrl-C while an entry
+RELIABILITY.md): a seed numpy refuses, an unknown backbone, a key given by two overrides (a
+file giving one twice: test_config.py), a ``--min-count`` of 0, a vocabulary of (almost) no words, and a Ctrl-C while an entry
 point still imports torch are each one line and status 2, never a traceback."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sca_caption import prepare, train
-from sca_caption.config import SEED_MAX, ConfigError, load_config
+from sca_caption.config import SEED_MAX, load_config
 from sca_caption.data.shapes import generate_shapes
 from sca_caption.errors import INTERRUPTED
 from train_support import subprocess_env
@@ -75,18 +75,6 @@ def test_extract_features_refuses_an_unknown_backbone_as_a_usage_error(backbone,
         extract_features.main(["--dataset", "shapes", "--backbone", backbone, "--layers", "stage7", "--out", str(tmp_path / "f.h5")])
     assert stop.value.code == 2
     assert problem in capsys.readouterr().err.strip().splitlines()[-1]
-
-
-@pytest.mark.parametrize("content, message", [
-    ("train:\n  epochs: 2\nmodel:\n  dropout: 0.1\ntrain:\n  lr: 0.1\n", "{file}:5: section train given twice (first on line 1)"),
-    ("train:\n  epochs: 2\n  lr: 0.1\n  epochs: 3\n", "{file}:4: key train.epochs given twice (first on line 2)"),
-])
-def test_a_file_giving_a_section_or_key_twice_is_refused_naming_both_lines(content, message, tmp_path):
-    path = tmp_path / "twice.yaml"
-    path.write_text(content)
-    with pytest.raises(ConfigError) as caught:
-        load_config(config_file=path)
-    assert str(caught.value).startswith(message.format(file=path)) and "\n" not in str(caught.value)
 
 
 def test_a_key_given_by_two_overrides_is_refused_naming_both(tmp_path, capsys, monkeypatch, no_extraction):
