@@ -5,6 +5,11 @@
 
 from __future__ import annotations
 
+from sca_caption.errors import exit_on_ctrl_c_until_command
+
+if __name__ == "__main__":  # first: a Ctrl-C during the imports below (seconds) is one line, not a traceback
+    exit_on_ctrl_c_until_command()
+
 import argparse
 import sys
 from pathlib import Path
@@ -25,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="vocabulary JSON to write")
     parser.add_argument("--on-bad", choices=ON_BAD_CHOICES, default="error", help="stop at bad input, or skip and report it")
     args = parser.parse_args(argv)
+    if args.min_count < 1:
+        parser.error(f"--min-count must be at least 1, got {args.min_count}")
 
     check_output_file(args.out, "vocabulary file")
     if args.out.exists():  # only a vocabulary is replaced
@@ -34,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"{args.out}: exists and is not a vocabulary file; not overwritten") from err
     report = BadInputReport()
     records = load_corpus(args.dataset, args.data_root, on_bad=args.on_bad, report=report)
-    vocab = build_vocab(records, args.min_count)
+    vocab = build_vocab(records, args.min_count, "--min-count")
     vocab.save(args.out)
     print(f"{args.out}: {len(vocab)} entries (4 special) from {len(records)} images, min count {args.min_count}")
     print(report.summary())

@@ -11,8 +11,9 @@ merges, later winning over earlier:
 4. overrides such as ``train.lr=1e-3`` or ``model.layers=[stage6,stage7]`` (values are YAML).
 
 Every key and value is checked against the dataclass field it sets: an unknown key, a wrong type,
-a value out of range or malformed YAML is a one-line ``ConfigError`` naming the file and line (or
-the override) and the key. Float fields also take numeric text, because YAML 1.1 (PyYAML) reads
+a value out of range (``min``, ``max``, ``below``, ``choices`` in the field's metadata), a backbone
+the registry lacks, malformed YAML, or a section or key given twice (in one file, or by two
+overrides) is a one-line ``ConfigError`` naming the file and line (or the override) and the key. Float fields also take numeric text, because YAML 1.1 (PyYAML) reads
 ``1e-3`` as a string. These checks run when loading (``load_config``, ``from_dict``), not when a
 dataclass is built directly. ``to_dict``/``from_dict`` convert to and from plain nested dicts
 (lists, not tuples) for checkpoints.
@@ -29,7 +30,7 @@ import math
 import types
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Iterable, Literal, Mapping, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -41,12 +42,16 @@ from sca_caption.decoding import DecodeSettings, DecodingError
 from sca_caption.field_ranges import out_of_range
 from sca_caption.self_critical import BASELINES
 from sca_caption.io_utils import atomic_write_text
+from sca_caption.models.backbones import check_backbone_name
 from sca_caption.models.captioner import ModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 EARLY_STOP_METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "loss", "shapes_accuracy")  # what validation computes
 SCHEDULES = ("constant", "cosine", "step")
 SEQUENCES = (list, tuple, collections.abc.Sequence)
+# the largest train.seed: numpy's and torch's generators take seeds of 0 to 2**32 - 1 and 2**64 - 1,
+# and the dropout seed of a step (trainer.step_seed) stays below 2**64 from any 32-bit seed
+SEED_MAX = 2**32 - 1
 
 
 class ConfigError(DataError):
@@ -90,7 +95,7 @@ class TrainConfig:
     patience: int | None = field(default=5, metadata={"min": 1})  # evaluations without gain; None: off
     early_stop_metric: str = field(default="CIDEr", metadata={"choices": EARLY_STOP_METRICS})
     bf16: bool = False  # bfloat16 autocast for the forward pass
-    seed: int = 0
+    seed: int = field(default=0, metadata={"min": 0, "max": SEED_MAX})
     log_every: int = field(default=50, metadata={"min": 1})  # optimizer steps between log lines
     eval_every: int = field(default=1, metadata={"min": 1})  # epochs between validations
     meteor: bool = True  # METEOR in validation and test scores (each costs a ~6 s Java start)
@@ -105,6 +110,9 @@ class TrainConfig:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "model": ModelConfig, "decode": DecodeSettings}
+
+# Checks of a value beyond its field's type and range: each raises a one-line ValueError.
+VALUE_CHECKS: dict[str, Callable[[Any], object]] = {"model.backbone": check_backbone_name}
 
 
 # Keys added since the first checkpoints were written whose default is not what a run from before
@@ -192,7 +200,10 @@ def load_config(
     *,
     config_dir: Path = CONFIG_DIR,
 ) -> ExperimentConfig:
-    """Defaults < ``config_dir/<dataset>.yaml`` < ``config_file`` < ``overrides`` ("section.key=value")."""
+    """Defaults < ``config_dir/<dataset>.yaml`` < ``config_file`` < ``overrides`` ("section.key=value",
+    each key at most once)."""
+    overrides = list(overrides)
+    _refuse_repeated_overrides(overrides)
     merged = _Merged()
     if dataset is not None:
         preset = Path(config_dir) / f"{dataset}.yaml"
@@ -327,6 +338,11 @@ def _checked(section: str, key: Any, value: Any, where: str) -> Any:
     problem = out_of_range(checked, specs[key].metadata)
     if problem:
         raise ConfigError(f"{where}: {name} {problem}, got {checked!r}")
+    if name in VALUE_CHECKS:
+        try:
+            VALUE_CHECKS[name](checked)
+        except ValueError as error:
+            raise ConfigError(f"{where}: {name}: {error}") from None
     return checked
 
 
@@ -338,7 +354,7 @@ def _add_yaml(merged: _Merged, path: Path) -> None:
         raise ConfigError(f"{path}: cannot read the config file: {str(error).removeprefix(f'{path}: ')}") from None
     try:
         layer = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader), path)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -347,18 +363,37 @@ def _add_yaml(merged: _Merged, path: Path) -> None:
     merged.add({} if layer is None else layer, str(path), lines)
 
 
-def _key_lines(root: yaml.Node | None) -> dict[str, int]:
-    """1-based line of each section ("train") and key ("train.lr") in a composed YAML document."""
+def _key_lines(root: yaml.Node | None, path: Path) -> dict[str, int]:
+    """1-based line of each section ("train") and key ("train.lr") in a composed YAML document;
+    a section or key given twice is a ``ConfigError`` naming both lines (YAML loaders keep the
+    last one silently)."""
     lines: dict[str, int] = {}
+
+    def add(name: str, node: yaml.Node, kind: str) -> None:
+        line = node.start_mark.line + 1
+        if name in lines:
+            raise ConfigError(f"{path}:{line}: {kind} {name} given twice (first on line {lines[name]}); give it once")
+        lines[name] = line
+
     if not isinstance(root, yaml.MappingNode):
         return lines
     for section_key, section_value in root.value:
         section = str(section_key.value)
-        lines[section] = section_key.start_mark.line + 1
+        add(section, section_key, "section")
         if isinstance(section_value, yaml.MappingNode):
             for key, _ in section_value.value:
-                lines[f"{section}.{key.value}"] = key.start_mark.line + 1
+                add(f"{section}.{key.value}", key, "key")
     return lines
+
+
+def _refuse_repeated_overrides(overrides: Iterable[str]) -> None:
+    """A ``ConfigError`` naming both overrides where two set one key (which one was meant?)."""
+    first: dict[str, str] = {}
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in first:
+            raise ConfigError(f"override {item!r}: {key} is already set by override {first[key]!r}; give it once")
+        first[key] = item
 
 
 def _parse_override(item: str) -> tuple[dict[str, dict[str, Any]], str]:

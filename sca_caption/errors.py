@@ -10,7 +10,9 @@ bug and keeps its traceback.
 Ctrl-C and SIGTERM: inside ``command`` SIGTERM interrupts like Ctrl-C (``KeyboardInterrupt``). A
 command that keeps something of its work says what in an ``Interrupted`` error; any other
 interruption is one line too (the project's outputs are written atomically, so none is left half
-written). Both exit 2, as an error does.
+written). Both exit 2, as an error does. Before ``command`` runs, while an entry point imports
+torch and the rest (seconds), a Ctrl-C is the same line and status 2 once the entry point has
+called ``exit_on_ctrl_c_until_command`` (its first statement).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import sys
 import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
+
+
+INTERRUPTED = "error: interrupted (Ctrl-C or SIGTERM)"
 
 
 class SCACaptionError(ValueError):
@@ -46,6 +51,8 @@ def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
         try:
+            if signal.getsignal(signal.SIGINT) is _exit_interrupted:  # Ctrl-C raises again from here on
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             with _sigterm_interrupts():
                 return main(argv)
         except SCACaptionError as error:
@@ -53,10 +60,24 @@ def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
             print(f"error: {lines[0] if lines else type(error).__name__}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("error: interrupted (Ctrl-C or SIGTERM)", file=sys.stderr)
+            print(INTERRUPTED, file=sys.stderr)
             return 2
 
     return run
+
+
+def exit_on_ctrl_c_until_command() -> None:
+    """Make a Ctrl-C end the process with ``command``'s line and status 2 until ``command`` runs:
+    an entry point's first statement, before its imports, whose traceback a Ctrl-C would print.
+    A process started with Ctrl-C ignored keeps ignoring it."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _exit_interrupted)
+
+
+def _exit_interrupted(_number: int, _frame: object) -> None:
+    """Exit at once: nothing is written yet, and an import stopped halfway must not run on."""
+    print(INTERRUPTED, file=sys.stderr, flush=True)
+    os._exit(2)
 
 
 def main_process_takes_interrupts(_worker_id: int) -> None:

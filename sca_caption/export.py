@@ -19,6 +19,11 @@ source checkpoint's epoch and step.
 
 from __future__ import annotations
 
+from sca_caption.errors import exit_on_ctrl_c_until_command
+
+if __name__ == "__main__":  # first: a Ctrl-C during the imports below (seconds) is one line, not a traceback
+    exit_on_ctrl_c_until_command()
+
 import argparse
 import dataclasses
 import json

@@ -151,7 +151,7 @@ def ensure_vocab(
 ) -> tuple[Vocab, Path]:
     """The train split's vocabulary, and its file (written when absent; a file there with other
     words is refused, never replaced)."""
-    vocab = build_vocab(records, config.data.min_count)
+    vocab = build_vocab(records, config.data.min_count, "data.min_count")
     path = vocab_path(config, records)
     if not path.exists():
         vocab.save(path)

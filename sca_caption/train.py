@@ -12,6 +12,11 @@ Writes best.pt, last.pt, log.csv, test_scores.json and config.yaml into --out
 
 from __future__ import annotations
 
+from sca_caption.errors import exit_on_ctrl_c_until_command
+
+if __name__ == "__main__":  # first: a Ctrl-C during the imports below (seconds) is one line, not a traceback
+    exit_on_ctrl_c_until_command()
+
 import argparse
 import json
 import sys

@@ -69,8 +69,9 @@ def test_precedence_defaults_preset_file_overrides(config_dir):
     # Keys nobody set keep their defaults.
     assert everything.decode.beam_size == DecodeSettings().beam_size
     assert everything.model.order == ModelConfig().order
-    # Later overrides win over earlier ones.
-    assert load_config(overrides=["train.seed=1", "train.seed=2"]).train.seed == 2
+    # Two overrides of one key are refused (issue #26.7: which one was meant?), not the last taken.
+    with pytest.raises(ConfigError, match="train.seed is already set by override 'train.seed=1'"):
+        load_config(overrides=["train.seed=1", "train.seed=2"])
 
 
 @pytest.mark.parametrize(
@@ -139,6 +140,9 @@ def test_bad_overrides_give_one_line_naming_the_override_and_key(override, messa
         ("optim:\n  lr: 0.1\n", "{file}:1: unknown section 'optim' (sections: data, train, model, decode)"),
         ("train: 3\n", "{file}:1: section train must be a mapping of keys, got 3"),
         ("- train\n- model\n", "{file}: expected a mapping with sections data, train, model, decode, got a list"),
+        # YAML keeps the last of a repeated key silently (issue #26.7)
+        ("train:\n  epochs: 2\nmodel:\n  dropout: 0.1\ntrain:\n  lr: 0.1\n", "{file}:5: section train given twice (first on line 1)"),
+        ("train:\n  epochs: 2\n  lr: 0.1\n  epochs: 3\n", "{file}:4: key train.epochs given twice (first on line 2)"),
     ],
 )
 def test_bad_files_give_one_line_naming_file_line_and_key(tmp_path, content, message):

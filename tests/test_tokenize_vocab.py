@@ -97,3 +97,20 @@ def test_build_vocab_counts_only_the_train_split():
     assert build_vocab(records, min_count=2).words == (*SPECIALS, "a", "dog")
     with pytest.raises(DataError):
         build_vocab([records[2]], min_count=1)
+
+
+def test_build_vocab_refuses_words_that_are_less_than_half_of_what_the_captions_say():
+    def record(image_id: str, words: str) -> ImageRecord:
+        return ImageRecord(image_id, Path(f"{image_id}.jpg"), "train", (words,), (tuple(words.split()),))
+
+    records = [record("1", "a b"), record("2", "a c")]  # a 2, b 1, c 1: "a" alone is half
+    assert build_vocab(records, min_count=2).words == (*SPECIALS, "a")
+    with pytest.raises(DataError) as caught:
+        build_vocab(records, min_count=3, setting="data.min_count")
+    assert str(caught.value) == (
+        "data.min_count 3 keeps 0 of the train split's 3 words, 0% of what its captions say "
+        "(the rest would be <unk>, which no caption says): lower data.min_count (at most 2 keeps 50%)"
+    )
+    rare = [record("1", "a b c d e"), record("2", "a f g h i")]  # "a" alone is 2 of 10
+    with pytest.raises(DataError, match=r"^min_count 2 keeps 1 of the train split's 9 words, 20% .*\(at most 1 keeps 50%\)$"):
+        build_vocab(rare, min_count=2)

@@ -260,7 +260,8 @@ def test_a_cache_of_another_backbone_prefix_is_refused(tiny_shapes, tmp_path, ca
 
 def test_resume_refuses_another_config_or_vocabulary(trained, capsys):
     out, settings = trained
-    assert train.main(["--no-progress", "--out", str(out), "--resume", *settings, "model.hidden_dim=48"]) == 2
+    wider = [item for item in settings if not item.startswith("model.hidden_dim=")]  # a key is given once
+    assert train.main(["--no-progress", "--out", str(out), "--resume", *wider, "model.hidden_dim=48"]) == 2
     assert "checkpoint does not match this run: model.hidden_dim is 32 there, 48 here" in _error_line(capsys)
     assert train.main(["--no-progress", "--out", str(out), "--resume", *settings, "data.max_length=3"]) == 2
     trained_with = load_config("shapes", overrides=settings).data.max_length

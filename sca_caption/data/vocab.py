@@ -1,7 +1,9 @@
 """The word vocabulary: ids for the train split's frequent words plus four special tokens.
 
 Ids 0..3 are ``<pad>``, ``<start>``, ``<end>``, ``<unk>``; words follow by count (descending),
-ties by the word itself, so the same corpus always gives the same ids.
+ties by the word itself, so the same corpus always gives the same ids. A vocabulary whose words
+cover less than ``MIN_COVERAGE`` of the train captions' words is refused: the rest are ``<unk>``,
+which no caption says, so a model trained on it learns to say (almost) nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sca_caption.io_utils import atomic_write_json
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 FILE_FORMAT = "sca-caption-vocab/1"
+MIN_COVERAGE = 0.5  # the least share of the train captions' words (occurrences) the vocabulary must hold
 
 
 class Vocab:
@@ -87,9 +90,31 @@ class Vocab:
             raise DataError(f"{path}: {err}") from None
 
 
-def build_vocab(records: Sequence[ImageRecord], min_count: int = 5) -> Vocab:
-    """The vocabulary of the train split's captions."""
+def build_vocab(records: Sequence[ImageRecord], min_count: int = 5, setting: str = "min_count") -> Vocab:
+    """The vocabulary of the train split's captions; a ``DataError`` naming ``setting`` (where
+    ``min_count`` comes from) when its words are less than ``MIN_COVERAGE`` of what the captions say."""
     train = records_in_split(records, "train")
     if not train:
         raise DataError("no train split images to build a vocabulary from")
-    return Vocab.build((tokens for r in train for tokens in r.tokens), min_count)
+    captions = [tokens for r in train for tokens in r.tokens]
+    vocab = Vocab.build(captions, min_count)
+    counts = Counter(word for caption in captions for word in caption)
+    said, held = sum(counts.values()), sum(counts[word] for word in vocab.words[len(SPECIALS):])
+    if not said or held < MIN_COVERAGE * said:
+        enough = _largest_min_count(counts, MIN_COVERAGE)
+        raise DataError(
+            f"{setting} {min_count} keeps {len(vocab) - len(SPECIALS)} of the train split's {len(counts)} words, "
+            f"{held / max(said, 1):.0%} of what its captions say (the rest would be <unk>, which no caption says): "
+            f"lower {setting}" + (f" (at most {enough} keeps {MIN_COVERAGE:.0%})" if enough else "")
+        )
+    return vocab
+
+
+def _largest_min_count(counts: Counter[str], share: float) -> int | None:
+    """The largest min count whose words are at least ``share`` of all in ``counts``; None if none."""
+    needed, total = share * sum(counts.values()), 0
+    for count in sorted(counts.values(), reverse=True):
+        total += count
+        if total and total >= needed:
+            return count
+    return None

@@ -16,6 +16,11 @@ after ``SHUTDOWN_GRACE_S`` is closed.
 
 from __future__ import annotations
 
+from sca_caption.errors import exit_on_ctrl_c_until_command
+
+if __name__ == "__main__":  # first: a Ctrl-C during the imports below (seconds) is one line, not a traceback
+    exit_on_ctrl_c_until_command()
+
 import argparse
 import ipaddress
 import socket

@@ -193,6 +193,7 @@ class UpperChain(nn.Module):
 BackboneBuilder = Callable[..., TappedBackbone]
 _REGISTRY: dict[str, BackboneBuilder] = {}
 _FAMILIES: dict[str, BackboneBuilder] = {}
+_FAMILY_MODELS: dict[str, Callable[[str], None]] = {}  # family -> its check of a model name
 
 
 def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
@@ -207,14 +208,17 @@ def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]
     return add
 
 
-def register_backbone_family(family: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
+def register_backbone_family(family: str, check_model: Callable[[str], None]) -> Callable[[BackboneBuilder], BackboneBuilder]:
     """Decorator: make ``builder(model, weights=...)`` available as
-    ``build_backbone(f"{family}:{model}", ...)``, for a library's whole model zoo."""
+    ``build_backbone(f"{family}:{model}", ...)``, for a library's whole model zoo;
+    ``check_model(model)`` raises a one-line ValueError for a name the library lacks, without
+    building anything."""
 
     def add(builder: BackboneBuilder) -> BackboneBuilder:
         if family in _FAMILIES:
             raise ValueError(f"backbone family {family!r} registered twice")
         _FAMILIES[family] = builder
+        _FAMILY_MODELS[family] = check_model
         return builder
 
     return add
@@ -231,11 +235,14 @@ def list_backbone_families() -> list[str]:
 
 
 def check_backbone_name(name: str) -> str:
-    """``name`` if it is a registered backbone or ``<family>:<model>`` of a registered family,
-    else a one-line ValueError listing the choices. Whether ``model`` exists is the family's
-    builder to say."""
+    """``name`` if it is a registered backbone or ``<family>:<model>`` of a registered family
+    that has ``model``, else a one-line ValueError: the choices, or the family's word on the
+    model. Nothing is built."""
     family, sep, model = name.partition(":")
-    if name in _REGISTRY or (sep and model and family in _FAMILIES):
+    if name in _REGISTRY:
+        return name
+    if sep and model and family in _FAMILIES:
+        _FAMILY_MODELS[family](model)
         return name
     families = "".join(f", {f}:<model>" for f in list_backbone_families())
     raise ValueError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}{families}")

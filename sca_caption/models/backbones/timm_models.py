@@ -60,12 +60,18 @@ class FeatureLayout:
     flatten_sequential: bool
 
 
-def feature_layout(name: str) -> FeatureLayout:
-    """The FeatureListNet layout of timm model ``name``, from a build on the meta device (no
-    weights, no memory); ValueError where such a chain is not how the model computes its features."""
+def check_model_name(name: str) -> None:
+    """A one-line ValueError unless timm has a model ``name`` (a pretrained tag allowed)."""
     timm = import_timm()
     if not timm.models.is_model(name):
         raise ValueError(f"timm:{name}: timm {timm.__version__} has no such model (see timm.list_models())")
+
+
+def feature_layout(name: str) -> FeatureLayout:
+    """The FeatureListNet layout of timm model ``name``, from a build on the meta device (no
+    weights, no memory); ValueError where such a chain is not how the model computes its features."""
+    check_model_name(name)
+    timm = import_timm()
     extra = {"feature_cfg": {"flatten_sequential": True}} if timm.models.is_model_in_modules(name, BLOCK_FAMILIES) else {}
     with torch.device("meta"):
         probe = timm.create_model(name, pretrained=False, features_only=True, **extra)
@@ -143,7 +149,7 @@ def normalization(model: nn.Module) -> Normalization:
     return Normalization("timm", mean, std)  # type: ignore[arg-type]
 
 
-@register_backbone_family("timm")
+@register_backbone_family("timm", check_model=check_model_name)
 def timm_backbone(name: str, weights: WeightsSpec = IMAGENET) -> TappedBackbone:
     """timm model ``name`` cut at its feature taps; ``weights``: "imagenet" (hub), None or a file."""
     layout = feature_layout(name)
