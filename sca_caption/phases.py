@@ -95,6 +95,7 @@ class CrossEntropyPhase:
     ) -> None:
         self.config, self.model, self.ddp, self.samples, self.proc = config, model, ddp, samples, processes
         self.steps_per_epoch = steps_per_epoch
+        self.batch_size = config.data.batch_size  # captions per global batch
 
     def order(self, epoch: int) -> Tensor:
         """The epoch's sample order: captions of similar length batched together."""
@@ -115,8 +116,8 @@ class CrossEntropyPhase:
 
 
 class SelfCriticalPhase:
-    """``train.scst_samples`` sampled captions of each training image follow the CIDEr-D
-    ``reward`` at the constant learning rate ``train.scst_lr``, dropout ``train.scst_dropout``."""
+    """``train.scst_samples`` sampled captions of each of ``train.scst_images`` training images
+    per step follow the CIDEr-D ``reward`` at the constant learning rate ``train.scst_lr``, dropout ``train.scst_dropout``."""
 
     def __init__(
         self, config: ExperimentConfig, model: SCACaptioner, ddp: nn.Module, samples: ImageSamples,
@@ -124,6 +125,7 @@ class SelfCriticalPhase:
     ) -> None:
         self.config, self.model, self.ddp, self.samples, self.proc = config, model, ddp, samples, processes
         self.reward, self.vocab = reward, vocab
+        self.batch_size = config.train.scst_images or config.data.batch_size  # images per global batch
 
     def order(self, epoch: int) -> Tensor:
         """The epoch's image order."""
