@@ -85,25 +85,34 @@ class DocumentFrequency:
         counts = torch.bincount(image_ngram % len(keys), minlength=len(keys))
         return cls(keys, counts, len(references), vocab_size, end_word)
 
+    def extended(self, references: References) -> DocumentFrequency:
+        """These document frequencies with the n-grams of ``references`` of other images (e.g. the
+        validation split's) that they lack added at df 0 (weight log M, as in a candidate), so a
+        ``CiderD`` of those references scores with these (the training split's) weights."""
+        key = torch.unique(_reference_ngrams(references, self.vocab_size, self.end_word)[2])
+        new = key[~torch.isin(key, self.keys)]
+        keys, order = torch.cat([self.keys, new]).sort()
+        counts = torch.cat([self.counts, torch.zeros_like(new)])[order]
+        return DocumentFrequency(keys, counts, self.images, self.vocab_size, self.end_word)
+
 
 class CiderD:
     """The CIDEr-D reward of candidates of the images of ``references`` (the training split).
 
     references[m]: image m's reference captions as word ids (see the module docstring);
-    document_frequency: ``DocumentFrequency.build(references, V)``, or that loaded from a cache.
+    document_frequency: ``DocumentFrequency.build(references, V)``, or that loaded from a cache
+    (or, for the references of other images, that ``extended`` with them).
     """
 
     def __init__(self, references: References, document_frequency: DocumentFrequency) -> None:
         df = document_frequency
-        if df.images != len(references):
-            raise ValueError(f"document frequencies of {df.images} images for references of {len(references)}")
         _, ref, key, count = _reference_ngrams(references, df.vocab_size, df.end_word)
         gid = torch.searchsorted(df.keys, key).clamp_(max=len(df.keys) - 1)
         if not bool((df.keys[gid] == key).all()):
             raise ValueError("the references hold n-grams the document frequencies lack: they were built from others")
         self.df = df
         self.log_images = math.log(df.images)  # log M
-        self.idf = self.log_images - df.counts.double().log()  # (D,) log M − log df(w)
+        self.idf = self.log_images - df.counts.clamp(min=1).double().log()  # (D,) log M − log max(1, df(w))
         value = count * self.idf[gid]  # g(r)[w]
         self.ref_count = torch.tensor([len(refs) for refs in references])  # (M,) R of each image
         self.first_ref = torch.cumsum(self.ref_count, 0) - self.ref_count  # (M,)

@@ -70,7 +70,7 @@ from sca_caption.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from sca_caption.config import ExperimentConfig, write_config
+from sca_caption.config import ExperimentConfig, decoding_limit, write_config
 from sca_caption.data.caption_dataset import global_batches, shard
 from sca_caption.data.errors import DataError
 from sca_caption.decoding import DecodeSettings
@@ -85,6 +85,7 @@ from sca_caption.optimization import cross_entropy_epochs, make_optimizer, set_l
 from sca_caption.phases import STEP_COLUMNS, CrossEntropyPhase, SelfCriticalPhase, batch_loader, validation_loss
 from sca_caption.prepare import PreparedData
 from sca_caption.rewards import CiderD, build_or_load_cider, cider_cache_path, train_references
+from sca_caption.self_critical import greedy_reward
 from sca_caption.training_log import LOG_COLUMNS, summary, table, tensorboard
 
 # Settings that do not change what the weights become, so a resumed run may change them.
@@ -92,7 +93,7 @@ RESUMABLE_CHANGES = frozenset(
     {
         "data.data_root", "data.feature_cache", "data.num_workers",
         "train.patience", "train.log_every", "train.eval_every", "train.meteor",
-        "train.checkpoint_every", "model.kernels",
+        "train.checkpoint_every", "train.scst_probe_images", "model.kernels",
         *(f"decode.{name}" for name in DecodeSettings.__dataclass_fields__),  # validation decoding
     }
 )
@@ -265,9 +266,13 @@ class Trainer:
             config, self.model, self.ddp, train_samples, processes, self._steps(len(train_samples), config.data.batch_size)
         )
         self.self_critical: SelfCriticalPhase | None = None
+        self.val_reward: CiderD | None = None  # the reward of the validation captions (self-critical runs)
         if train.scst_after is not None:
             images = data.image_samples(splits.train_split, self.cache)
-            self.self_critical = SelfCriticalPhase(config, self.model, self.ddp, images, processes, self._reward(), self.vocab)
+            reward = self._reward()
+            self.self_critical = SelfCriticalPhase(config, self.model, self.ddp, images, processes, reward, self.vocab)
+            references = train_references(data.records, self.vocab, splits.val_split)
+            self.val_reward = CiderD(references, reward.df.extended(references))
 
         self.optimizer = make_optimizer(self.model, train.lr, train.weight_decay)
         self.books = Bookkeeping()
@@ -456,7 +461,36 @@ class Trainer:
         if evaluation is not None:
             row["val_loss"] = evaluation.scores["loss"]
             row.update({k: v for k, v in evaluation.scores.items() if k in LOG_COLUMNS})
+            if self.self_critical is not None:  # every process, like validation: none waits long for rank 0
+                row.update(self._reward_columns(evaluation))
         return row
+
+    def _reward_columns(self, evaluation: SplitEvaluation) -> dict[str, float]:
+        """A self-critical run's validation columns (see ``LOG_COLUMNS``): ``probe_reward`` (where
+        ``train.scst_probe_images``), ``val_reward``, and ``entropy`` (where self-critical steps
+        ran since the previous row)."""
+        assert self.self_critical is not None and self.val_reward is not None
+        train, phase = self.config.train, self.self_critical
+        columns: dict[str, float] = {}
+        if train.scst_probe_images:
+            columns["probe_reward"] = greedy_reward(
+                self.model, phase.samples, train.scst_probe_images, phase.batch_size, phase.reward,
+                decoding_limit(self.config), self.vocab, self.device, train.bf16,
+            )
+        ids = [r.image_id for r in self.val_records if r.image_id in evaluation.captions]
+        if ids:
+            texts = [evaluation.captions[i].split() for i in ids]
+            words = [self.vocab.encode(text, len(text))[1:] for text in texts]  # the words and <end>
+            width = max(map(len, words))
+            tokens = torch.tensor([w + [self.vocab.pad] * (width - len(w)) for w in words])
+            position = {r.image_id: m for m, r in enumerate(self.val_records)}
+            images = torch.tensor([position[i] for i in ids])
+            columns["val_reward"] = float(self.val_reward.score(tokens, images).mean())
+        since = self.books.history[-1]["step"] if self.books.history else 0
+        entropies = [s["entropy"] for s in self.books.steps if s["step"] > since]
+        if entropies:
+            columns["entropy"] = sum(entropies) / len(entropies)
+        return columns
 
     def _judge(self, row: dict[str, float]) -> tuple[bool, bool]:
         """Early stopping on rank 0's ``row``: whether it is the best so far, and whether

@@ -128,6 +128,21 @@ def test_end_as_a_word_equals_naive_with_an_end_token() -> None:
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
+def test_references_of_other_images_score_with_the_training_weights() -> None:
+    rng = random.Random(6)
+    corpus = [[[rng.randint(4, 9) for _ in range(rng.randint(1, 6))] for _ in range(2)] for _ in range(4)]
+    other = [[[rng.randint(4, 12) for _ in range(rng.randint(1, 6))] for _ in range(3)] for _ in range(3)]
+    df = DocumentFrequency.build(corpus, len(VOCAB))
+    cider = CiderD(other, df.extended(other))
+    assert df.extended(other).images == 4 and set(df.keys.tolist()) < set(df.extended(other).keys.tolist())
+    for _ in range(20):
+        image = rng.randrange(3)
+        words = [rng.randint(4, 12) for _ in range(rng.randint(0, 6))]
+        expected = naive_cider_d(words, other[image], corpus)  # df of the 4 corpus images, n-grams of none: log 4
+        got = cider.score(torch.tensor([[*words, Vocab.end]]), torch.tensor([image])).item()
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
 def test_pycocoevalcap_cider_where_the_definitions_agree() -> None:
     # No clipping (no repeated n-gram in a candidate) and no length penalty (every reference as long
     # as the candidate); pycocoevalcap takes document frequencies from the images it scores, so

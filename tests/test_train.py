@@ -327,6 +327,9 @@ def test_validation_every_n_steps_writes_a_row_per_validation_and_keeps_the_best
     best = load_checkpoint(out / "best.pt")
     assert best.step == int(rows[cider.index(max(cider))]["step"])
     assert len((out / "steps.csv").read_text().splitlines()) == 1 + 8  # the self-critical steps
+    # a self-critical run logs the rewards at every validation, the entropy where self-critical steps ran
+    assert all(0 <= float(row[key]) <= 10 for row in rows for key in ("probe_reward", "val_reward"))
+    assert rows[0]["entropy"] == "" and all(float(row["entropy"]) > 0 for row in rows[1:])
     last = load_checkpoint(out / "last.pt")
     assert (last.epoch, last.step) == (3, 12)
 
@@ -339,6 +342,7 @@ def test_validation_every_n_steps_with_patience_counts_validations(tiny_shapes, 
     with open(out / "log.csv", newline="") as handle:
         assert [row["step"] for row in csv.DictReader(handle)] == ["3", "6"]
     assert (load_checkpoint(out / "best.pt").step, load_checkpoint(out / "last.pt").step) == (3, 6)
+    assert all(row["val_reward"] == "" for row in csv.DictReader(open(out / "log.csv")))  # not a self-critical run
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.0])
