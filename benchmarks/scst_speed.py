@@ -5,17 +5,20 @@ with the captioner of ``--setting`` (``common.SETTINGS``; ``f8k``: configs/flick
 
 - ``cross_entropy``: the trainer's own step (``phases.cross_entropy_step``) on ``--batch``
   captions of ``--steps`` words;
-- ``self_critical`` (per baseline): ``--batch`` images, ``--samples`` sampled captions each of up
-  to ``--steps`` + 1 tokens, their CIDEr-D rewards, the baseline, the teacher-forced policy loss,
-  and the trainer's ``optimizer_step`` (``sca_caption.self_critical``, as the trainer runs it).
+- ``self_critical`` (per baseline): the trainer's own step (``phases.SelfCriticalPhase.step``) on
+  ``--images`` images (default ``--batch``; ``train.scst_images``), ``--samples`` sampled captions
+  each of up to ``--steps`` + 1 tokens, their CIDEr-D rewards, the baseline, the teacher-forced
+  policy loss and the optimizer step.
 
 Per image: a cross-entropy epoch trains every image's five captions, a self-critical epoch every
 image once with its samples, so ``seconds_per_image_epoch`` is 5 × the per-caption time for
 cross-entropy and the per-image time for self-critical training; ``ratio_to_cross_entropy``
-compares those. ``seconds_per_sample`` compares one sampled caption with one teacher-forced one.
+compares those. ``seconds_per_sample`` compares one sampled caption with one teacher-forced one;
+``step_ratio_per_image`` a self-critical step's seconds per image with a cross-entropy step's per
+caption (issue #27's target: at most 3).
 
-Usage: python benchmarks/scst_speed.py [--setting f8k] [--batch 64] [--samples 5] [--steps 16]
-       [--vocab 2539] [--iterations 5] [--warmup 1]
+Usage: python benchmarks/scst_speed.py [--setting f8k] [--batch 64] [--images 10] [--samples 5]
+       [--steps 16] [--vocab 2539] [--iterations 5] [--warmup 1]
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ from typing import Callable
 import torch
 
 from common import SETTINGS, Setting, build_captioner, median_seconds
-from sca_caption.config import TrainConfig
-from sca_caption.data.caption_dataset import CaptionBatch
+from sca_caption.config import DataConfig, ExperimentConfig, TrainConfig
+from sca_caption.data.caption_dataset import CaptionBatch, ImageBatch
 from sca_caption.data.vocab import Vocab
+from sca_caption.distributed import ONE_PROCESS
 from sca_caption.rewards import CiderD, DocumentFrequency
-from sca_caption.self_critical import policy_loss, rollout
-from sca_caption.optimization import make_optimizer, optimizer_step
-from sca_caption.phases import cross_entropy_step
+from sca_caption.optimization import make_optimizer
+from sca_caption.phases import SelfCriticalPhase, cross_entropy_step
 
 CAPTIONS_PER_IMAGE = 5
 F8K = Setting("efficientnet_lite0", ("stage7",), 128, 384, 256)  # configs/flickr8k.yaml
@@ -44,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", default="f8k", help="f8k or one of " + ", ".join(SETTINGS))
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--images", type=int, default=None, help="images per self-critical step (default --batch)")
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=2539)
@@ -55,12 +59,13 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_captioner(setting, "cs", args.vocab).train()
     vocab = Vocab(["<pad>", "<start>", "<end>", "<unk>", *(f"w{i}" for i in range(args.vocab - 4))])
-    features = {name: torch.rand(args.batch, 320, 7, 7) for name in model.feature_names}
+    images = args.images or args.batch
+    pool = {name: torch.rand(max(args.batch, images), 320, 7, 7) for name in model.feature_names}
+    features = {name: x[: args.batch] for name, x in pool.items()}
     captions = torch.randint(4, args.vocab, (args.batch, args.steps + 1))
     captions[:, 0] = vocab.start
     references = [[torch.randint(4, args.vocab, (11,)).tolist() for _ in range(5)] for _ in range(args.batch)]
     reward = CiderD(references, DocumentFrequency.build(references, args.vocab))
-    images = torch.arange(args.batch)
     train = TrainConfig()
     optimizer = make_optimizer(model, train.lr, train.weight_decay)
     batch = CaptionBatch(features, captions, None)
@@ -70,11 +75,13 @@ def main() -> None:
         cross_entropy_step(model, model, optimizer, batch, vocab.pad, tokens, args.batch, 1, train)
 
     def self_critical(baseline: str) -> Callable[[], None]:
+        settings = TrainConfig(scst_samples=args.samples, scst_baseline=baseline, scst_after=0)
+        config = ExperimentConfig(data=DataConfig(max_length=args.steps), train=settings)
+        phase = SelfCriticalPhase(config, model, model, None, ONE_PROCESS, reward, vocab)  # type: ignore[arg-type]
+        batch = ImageBatch({name: x[:images] for name, x in pool.items()}, torch.arange(images) % args.batch)
+
         def step() -> None:
-            run = rollout(model, features, images, reward=reward, samples=args.samples, baseline=baseline,
-                          max_length=args.steps + 1, vocab=vocab)
-            loss = policy_loss(model, features, run, args.samples, vocab) / max(run.tokens, 1)
-            optimizer_step(model, optimizer, loss, train.grad_clip)
+            phase.step(optimizer, list(range(images)), batch)
         return step
 
     common = {"setting": args.setting, "batch": args.batch, "steps": args.steps, "vocab": args.vocab,
@@ -84,13 +91,14 @@ def main() -> None:
     print(json.dumps({"benchmark": "cross_entropy", **common, "seconds_per_caption": round(per_caption, 5),
                       "seconds_per_image_epoch": round(xe_epoch, 5)}), flush=True)
     for baseline in ("greedy", "mean"):
-        per_image = median_seconds(self_critical(baseline), args.iterations, args.warmup) / args.batch
+        per_image = median_seconds(self_critical(baseline), args.iterations, args.warmup) / images
         print(json.dumps({
-            "benchmark": "self_critical", "baseline": baseline, "samples": args.samples, **common,
+            "benchmark": "self_critical", "baseline": baseline, "images": images, "samples": args.samples, **common,
             "seconds_per_image_epoch": round(per_image, 5),
             "seconds_per_sample": round(per_image / args.samples, 5),
             "ratio_to_cross_entropy": round(per_image / xe_epoch, 3),
             "sample_ratio_to_caption": round(per_image / args.samples / per_caption, 3),
+            "step_ratio_per_image": round(per_image / per_caption, 3),
         }), flush=True)
 
 

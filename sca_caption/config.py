@@ -107,6 +107,13 @@ class TrainConfig:
     scst_lr: float = field(default=5e-5, metadata={"min": 0.0})  # constant learning rate of the self-critical epochs
     # dropout of the self-critical epochs (0: sampling and the loss pass see one distribution); None: model.dropout
     scst_dropout: float | None = field(default=0.0, metadata={"min": 0.0, "below": 1.0})
+    scst_reward_end: bool = False  # <end> a word of every candidate and reference in the CIDEr-D reward (sca_caption.rewards)
+    # training images (the first, in corpus order) whose greedy captions' mean reward is logged at each
+    # validation of a self-critical run (log.csv probe_reward); 0: none
+    scst_probe_images: int = field(default=500, metadata={"min": 0})
+    scst_images: int | None = field(default=None, metadata={"min": 1})  # images per self-critical step; None: data.batch_size
+    # optimizer steps between validations (patience counts validations); None: at epoch ends (eval_every)
+    val_every: int | None = field(default=None, metadata={"min": 1})
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "model": ModelConfig, "decode": DecodeSettings}

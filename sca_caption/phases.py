@@ -26,9 +26,10 @@ from sca_caption.errors import main_process_takes_interrupts
 from sca_caption.models.captioner import SCACaptioner
 from sca_caption.optimization import learning_rate, optimizer_step
 from sca_caption.rewards import CiderD
-from sca_caption.self_critical import dropout_rate, policy_loss, rollout
+from sca_caption.self_critical import dropout_rate, entropy_sum, policy_loss, rollout, teacher_forced_log_probs
 
-STEP_COLUMNS = ("step", "reward", "baseline", "sample_length")  # steps.csv: the self-critical steps
+# steps.csv: the self-critical steps (entropy: the mean per sampled token of its distribution's)
+STEP_COLUMNS = ("step", "reward", "baseline", "sample_length", "entropy")
 
 
 def batch_loader(samples: Dataset, shares: list[list[int]], num_workers: int, device: torch.device) -> DataLoader:
@@ -95,6 +96,7 @@ class CrossEntropyPhase:
     ) -> None:
         self.config, self.model, self.ddp, self.samples, self.proc = config, model, ddp, samples, processes
         self.steps_per_epoch = steps_per_epoch
+        self.batch_size = config.data.batch_size  # captions per global batch
 
     def order(self, epoch: int) -> Tensor:
         """The epoch's sample order: captions of similar length batched together."""
@@ -115,8 +117,8 @@ class CrossEntropyPhase:
 
 
 class SelfCriticalPhase:
-    """``train.scst_samples`` sampled captions of each training image follow the CIDEr-D
-    ``reward`` at the constant learning rate ``train.scst_lr``, dropout ``train.scst_dropout``."""
+    """``train.scst_samples`` sampled captions of each of ``train.scst_images`` training images
+    per step follow the CIDEr-D ``reward`` at the constant learning rate ``train.scst_lr``, dropout ``train.scst_dropout``."""
 
     def __init__(
         self, config: ExperimentConfig, model: SCACaptioner, ddp: nn.Module, samples: ImageSamples,
@@ -124,6 +126,7 @@ class SelfCriticalPhase:
     ) -> None:
         self.config, self.model, self.ddp, self.samples, self.proc = config, model, ddp, samples, processes
         self.reward, self.vocab = reward, vocab
+        self.batch_size = config.train.scst_images or config.data.batch_size  # images per global batch
 
     def order(self, epoch: int) -> Tensor:
         """The epoch's image order."""
@@ -136,21 +139,23 @@ class SelfCriticalPhase:
         self, optimizer: torch.optim.Optimizer, global_batch: list[int], batch: ImageBatch
     ) -> tuple[float, dict[str, float]]:
         """One optimizer step on this process's images ``batch``; returns the global batch's loss
-        (per counted token) and its steps.csv row without the step (mean reward, baseline, length)."""
+        (per counted token) and its steps.csv row without the step (mean reward, baseline, length, entropy)."""
         train, world, sum_ = self.config.train, self.proc.world, self.proc.sum
-        with dropout_rate(self.model, train.scst_dropout):
+        autocast = torch.autocast(batch.images.device.type, dtype=torch.bfloat16, enabled=train.bf16)
+        with dropout_rate(self.model, train.scst_dropout), autocast:  # sampling and the loss: one precision
             run = rollout(
                 self.model, batch.features, batch.images, reward=self.reward, samples=train.scst_samples,
                 baseline=train.scst_baseline, max_length=decoding_limit(self.config), vocab=self.vocab,
             )
             tokens = sum_(torch.tensor(float(run.tokens)))
             rows = sum_(torch.tensor(float(len(run.reward))))
-            with torch.autocast(batch.images.device.type, dtype=torch.bfloat16, enabled=train.bf16):
-                loss = policy_loss(self.ddp, batch.features, run, train.scst_samples, self.vocab) / tokens * world
+            log_probs = teacher_forced_log_probs(self.ddp, batch.features, run.captions, train.scst_samples, self.vocab)
+            loss = policy_loss(log_probs, run, self.vocab) / tokens * world
         optimizer_step(self.model, optimizer, loss, train.grad_clip)
         row = {
             "reward": sum_(run.reward.sum()) / rows,
             "baseline": sum_(run.baseline.sum()) / rows,
             "sample_length": tokens / rows,
+            "entropy": sum_(entropy_sum(log_probs, run, self.vocab)) / tokens,
         }
         return sum_(loss.detach() / world), row

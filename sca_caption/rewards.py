@@ -16,17 +16,21 @@ images being scored; here: the training split). For a candidate c of image m wit
   uses ℓ = the number of words: what the "-D" version adds to CIDEr against gaming. (ruotianluo counts bigrams, ℓ − 1, for
   a non-empty sentence: the same δ; an empty sentence has a zero vector and scores 0 either way.)
 - Sentences are token ids with ``<start>``, ``<end>`` and ``<pad>`` left out; ``<unk>`` is an
-  ordinary word, as ``UNK`` is in self-critical.pytorch. (That code also appends ``<eos>`` to
-  every sentence, which adds n-grams ending in it; here the end token is not a word.)
+  ordinary word, as ``UNK`` is in self-critical.pytorch. That code also counts ``<eos>`` as the
+  last word of every reference and of every candidate that has one (not one cut at the maximum
+  length), in the document frequencies too, which adds n-grams ending in it (a caption that
+  stops after "a" has "a <eos>", which no reference holds): ``end_word=True`` here
+  (``DocumentFrequency.build``; ``train.scst_reward_end``); by default the end token is not a word.
 
 Vectorised: an n-gram of ids below V is the base-(V+1) number of its ids + 1, an exact int64 key
 for V + 1 ≤ 55108 (so (V+1)^4 < 2^63); counting is a per-row sort, and the document frequencies
 and each training reference's tf-idf vector are sorted tables searched with ``searchsorted``. The
 reference vectors (12 bytes per distinct n-gram of a reference) and norms are built once.
 
-The document frequencies are cached beside the vocabulary (``cider_cache_path``) with fingerprints
-of the vocabulary and the references; a cache of another vocabulary or other references is a
-one-line ``DataError`` naming the file.
+The document frequencies are cached beside the vocabulary (``cider_cache_path``, one file with
+and one without ``<end>`` as a word) with fingerprints of the vocabulary and the references; a
+cache of another vocabulary, other references or the other ``<end>`` choice is a one-line
+``DataError`` naming the file.
 """
 
 from __future__ import annotations
@@ -63,44 +67,56 @@ class CiderCacheError(DataError):
 
 @dataclass(frozen=True)
 class DocumentFrequency:
-    """keys: (D,) int64 sorted n-gram keys; counts: (D,) int64 df of each; images: M; vocab_size: V."""
+    """keys: (D,) int64 sorted n-gram keys; counts: (D,) int64 df of each; images: M; vocab_size: V;
+    end_word: whether ``<end>`` ends every sentence as a word (module docstring)."""
 
     keys: Tensor
     counts: Tensor
     images: int
     vocab_size: int
+    end_word: bool = False
 
     @classmethod
-    def build(cls, references: References, vocab_size: int) -> DocumentFrequency:
+    def build(cls, references: References, vocab_size: int, end_word: bool = False) -> DocumentFrequency:
         """df(w) = the number of images among ``references`` whose captions contain w (n = 1..4)."""
-        image, _, key, _ = _reference_ngrams(references, vocab_size)
+        image, _, key, _ = _reference_ngrams(references, vocab_size, end_word)
         keys, gid = torch.unique(key, return_inverse=True)
         image_ngram = torch.unique(image * len(keys) + gid)  # each (image, n-gram) once
-        return cls(keys, torch.bincount(image_ngram % len(keys), minlength=len(keys)), len(references), vocab_size)
+        counts = torch.bincount(image_ngram % len(keys), minlength=len(keys))
+        return cls(keys, counts, len(references), vocab_size, end_word)
+
+    def extended(self, references: References) -> DocumentFrequency:
+        """These document frequencies with the n-grams of ``references`` of other images (e.g. the
+        validation split's) that they lack added at df 0 (weight log M, as in a candidate), so a
+        ``CiderD`` of those references scores with these (the training split's) weights."""
+        key = torch.unique(_reference_ngrams(references, self.vocab_size, self.end_word)[2])
+        new = key[~torch.isin(key, self.keys)]
+        keys, order = torch.cat([self.keys, new]).sort()
+        counts = torch.cat([self.counts, torch.zeros_like(new)])[order]
+        return DocumentFrequency(keys, counts, self.images, self.vocab_size, self.end_word)
 
 
 class CiderD:
     """The CIDEr-D reward of candidates of the images of ``references`` (the training split).
 
     references[m]: image m's reference captions as word ids (see the module docstring);
-    document_frequency: ``DocumentFrequency.build(references, V)``, or that loaded from a cache.
+    document_frequency: ``DocumentFrequency.build(references, V)``, or that loaded from a cache
+    (or, for the references of other images, that ``extended`` with them).
     """
 
     def __init__(self, references: References, document_frequency: DocumentFrequency) -> None:
         df = document_frequency
-        if df.images != len(references):
-            raise ValueError(f"document frequencies of {df.images} images for references of {len(references)}")
-        _, ref, key, count = _reference_ngrams(references, df.vocab_size)
+        _, ref, key, count = _reference_ngrams(references, df.vocab_size, df.end_word)
         gid = torch.searchsorted(df.keys, key).clamp_(max=len(df.keys) - 1)
         if not bool((df.keys[gid] == key).all()):
             raise ValueError("the references hold n-grams the document frequencies lack: they were built from others")
         self.df = df
         self.log_images = math.log(df.images)  # log M
-        self.idf = self.log_images - df.counts.double().log()  # (D,) log M − log df(w)
+        self.idf = self.log_images - df.counts.clamp(min=1).double().log()  # (D,) log M − log max(1, df(w))
         value = count * self.idf[gid]  # g(r)[w]
         self.ref_count = torch.tensor([len(refs) for refs in references])  # (M,) R of each image
         self.first_ref = torch.cumsum(self.ref_count, 0) - self.ref_count  # (M,)
-        self.ref_lengths = torch.tensor([len(r) for refs in references for r in refs])  # (refs,) ℓ_r
+        self.ref_lengths = torch.tensor([len(r) + int(df.end_word) for refs in references for r in refs])  # (refs,) ℓ_r
         self.ref_norms = _norms(ref, _order(key, df.vocab_size), value, len(self.ref_lengths))  # (refs, 4)
         self.ref_keys = ref * len(df.keys) + gid  # (E,) ascending: by reference, then n-gram
         self.ref_values = value.float()  # (E,) g(r)[w]
@@ -109,14 +125,18 @@ class CiderD:
         """CIDEr-D of each candidate: (N,) float32 on ``candidates``' device.
 
         candidates: (N, T) word ids without ``<start>``, each row read up to its first ``<end>`` or
-        ``<pad>``; images: (N,) the index m in ``references`` of each row's image.
+        ``<pad>`` (that ``<end>`` included where ``end_word``); images: (N,) the index m in
+        ``references`` of each row's image.
         """
         if candidates.dim() != 2:
             raise ValueError(f"candidates must be (N, T) word ids, got shape {tuple(candidates.shape)}")
-        keep = (candidates != Vocab.end) & (candidates != Vocab.pad)
-        keep = keep.cpu().long().cumprod(1).bool()
-        words = candidates.detach().cpu().long().masked_fill(~keep, Vocab.pad)
-        _check_words(words[keep], self.df.vocab_size, "candidates")
+        candidates_cpu = candidates.detach().cpu().long()
+        keep = ((candidates_cpu != Vocab.end) & (candidates_cpu != Vocab.pad)).cumprod(1).bool()
+        if self.df.end_word:  # and the first <end>, right after the words
+            reached = torch.cat([torch.ones_like(keep[:, :1]), keep[:, :-1]], dim=1)
+            keep |= reached & (candidates_cpu == Vocab.end)
+        words = candidates_cpu.masked_fill(~keep, Vocab.pad)
+        _check_words(words[keep], self.df.vocab_size, "candidates", self.df.end_word)
         lengths = keep.sum(1)  # (N,) ℓ_c
         images = images.detach().cpu().long()
         if images.shape != lengths.shape or not bool(((images >= 0) & (images < len(self.ref_count))).all()):
@@ -159,18 +179,20 @@ def train_references(records: Sequence[ImageRecord], vocab: Vocab, split: str = 
     return [[vocab.encode(t, len(t))[1:-1] for t in r.tokens] for r in records_in_split(records, split)]
 
 
-def cider_cache_path(vocab_path: Path) -> Path:
-    """The document-frequency cache beside a vocabulary: ``<name>_vocab_min<k>_<key>.cider.pt``."""
-    return Path(vocab_path).with_suffix(".cider.pt")
+def cider_cache_path(vocab_path: Path, end_word: bool = False) -> Path:
+    """The document-frequency cache beside a vocabulary: ``<name>_vocab_min<k>_<key>.cider.pt``,
+    or ``….cider-end.pt`` where ``<end>`` is a word."""
+    return Path(vocab_path).with_suffix(".cider-end.pt" if end_word else ".cider.pt")
 
 
-def build_or_load_cider(path: Path, vocab: Vocab, references: References) -> CiderD:
-    """The reward of ``references``: document frequencies from the cache ``path``, or computed and
-    saved there when it is absent; a cache of another vocabulary or references is a ``CiderCacheError``."""
+def build_or_load_cider(path: Path, vocab: Vocab, references: References, end_word: bool = False) -> CiderD:
+    """The reward of ``references`` (``end_word``: ``<end>`` a word): document frequencies from
+    the cache ``path``, or computed and saved there when it is absent; a cache of another
+    vocabulary, references or ``end_word`` is a ``CiderCacheError``."""
     if Path(path).exists():
-        df = load_document_frequency(path, vocab, references)
+        df = load_document_frequency(path, vocab, references, end_word)
     else:
-        df = DocumentFrequency.build(references, len(vocab))
+        df = DocumentFrequency.build(references, len(vocab), end_word)
         save_document_frequency(path, df, vocab, references)
     return CiderD(references, df)
 
@@ -179,14 +201,14 @@ def save_document_frequency(path: Path, df: DocumentFrequency, vocab: Vocab, ref
     """Write ``df`` and the fingerprints of ``vocab`` and ``references`` (a torch file, atomically)."""
     if df.vocab_size != len(vocab) or df.images != len(references):
         raise ValueError("the document frequencies are not of this vocabulary and these references")
-    state = {"format": FILE_FORMAT, "ngrams": NGRAMS, **_fingerprints(vocab, references)}
+    state = {"format": FILE_FORMAT, "ngrams": NGRAMS, "end_word": df.end_word, **_fingerprints(vocab, references)}
     state.update(keys=df.keys, counts=df.counts)
     with atomic_write(path, "wb") as handle:
         torch.save(state, handle)
 
 
-def load_document_frequency(path: Path, vocab: Vocab, references: References) -> DocumentFrequency:
-    """Read a file of ``save_document_frequency`` made from ``vocab`` and ``references``."""
+def load_document_frequency(path: Path, vocab: Vocab, references: References, end_word: bool = False) -> DocumentFrequency:
+    """Read a file of ``save_document_frequency`` made from ``vocab``, ``references`` and ``end_word``."""
     try:
         with open_regular(path, "CIDEr-D cache") as handle:  # a FIFO would block torch.load forever
             state = torch.load(handle, map_location="cpu", weights_only=True)
@@ -196,6 +218,9 @@ def load_document_frequency(path: Path, vocab: Vocab, references: References) ->
         raise CiderCacheError(f"{path}: not a readable CIDEr-D cache ({first_line(err)})") from None
     if not isinstance(state, dict) or state.get("format") != FILE_FORMAT or state.get("ngrams") != NGRAMS:
         raise CiderCacheError(f"{path}: not a CIDEr-D cache (expected format {FILE_FORMAT!r}, n = 1..{NGRAMS})")
+    if bool(state.get("end_word", False)) != end_word:  # caches from before the choice have no <end> word
+        has = "counts <end> as a word" if state.get("end_word") else "does not count <end> as a word"
+        raise CiderCacheError(f"{path}: this CIDEr-D cache {has}, this run's reward {'does' if end_word else 'does not'}")
     expected = _fingerprints(vocab, references)
     for what, this, size, unit, digest in [
         ("another vocabulary", "this one", "vocab_size", "entries", "vocab_sha256"),
@@ -210,7 +235,7 @@ def load_document_frequency(path: Path, vocab: Vocab, references: References) ->
     if not (isinstance(keys, Tensor) and isinstance(counts, Tensor) and keys.dtype == counts.dtype == torch.int64
             and keys.dim() == 1 and keys.shape == counts.shape):
         raise CiderCacheError(f"{path}: 'keys' and 'counts' are not int64 vectors of one length")
-    return DocumentFrequency(keys, counts, len(references), len(vocab))
+    return DocumentFrequency(keys, counts, len(references), len(vocab), end_word)
 
 
 def _fingerprints(vocab: Vocab, references: References) -> dict[str, Any]:
@@ -224,14 +249,14 @@ def _fingerprints(vocab: Vocab, references: References) -> dict[str, Any]:
     }
 
 
-def _reference_ngrams(references: References, vocab_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The distinct n-grams of each reference: (image, reference, key, count), each (E,), by
-    reference (numbered across images in order) then key."""
+def _reference_ngrams(references: References, vocab_size: int, end_word: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The distinct n-grams of each reference (followed by ``<end>`` where ``end_word``):
+    (image, reference, key, count), each (E,), by reference (numbered across images in order) then key."""
     if (vocab_size + 1) ** NGRAMS >= 2**63:
         raise ValueError(f"a vocabulary of {vocab_size} ids is too large for int64 n-gram keys (at most 55107)")
     if not references or any(len(refs) == 0 for refs in references):
         raise ValueError("every image needs at least one reference caption")
-    flat = [r for refs in references for r in refs]
+    flat = [[*r, Vocab.end] if end_word else r for refs in references for r in refs]
     image_of = torch.repeat_interleave(torch.arange(len(references)), torch.tensor([len(refs) for refs in references]))
     parts = []
     for first in range(0, len(flat), _CHUNK):
@@ -239,7 +264,7 @@ def _reference_ngrams(references: References, vocab_size: int) -> tuple[Tensor, 
         width = max(1, max(len(r) for r in chunk))
         words = torch.tensor([[*r, *[Vocab.pad] * (width - len(r))] for r in chunk], dtype=torch.long)
         lengths = torch.tensor([len(r) for r in chunk])
-        _check_words(words[torch.arange(width) < lengths[:, None]], vocab_size, "references")
+        _check_words(words[torch.arange(width) < lengths[:, None] - int(end_word)], vocab_size, "references")  # not the <end> added
         row, key, count = _row_counts(_ngram_keys(words, lengths, vocab_size + 1))
         parts.append((row + first, key, count))
     ref, key, count = (torch.cat(p) for p in zip(*parts))
@@ -248,9 +273,9 @@ def _reference_ngrams(references: References, vocab_size: int) -> tuple[Tensor, 
     return image_of[ref], ref, key, count
 
 
-def _check_words(ids: Tensor, vocab_size: int, what: str) -> None:
-    """Words are ids in [0, V) other than ``<pad>``, ``<start>`` and ``<end>``."""
-    bad = (ids < 0) | (ids >= vocab_size) | (ids == Vocab.pad) | (ids == Vocab.start) | (ids == Vocab.end)
+def _check_words(ids: Tensor, vocab_size: int, what: str, end_word: bool = False) -> None:
+    """Words are ids in [0, V) other than ``<pad>``, ``<start>`` and (unless ``end_word``) ``<end>``."""
+    bad = (ids < 0) | (ids >= vocab_size) | (ids == Vocab.pad) | (ids == Vocab.start) | (ids == Vocab.end) & (not end_word)
     if bool(bad.any()):
         raise ValueError(f"{what} hold {int(ids[bad][0])}, not a word id (below {vocab_size}, not <pad>/<start>/<end>)")
 

@@ -10,7 +10,8 @@ image's greedy caption (Rennie et al.; beam search of width 1 in eval mode); ``"
 reward of the image's K − 1 other samples (Luo, "A better variant of self-critical sequence
 training", 2020: no greedy pass).
 
-The log-probabilities are computed again by teacher forcing the samples through the model's
+The policy's entropy (``entropy_sum``) is logged per step: falling entropy with a flat reward is
+sharpening, not learning. The log-probabilities are computed again by teacher forcing the samples through the model's
 forward (so DDP sees one forward and one backward per step, as in cross-entropy training), with
 the never-emitted ids suppressed as when sampling. With dropout on, that pass draws its own
 dropout masks: the sample comes from the same model, under other masks. ``dropout_rate(model, 0)``
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sca_caption.data.caption_dataset import ImageSamples
 from sca_caption.data.vocab import Vocab
 from sca_caption.decoding import DecodeSettings, decode
 from sca_caption.models.captioner import SCACaptioner
@@ -111,6 +113,22 @@ def greedy_tokens(model: SCACaptioner, features: Mapping[str, Tensor], max_lengt
     return tokens
 
 
+def greedy_reward(
+    model: SCACaptioner, samples: ImageSamples, count: int, batch_size: int, reward: CiderD, max_length: int,
+    vocab: Vocab, device: torch.device, bf16: bool,
+) -> float:
+    """The mean reward of the greedy captions of the first ``count`` images of ``samples``, in
+    batches of ``batch_size`` (eval mode, under bfloat16 autocast where ``bf16``)."""
+    images = list(range(min(count, len(samples))))
+    total = 0.0
+    for first in range(0, len(images), batch_size):
+        batch = samples[images[first : first + batch_size]].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            tokens = greedy_tokens(model, batch.features, max_length, vocab)
+        total += float(reward.score(tokens, batch.images).sum())
+    return total / max(len(images), 1)
+
+
 def rollout(
     model: SCACaptioner,
     features: Mapping[str, Tensor],
@@ -136,16 +154,31 @@ def rollout(
     return Rollout(torch.cat([start, tokens], dim=1), rewards.to(tokens.device), base.to(tokens.device))
 
 
-def policy_loss(ddp: nn.Module, features: Mapping[str, Tensor], run: Rollout, samples: int, vocab: Vocab) -> Tensor:
-    """Σ_r −(R_r − b_r) Σ_t log p(w_rt) over the counted tokens (a sum: divide by the token count).
-
-    ``ddp``: the captioner, or its DDP wrapper; ``features`` per image, repeated here per sample."""
+def teacher_forced_log_probs(
+    ddp: nn.Module, features: Mapping[str, Tensor], captions: Tensor, samples: int, vocab: Vocab
+) -> Tensor:
+    """log p(· | w_<t, I) (R, T, V), float32 (or wider), the never-emitted ids at −inf, of each
+    caption of ``captions`` (R, T + 1) teacher forced. ``ddp``: the captioner, or its DDP
+    wrapper; ``features`` {tap: (R / samples, C, H, W)} per image, repeated here per sample."""
     repeated = {tap: x.repeat_interleave(samples, dim=0) for tap, x in features.items()}
-    logits = ddp(repeated, run.captions).logits
-    targets = run.captions[:, 1:]
-    counted = targets != vocab.pad
+    logits = ddp(repeated, captions).logits
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bfloat16 under autocast -> float32
-    log_probs = F.log_softmax(suppressed(logits, vocab), dim=-1)  # -inf at <pad>: gather a real id there
+    return F.log_softmax(suppressed(logits, vocab), dim=-1)
+
+
+def policy_loss(log_probs: Tensor, run: Rollout, vocab: Vocab) -> Tensor:
+    """Σ_r −(R_r − b_r) Σ_t log p(w_rt) over the counted tokens (a sum: divide by the token count);
+    ``log_probs`` (N·K, T, V) of ``run``'s captions (``teacher_forced_log_probs``)."""
+    targets = run.captions[:, 1:]
+    counted = targets != vocab.pad  # log p is -inf at <pad>: gather a real id there
     picked = log_probs.gather(2, targets.masked_fill(~counted, vocab.end).unsqueeze(2)).squeeze(2) * counted
     advantage = (run.reward - run.baseline).to(picked.dtype)
     return -(advantage.unsqueeze(1) * picked).sum()
+
+
+def entropy_sum(log_probs: Tensor, run: Rollout, vocab: Vocab) -> Tensor:
+    """Σ over ``run``'s counted tokens of the entropy −Σ_v p_v log p_v of the distribution each was
+    drawn from (a detached sum: divide by ``run.tokens``); ``log_probs`` as in ``policy_loss``."""
+    counted = run.captions[:, 1:] != vocab.pad
+    with torch.no_grad():
+        return (torch.special.entr(log_probs.exp()).sum(-1) * counted).sum()

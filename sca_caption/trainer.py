@@ -3,9 +3,11 @@ validation, early stopping, and the run's files.
 
 One run writes into its output folder:
 
-    last.pt         the latest state (every ``train.checkpoint_every`` steps and every epoch end)
-    best.pt         the state after the epoch with the best validation ``train.early_stop_metric``
-    log.csv         one row per epoch: learning rate, losses, validation scores, time
+    last.pt         the latest state (every ``train.checkpoint_every`` steps, every validation and
+                    every epoch end)
+    best.pt         the state at the validation with the best ``train.early_stop_metric``
+    log.csv         one row per epoch end, or with ``train.val_every`` one per validation: step,
+                    learning rate, losses and time since the previous row, validation scores
     steps.csv       self-critical epochs: per step the mean reward, baseline and sample length
     test_scores.json  the best checkpoint's scores on the test split, at the end
     events.*        TensorBoard scalars, where ``torch.utils.tensorboard`` imports
@@ -16,10 +18,17 @@ learning rate is a function of the step. So a run resumed from ``last.pt`` (whic
 and the position in it) trains on exactly the batches, with exactly the masks and learning
 rates, that the interrupted run would have, and ends with the same weights.
 
+Validation: after every ``train.eval_every``-th epoch and the last (a row of log.csv per epoch,
+its validation columns empty where none ran); or, with ``train.val_every``, after every
+``val_every``-th optimizer step, wherever in an epoch it falls, and after the last epoch (a row
+per validation only). ``train.patience`` counts validations either way. A validation is taken
+before the step's last.pt is written, so a resumed run never skips one.
+
 Self-critical training (``train.scst_after``, ``sca_caption.self_critical``): from that epoch on,
-each step samples ``train.scst_samples`` captions of each of ``data.batch_size`` training images
+each step samples ``train.scst_samples`` captions of each of ``train.scst_images`` (default
+``data.batch_size``) training images
 and follows the CIDEr-D reward (document frequencies of the training references, cached beside the
-vocabulary) at the constant learning rate ``train.scst_lr`` (fine-tuned backbone stages: times
+vocabulary; ``train.scst_reward_end``: ``<end>`` counted as a word) at the constant learning rate ``train.scst_lr`` (fine-tuned backbone stages: times
 ``train.upper_lr_scale``, as in cross-entropy epochs) and dropout ``train.scst_dropout``. The
 first self-critical epoch starts from the best cross-entropy epoch's weights (``best.pt``) with a
 fresh optimizer; cross-entropy early stopping moves on to it. ``init_from`` (``--init-from``) starts a run from another run's
@@ -61,7 +70,7 @@ from sca_caption.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from sca_caption.config import ExperimentConfig, write_config
+from sca_caption.config import ExperimentConfig, decoding_limit, write_config
 from sca_caption.data.caption_dataset import global_batches, shard
 from sca_caption.data.errors import DataError
 from sca_caption.decoding import DecodeSettings
@@ -76,6 +85,7 @@ from sca_caption.optimization import cross_entropy_epochs, make_optimizer, set_l
 from sca_caption.phases import STEP_COLUMNS, CrossEntropyPhase, SelfCriticalPhase, batch_loader, validation_loss
 from sca_caption.prepare import PreparedData
 from sca_caption.rewards import CiderD, build_or_load_cider, cider_cache_path, train_references
+from sca_caption.self_critical import greedy_reward
 from sca_caption.training_log import LOG_COLUMNS, summary, table, tensorboard
 
 # Settings that do not change what the weights become, so a resumed run may change them.
@@ -83,7 +93,7 @@ RESUMABLE_CHANGES = frozenset(
     {
         "data.data_root", "data.feature_cache", "data.num_workers",
         "train.patience", "train.log_every", "train.eval_every", "train.meteor",
-        "train.checkpoint_every", "model.kernels",
+        "train.checkpoint_every", "train.scst_probe_images", "model.kernels",
         *(f"decode.{name}" for name in DecodeSettings.__dataclass_fields__),  # validation decoding
     }
 )
@@ -124,13 +134,14 @@ def _signals_noted(received: list[str]) -> Iterator[None]:
 class Bookkeeping:
     """The trainer's own state, stored in a checkpoint's ``extra`` (plain values only).
 
-    ``history``: one dict per finished epoch (the rows of log.csv); ``epoch_loss``, ``epoch_steps``:
-    the running sum of the current epoch's step losses and their count; ``steps``: the rows of
-    steps.csv.
+    ``history``: the rows of log.csv; ``epoch_loss``, ``epoch_steps``, ``epoch_seconds``: the
+    running sum of the step losses since the previous row, their count and the training time;
+    ``steps``: the rows of steps.csv; ``best_epoch``, ``best_step``: where the best validation was.
     """
 
     best_score: float | None = None
     best_epoch: int = -1
+    best_step: int = -1
     bad_evaluations: int = 0
     stopped: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
@@ -198,6 +209,8 @@ def check_training_settings(config: ExperimentConfig) -> None:
         raise TrainingError("train.upper_lr_scale is the learning rate of fine-tuned backbone stages: it needs model.finetune_upper true")
     if train.scst_after is not None and train.scst_baseline == "mean" and train.scst_samples < 2:
         raise TrainingError("train.scst_baseline mean needs train.scst_samples >= 2 (the mean of the other samples)")
+    if train.val_every is not None and train.eval_every != 1:
+        raise TrainingError("train.val_every (steps between validations) and train.eval_every (epochs between them): set one")
 
 
 def improves(score: float, best: float | None, metric: str) -> bool:
@@ -250,12 +263,16 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=unused)
         self.cross_entropy = CrossEntropyPhase(
-            config, self.model, self.ddp, train_samples, processes, self._steps(len(train_samples))
+            config, self.model, self.ddp, train_samples, processes, self._steps(len(train_samples), config.data.batch_size)
         )
         self.self_critical: SelfCriticalPhase | None = None
+        self.val_reward: CiderD | None = None  # the reward of the validation captions (self-critical runs)
         if train.scst_after is not None:
             images = data.image_samples(splits.train_split, self.cache)
-            self.self_critical = SelfCriticalPhase(config, self.model, self.ddp, images, processes, self._reward(), self.vocab)
+            reward = self._reward()
+            self.self_critical = SelfCriticalPhase(config, self.model, self.ddp, images, processes, reward, self.vocab)
+            references = train_references(data.records, self.vocab, splits.val_split)
+            self.val_reward = CiderD(references, reward.df.extended(references))
 
         self.optimizer = make_optimizer(self.model, train.lr, train.weight_decay)
         self.books = Bookkeeping()
@@ -283,36 +300,41 @@ class Trainer:
             phase = self._phase(self.at.epoch)
             samples = f"{len(phase.samples)} {'images, self-critically' if phase is self.self_critical else 'captions'}"
             self.log(
-                f"training on {samples} ({self._steps(len(phase.samples))} steps per epoch, {self.proc.world} "
-                f"process(es), {self.device}), validating on {len(self.val_records)} images"
+                f"training on {samples} ({self._steps(len(phase.samples), phase.batch_size)} steps per epoch, "
+                f"{self.proc.world} process(es), {self.device}), validating on {len(self.val_records)} images"
             )
             while self.at.epoch < train.epochs and not self.books.stopped:
-                self._train_epoch(self._phase(self.at.epoch))
+                if not self._train_epoch(self._phase(self.at.epoch)):
+                    continue  # a validation within the epoch moved on: early stopping or self-critical epochs
                 epoch = self.at.epoch + 1
-                evaluation = self._validate() if epoch % train.eval_every == 0 or epoch == train.epochs else None
-                row = self._epoch_row(evaluation)
-                improved, following = self._judge(row)
-                self._start_epoch(following)
-                self._write_epoch(row, improved)
+                if train.val_every is None:
+                    validate = epoch % train.eval_every == 0 or epoch == train.epochs
+                    self._record(self._validate() if validate else None, epoch_end=True)
+                elif epoch == train.epochs and not self._validated_now():
+                    self._record(self._validate(), epoch_end=True)
+                else:  # no row at this epoch end
+                    self._start_epoch(epoch)
+                    self._write_row(None, False)
             test_scores = self._test() if self.proc.is_main else {}
             if self.writer is not None:
                 self.writer.close()
             return TrainResult(self.out, self.books.best_score, self.books.best_epoch, test_scores, self.books.history)
 
-    def _train_epoch(self, phase: CrossEntropyPhase | SelfCriticalPhase) -> None:
-        """Train ``phase`` from the current position to the end of the epoch."""
+    def _train_epoch(self, phase: CrossEntropyPhase | SelfCriticalPhase) -> bool:
+        """Train ``phase`` from the current position to the end of the epoch (True), or until a
+        validation (``train.val_every``) moves on to another epoch or stops the run (False)."""
         data, train, at = self.config.data, self.config.train, self.at
         if phase is self.self_critical and at.epoch == train.scst_after and at.done == 0:
             self._start_self_critical()
-        batches = global_batches(at.order, at.done, data.batch_size, self.proc.world)
+        batches = global_batches(at.order, at.done, phase.batch_size, self.proc.world)
         shares = [shard(b, self.proc.rank, self.proc.world) for b in batches]
-        steps = self._steps(len(phase.samples))
+        steps = self._steps(len(phase.samples), phase.batch_size)
         bar = tqdm(
             total=steps, initial=steps - len(batches), unit="step",
             desc=f"epoch {at.epoch + 1}/{train.epochs}", disable=not self.progress, dynamic_ncols=True,
         )
         self.ddp.train()
-        started = time.perf_counter()
+        began = started = time.perf_counter()  # began: of the samples-per-second; started: of books.epoch_seconds
         trained = 0
         with bar:
             for global_batch, batch in zip(batches, batch_loader(phase.samples, shares, data.num_workers, self.device)):
@@ -331,16 +353,23 @@ class Trainer:
                 if rewards is not None:
                     self._note_rewards(rewards)
                 trained += len(global_batch)
-                rate = trained / max(time.perf_counter() - started, 1e-9)
+                rate = trained / max(time.perf_counter() - began, 1e-9)
                 bar.set_postfix(loss=f"{loss:.3f}", samples_per_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
                 if at.step % train.log_every == 0:
                     self._log_step(loss, rate)
                 mid_epoch = at.done < len(at.order)
-                if train.checkpoint_every and at.step % train.checkpoint_every == 0 and mid_epoch and self.proc.is_main:
+                if train.val_every is not None and at.step % train.val_every == 0:
+                    self.books.epoch_seconds += time.perf_counter() - started
+                    if self._record(self._validate(), epoch_end=False):
+                        return False
+                    self.ddp.train()
+                    started = time.perf_counter()
+                elif train.checkpoint_every and at.step % train.checkpoint_every == 0 and mid_epoch and self.proc.is_main:
                     self._save(self.out / "last.pt")
                 self._stop_if_signalled(started)
         self.books.epoch_seconds += time.perf_counter() - started
+        return True
 
     def _stop_if_signalled(self, started: float) -> None:
         """Where Ctrl-C or SIGTERM arrived (on rank 0) during the step just taken: keep it in
@@ -402,8 +431,25 @@ class Trainer:
             meteor=meteor and config.train.meteor, bf16=config.train.bf16, progress=self.progress,
         )
 
-    def _epoch_row(self, evaluation: SplitEvaluation | None) -> dict[str, float]:
-        """The log row of the epoch just trained (validation columns empty where not validated)."""
+    def _record(self, evaluation: SplitEvaluation | None, epoch_end: bool) -> bool:
+        """A row of log.csv for the training since the previous one and ``evaluation`` (None: not
+        validated): early stopping, the next epoch (where ``epoch_end``, or where cross-entropy
+        ran out of patience), the run's files. Whether training moves on from this epoch now."""
+        row = self._row(evaluation)
+        improved, skip = self._judge(row)
+        self.books.epoch_loss, self.books.epoch_steps, self.books.epoch_seconds = 0.0, 0, 0.0
+        if epoch_end or skip:
+            self._start_epoch(self.config.train.scst_after if skip else self.at.epoch + 1)
+        self._write_row(row, improved)
+        return skip or self.books.stopped
+
+    def _validated_now(self) -> bool:
+        """Whether the last row of log.csv is a validation after the step just taken."""
+        history = self.books.history
+        return bool(history) and history[-1]["step"] == self.at.step and "val_loss" in history[-1]
+
+    def _row(self, evaluation: SplitEvaluation | None) -> dict[str, float]:
+        """The log row of the training since the previous row (validation columns empty where not validated)."""
         books = self.books
         row: dict[str, float] = {
             "epoch": self.at.epoch + 1,
@@ -415,12 +461,41 @@ class Trainer:
         if evaluation is not None:
             row["val_loss"] = evaluation.scores["loss"]
             row.update({k: v for k, v in evaluation.scores.items() if k in LOG_COLUMNS})
+            if self.self_critical is not None:  # every process, like validation: none waits long for rank 0
+                row.update(self._reward_columns(evaluation))
         return row
 
-    def _judge(self, row: dict[str, float]) -> tuple[bool, int]:
-        """Early stopping on rank 0's ``row`` (the epoch just trained): whether it is the best
-        so far, and the epoch to train next (``train.scst_after`` where cross-entropy ran out of
-        patience). Sets ``books.stopped`` on every process."""
+    def _reward_columns(self, evaluation: SplitEvaluation) -> dict[str, float]:
+        """A self-critical run's validation columns (see ``LOG_COLUMNS``): ``probe_reward`` (where
+        ``train.scst_probe_images``), ``val_reward``, and ``entropy`` (where self-critical steps
+        ran since the previous row)."""
+        assert self.self_critical is not None and self.val_reward is not None
+        train, phase = self.config.train, self.self_critical
+        columns: dict[str, float] = {}
+        if train.scst_probe_images:
+            columns["probe_reward"] = greedy_reward(
+                self.model, phase.samples, train.scst_probe_images, phase.batch_size, phase.reward,
+                decoding_limit(self.config), self.vocab, self.device, train.bf16,
+            )
+        ids = [r.image_id for r in self.val_records if r.image_id in evaluation.captions]
+        if ids:
+            texts = [evaluation.captions[i].split() for i in ids]
+            words = [self.vocab.encode(text, len(text))[1:] for text in texts]  # the words and <end>
+            width = max(map(len, words))
+            tokens = torch.tensor([w + [self.vocab.pad] * (width - len(w)) for w in words])
+            position = {r.image_id: m for m, r in enumerate(self.val_records)}
+            images = torch.tensor([position[i] for i in ids])
+            columns["val_reward"] = float(self.val_reward.score(tokens, images).mean())
+        since = self.books.history[-1]["step"] if self.books.history else 0
+        entropies = [s["entropy"] for s in self.books.steps if s["step"] > since]
+        if entropies:
+            columns["entropy"] = sum(entropies) / len(entropies)
+        return columns
+
+    def _judge(self, row: dict[str, float]) -> tuple[bool, bool]:
+        """Early stopping on rank 0's ``row``: whether it is the best so far, and whether
+        cross-entropy ran out of patience (train ``train.scst_after`` next). Sets
+        ``books.stopped`` on every process."""
         train, books = self.config.train, self.books
         improved = skip = False
         score = row.get("val_loss" if train.early_stop_metric == "loss" else train.early_stop_metric)
@@ -428,36 +503,39 @@ class Trainer:
             improved = improves(score, books.best_score, train.early_stop_metric)
             if improved:
                 books.best_score, books.best_epoch, books.bad_evaluations = score, self.at.epoch + 1, 0
+                books.best_step = self.at.step
             else:
                 books.bad_evaluations += 1
             books.stopped = train.patience is not None and books.bad_evaluations >= train.patience
             if books.stopped and train.scst_after is not None and self._phase(self.at.epoch) is self.cross_entropy:
                 books.stopped, skip = False, True  # cross-entropy is done: self-critical training next
         books.stopped = self.proc.main_says(books.stopped)
-        return improved, train.scst_after if self.proc.main_says(skip) else self.at.epoch + 1
+        return improved, self.proc.main_says(skip)
 
     def _start_epoch(self, epoch: int) -> None:
-        """Move the position to the start of ``epoch`` and clear the epoch's running sums."""
-        self.books.epoch_loss, self.books.epoch_steps, self.books.epoch_seconds = 0.0, 0, 0.0
+        """Move the position to the start of ``epoch``."""
         self.at = Position(epoch, self.at.step, self._phase(epoch).order(epoch), 0)
 
-    def _write_epoch(self, row: dict[str, float], improved: bool) -> None:
-        """Rank 0: the epoch's summary line, best.pt (where ``improved``), last.pt, log.csv,
-        steps.csv and TensorBoard scalars; then every process waits for it."""
+    def _write_row(self, row: dict[str, float] | None, improved: bool) -> None:
+        """Rank 0: ``row``'s summary line, log.csv and TensorBoard scalars (None: no row),
+        best.pt (where ``improved``), last.pt and steps.csv; then every process waits for it."""
         train, books = self.config.train, self.books
         if self.proc.is_main:
-            books.history.append(row)
-            self.log(summary(row, train.early_stop_metric, improved))
+            if row is not None:
+                books.history.append(row)
+                self.log(summary(row, train.early_stop_metric, improved))
             if improved:
                 self._save(self.out / "best.pt")
             self._save(self.out / "last.pt")
-            atomic_write_text(self.out / "log.csv", table(books.history))
+            if row is not None:
+                atomic_write_text(self.out / "log.csv", table(books.history))
             if books.steps:
                 atomic_write_text(self.out / "steps.csv", table(books.steps, STEP_COLUMNS))
-            if self.writer is not None:
+            if self.writer is not None and row is not None:
+                x = int(row["epoch"] if train.val_every is None else row["step"])
                 for key, value in row.items():
                     if key not in ("epoch", "step"):
-                        self.writer.add_scalar(f"epoch/{key}", value, int(row["epoch"]))
+                        self.writer.add_scalar(f"epoch/{key}", value, x)
             if books.stopped:
                 self.log(f"early stopping: no {train.early_stop_metric} gain in {books.bad_evaluations} evaluation(s)")
         self.proc.barrier()
@@ -534,16 +612,17 @@ class Trainer:
             return self.self_critical
         return self.cross_entropy
 
-    def _steps(self, samples: int) -> int:
-        """Optimizer steps of an epoch over ``samples`` samples."""
-        return len(global_batches(torch.arange(samples), 0, self.config.data.batch_size, self.proc.world))
+    def _steps(self, samples: int, batch_size: int) -> int:
+        """Optimizer steps of an epoch over ``samples`` samples in global batches of ``batch_size``."""
+        return len(global_batches(torch.arange(samples), 0, batch_size, self.proc.world))
 
     def _reward(self) -> CiderD:
         """CIDEr-D against the training references; the main process builds the document-frequency
         cache beside the vocabulary, the others then read it."""
         references = train_references(self.data.records, self.vocab, self.config.data.train_split)
-        path = cider_cache_path(self.data.vocab_path)
-        return self.proc.main_first(lambda: build_or_load_cider(path, self.vocab, references))
+        end_word = self.config.train.scst_reward_end
+        path = cider_cache_path(self.data.vocab_path, end_word)
+        return self.proc.main_first(lambda: build_or_load_cider(path, self.vocab, references, end_word))
 
     def _lr(self) -> float:
         """The captioner's learning rate (group 0; fine-tuned stages run at ``upper_lr_scale`` times it)."""

@@ -12,6 +12,10 @@ LOG_COLUMNS = (
     "epoch", "step", "lr", "train_loss", "val_loss",
     "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "shapes_accuracy",
     "seconds",
+    # self-critical runs, at each validation: the greedy reward of train.scst_probe_images training
+    # images, the reward of the validation captions (both CIDEr-D with the training split's
+    # document frequencies), the policy's mean entropy per sampled token since the previous row
+    "probe_reward", "val_reward", "entropy",
 )
 
 
@@ -23,6 +27,9 @@ def summary(row: dict[str, float], metric: str, improved: bool) -> str:
         for key in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "shapes_accuracy"):
             if key in row:
                 parts.append(f"{key} {100 * row[key]:.1f}")
+        for key in ("probe_reward", "val_reward", "entropy"):
+            if key in row:
+                parts.append(f"{key} {row[key]:.3f}")
         if improved:
             parts.append(f"(best {metric})")
     parts.append(f"{row['seconds']:.0f}s")

@@ -91,6 +91,58 @@ def test_a_hand_computed_example() -> None:
     assert first == pytest.approx(4.270746, abs=1e-6) and second == pytest.approx(0.372046, abs=1e-6)
 
 
+def test_end_as_a_word_by_hand() -> None:
+    # Two images, M = 2: "w4 w5" | "w6". With <end> a word: references "w4 w5 <end>" and "w6 <end>";
+    # <end> is in both images (idf 0), every other n-gram of them in one (idf L = log 2), and the
+    # candidate's "w4 <end>" in none (the full weight L).
+    references = [[ids("w4 w5")], [ids("w6")]]
+    plain = CiderD(references, DocumentFrequency.build(references, len(VOCAB)))
+    ended = CiderD(references, DocumentFrequency.build(references, len(VOCAB), end_word=True))
+    near = math.exp(-1 / 72)  # the length penalty of ℓ_c − ℓ_r = −1
+    # "w4 w5 <end>": without <end> words it matches n = 1, 2 of "w4 w5" (sim 1, 1, 0, 0); with them
+    # n = 1, 2, 3 of "w4 w5 <end>" (and no 4-gram): 10 · 2/4 against 10 · 3/4.
+    # "w4 <end>" (stops early): unigrams (L, 0) · (L, L, 0) / (L · L√2) = 1/√2, no shared bigram,
+    # ℓ 1 against 2, or 2 against 3: 10 · e^(−1/72) · (1/√2) / 4 either way.
+    batch = torch.tensor([[4, 5, Vocab.end, Vocab.pad], [4, Vocab.end, Vocab.pad, Vocab.pad]])
+    dangling = 10 * near / math.sqrt(2) / 4
+    assert plain.score(batch, torch.tensor([0, 0])).tolist() == pytest.approx([5.0, dangling])
+    assert ended.score(batch, torch.tensor([0, 0])).tolist() == pytest.approx([7.5, dangling])
+    # cut at the maximum length (no <end>): no <end> word, "w4 w5" against "w4 w5 <end>": n = 1:
+    # (L, L)·(L, L, 0) / (L√2 · L√2) = 1; n = 2: (L)·(L, L) / (L · L√2) = 1/√2; n = 3: 0; ℓ 2 against 3.
+    expected = 10 * near * (1 + 1 / math.sqrt(2)) / 4
+    assert ended.score(torch.tensor([[4, 5]]), torch.tensor([0])).tolist() == pytest.approx([expected])
+    # <end> is counted once: what follows it is not read
+    assert ended.score(torch.tensor([[4, 5, Vocab.end, 6]]), torch.tensor([0])).tolist() == pytest.approx([7.5])
+
+
+def test_end_as_a_word_equals_naive_with_an_end_token() -> None:
+    rng = random.Random(5)
+    corpus = [[[rng.randint(4, 9) for _ in range(rng.randint(1, 6))] for _ in range(2)] for _ in range(4)]
+    cider = CiderD(corpus, DocumentFrequency.build(corpus, len(VOCAB), end_word=True))
+    ended = [[[*r, Vocab.end] for r in refs] for refs in corpus]
+    for _ in range(20):
+        image = rng.randrange(4)
+        words = [rng.randint(4, 9) for _ in range(rng.randint(0, 6))]
+        expected = naive_cider_d([*words, Vocab.end], ended[image], ended)
+        got = cider.score(torch.tensor([[*words, Vocab.end, Vocab.pad]]), torch.tensor([image])).item()
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_references_of_other_images_score_with_the_training_weights() -> None:
+    rng = random.Random(6)
+    corpus = [[[rng.randint(4, 9) for _ in range(rng.randint(1, 6))] for _ in range(2)] for _ in range(4)]
+    other = [[[rng.randint(4, 12) for _ in range(rng.randint(1, 6))] for _ in range(3)] for _ in range(3)]
+    df = DocumentFrequency.build(corpus, len(VOCAB))
+    cider = CiderD(other, df.extended(other))
+    assert df.extended(other).images == 4 and set(df.keys.tolist()) < set(df.extended(other).keys.tolist())
+    for _ in range(20):
+        image = rng.randrange(3)
+        words = [rng.randint(4, 12) for _ in range(rng.randint(0, 6))]
+        expected = naive_cider_d(words, other[image], corpus)  # df of the 4 corpus images, n-grams of none: log 4
+        got = cider.score(torch.tensor([[*words, Vocab.end]]), torch.tensor([image])).item()
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
 def test_pycocoevalcap_cider_where_the_definitions_agree() -> None:
     # No clipping (no repeated n-gram in a candidate) and no length penalty (every reference as long
     # as the candidate); pycocoevalcap takes document frequencies from the images it scores, so
@@ -194,6 +246,15 @@ def test_cache_round_trip_and_mismatches(tmp_path, monkeypatch) -> None:
             build_or_load_cider(path, vocab, refs)
         message = str(err.value)
         assert message.startswith(f"{path}: {problem}") and "delete it to rebuild" in message and "\n" not in message
+    ended = cider_cache_path(tmp_path / "toy_vocab_min1.json", end_word=True)
+    assert ended.name == "toy_vocab_min1.cider-end.pt"
+    monkeypatch.undo()
+    assert build_or_load_cider(ended, VOCAB, references, end_word=True).df.end_word
+    assert load_document_frequency(ended, VOCAB, references, end_word=True).end_word
+    for file, end_word, has in [(ended, False, "counts <end> as a word"), (path, True, "does not count <end> as a word")]:
+        with pytest.raises(CiderCacheError) as err:
+            build_or_load_cider(file, VOCAB, references, end_word)
+        assert str(err.value).startswith(f"{file}: this CIDEr-D cache {has}, this run's reward does")
     path.write_bytes(b"not a torch file")
     with pytest.raises(CiderCacheError, match="not a readable CIDEr-D cache") as err:
         load_document_frequency(path, VOCAB, references)

@@ -3,6 +3,8 @@ against a step-by-step computation, and its gradient's direction."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,10 +17,12 @@ from sca_caption.rewards import CiderD, DocumentFrequency
 from sca_caption.self_critical import (
     dropout_rate,
     greedy_tokens,
+    entropy_sum,
     policy_loss,
     rollout,
     sample_captions,
     suppressed,
+    teacher_forced_log_probs,
 )
 
 VOCAB = Vocab([*SPECIALS, "a", "dog", "cat", "runs", "sits", "red", "ball"])
@@ -98,8 +102,9 @@ def test_policy_loss_equals_the_step_by_step_log_probabilities():
     torch.manual_seed(4)
     run = rollout(net, feats, torch.tensor([0, 1, 2]), reward=reward(), samples=2, baseline="mean", max_length=5,
                   vocab=VOCAB)
-    loss = policy_loss(net, feats, run, 2, VOCAB)
-    expected = 0.0
+    log_probs = teacher_forced_log_probs(net, feats, run.captions, 2, VOCAB)
+    loss = policy_loss(log_probs, run, VOCAB)
+    expected, entropy = 0.0, 0.0
     for r, caption in enumerate(run.captions.tolist()):
         image = {name: x[r // 2 : r // 2 + 1] for name, x in feats.items()}
         with torch.no_grad():
@@ -109,10 +114,13 @@ def test_policy_loss_equals_the_step_by_step_log_probabilities():
                 if target == VOCAB.pad:
                     break
                 out = net.step(torch.tensor([word]), state, memory)
-                total += float(F.log_softmax(suppressed(out.logits, VOCAB), dim=1)[0, target])
+                probs = F.softmax(suppressed(out.logits, VOCAB), dim=1)[0]
+                total += float(probs[target].log())
+                entropy -= sum(float(p * p.log()) for p in probs if p > 0)
                 state = out.state
         expected -= float(run.reward[r] - run.baseline[r]) * total
     assert float(loss.detach()) == pytest.approx(expected, abs=1e-8)
+    assert float(entropy_sum(log_probs, run, VOCAB)) == pytest.approx(entropy, abs=1e-8)
 
 
 def test_a_step_raises_the_better_sample_and_lowers_the_worse():
@@ -134,7 +142,7 @@ def test_a_step_raises_the_better_sample_and_lowers_the_worse():
 
     before = log_prob(best), log_prob(worst)
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.05)
-    policy_loss(net, feats, run, 4, VOCAB).backward()
+    policy_loss(teacher_forced_log_probs(net, feats, run.captions, 4, VOCAB), run, VOCAB).backward()
     optimizer.step()
     assert log_prob(best) > before[0] and log_prob(worst) < before[1]
 
@@ -154,3 +162,31 @@ def test_dropout_rate_zero_makes_train_mode_the_eval_model_and_is_undone():
     assert {m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)} == {0.5}
     with dropout_rate(net, None):
         assert {m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)} == {0.5}
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_self_critical_step_samples_under_the_loss_pass_autocast(bf16, monkeypatch):
+    """train.bf16: the sampling pass (and the greedy baseline) run under the same bfloat16
+    autocast as the teacher-forced loss pass."""
+    from sca_caption.config import DataConfig, ExperimentConfig, TrainConfig
+    from sca_caption.data.caption_dataset import ImageBatch
+    from sca_caption.distributed import ONE_PROCESS
+    from sca_caption.phases import SelfCriticalPhase
+
+    net = model().float()
+    config = ExperimentConfig(data=DataConfig(max_length=4), train=TrainConfig(bf16=bf16, scst_samples=2))
+    phase = SelfCriticalPhase(config, net, net, None, ONE_PROCESS, reward(), VOCAB)  # type: ignore[arg-type]
+    seen: list[bool] = []
+    step = net.step
+
+    def watched(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(net, "step", watched)
+    batch = ImageBatch({name: x.float() for name, x in features().items()}, torch.tensor([0, 1, 2]))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    torch.manual_seed(0)
+    loss, row = phase.step(optimizer, [0, 1, 2], batch)
+    assert seen and set(seen) == {bf16}  # every decoding step, sampling and greedy
+    assert math.isfinite(loss) and row["entropy"] > 0

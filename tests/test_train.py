@@ -292,6 +292,8 @@ def test_resume_without_a_checkpoint_and_bad_settings_are_one_line_errors(tiny_s
     assert "train.label_smoothing must be below 1" in _error_line(capsys)
     assert train.main(["--out", str(tmp_path / "x"), *settings, "train.label_smoothing=0.1", "train.scst_after=0"]) == 2
     assert "train.label_smoothing smooths the cross-entropy epochs' loss, and train.scst_after 0 leaves none" in _error_line(capsys)
+    assert train.main(["--out", str(tmp_path / "x"), *settings, "train.val_every=3", "train.eval_every=2"]) == 2
+    assert "train.val_every (steps between validations) and train.eval_every (epochs between them): set one" in _error_line(capsys)
     assert train.main(["--out", str(tmp_path / "x"), *settings, "train.upper_lr_scale=0.1"]) == 2
     assert "train.upper_lr_scale is the learning rate of fine-tuned backbone stages: it needs model.finetune_upper true" in _error_line(capsys)
     with pytest.raises(SystemExit) as usage:
@@ -307,6 +309,41 @@ def test_best_checkpoint_follows_the_chosen_metric(tiny_shapes, tmp_path):
         accuracy = [float(row["shapes_accuracy"]) for row in csv.DictReader(handle)]
     first_best = accuracy.index(max(accuracy)) + 1
     assert load_checkpoint(out / "best.pt").epoch == first_best
+
+
+def test_validation_every_n_steps_writes_a_row_per_validation_and_keeps_the_best(tiny_shapes, tmp_path):
+    """4 cross-entropy steps, then 2 self-critical epochs of 4 steps of 7 images (7, 7, 7, 3):
+    validations after steps 3, 6, 9 and the last, 12, wherever they fall in an epoch."""
+    out = tmp_path / "run"
+    settings = tiny_shapes.overrides(
+        train__epochs=3, train__scst_after=1, train__scst_samples=2, train__scst_baseline="mean",
+        train__scst_images=7, train__val_every=3, train__patience=None,
+    )
+    assert train.main(["--no-progress", "--device", "cpu", "--out", str(out), *settings]) == 0
+    with open(out / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["epoch"], row["step"]) for row in rows] == [("1", "3"), ("2", "6"), ("3", "9"), ("3", "12")]
+    assert all(math.isfinite(float(row["CIDEr"])) and math.isfinite(float(row["train_loss"])) for row in rows)
+    cider = [float(row["CIDEr"]) for row in rows]
+    best = load_checkpoint(out / "best.pt")
+    assert best.step == int(rows[cider.index(max(cider))]["step"])
+    assert len((out / "steps.csv").read_text().splitlines()) == 1 + 8  # the self-critical steps
+    # a self-critical run logs the rewards at every validation, the entropy where self-critical steps ran
+    assert all(0 <= float(row[key]) <= 10 for row in rows for key in ("probe_reward", "val_reward"))
+    assert rows[0]["entropy"] == "" and all(float(row["entropy"]) > 0 for row in rows[1:])
+    last = load_checkpoint(out / "last.pt")
+    assert (last.epoch, last.step) == (3, 12)
+
+
+def test_validation_every_n_steps_with_patience_counts_validations(tiny_shapes, tmp_path):
+    """Patience 1 and a learning rate of 0: the second validation brings no gain and stops the run mid-epoch."""
+    out = tmp_path / "run"
+    settings = tiny_shapes.overrides(train__epochs=3, train__lr=0.0, train__val_every=3, train__patience=1)
+    assert train.main(["--no-progress", "--device", "cpu", "--out", str(out), *settings]) == 0
+    with open(out / "log.csv", newline="") as handle:
+        assert [row["step"] for row in csv.DictReader(handle)] == ["3", "6"]
+    assert (load_checkpoint(out / "best.pt").step, load_checkpoint(out / "last.pt").step) == (3, 6)
+    assert all(row["val_reward"] == "" for row in csv.DictReader(open(out / "log.csv")))  # not a self-critical run
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.0])

@@ -49,9 +49,21 @@ SELF_CRITICAL = {
     ),
     "pause_after": 14, "paused_at": (1, 14, 20), "end": (3, 18),
 }
+VALIDATED_BY_STEPS = {
+    # validation every 5 steps (12 cross-entropy steps of 10 captions, then 2 self-critical epochs
+    # of 4 steps of 7 images): rows at steps 5, 10, 15 and 20; killed after step 11, so last.pt
+    # holds step 10, saved with its mid-epoch validation.
+    "settings": dict(
+        data__batch_size=10, train__epochs=3, train__scst_after=1, train__scst_samples=3, train__scst_images=7,
+        train__val_every=5, train__checkpoint_every=4, model__dropout=0.3,
+    ),
+    "pause_after": 11, "paused_at": (0, 10, 100), "end": (3, 20),
+}
 
 
-@pytest.mark.parametrize("case", [CROSS_ENTROPY, SELF_CRITICAL], ids=["cross_entropy", "self_critical"])
+@pytest.mark.parametrize(
+    "case", [CROSS_ENTROPY, SELF_CRITICAL, VALIDATED_BY_STEPS], ids=["cross_entropy", "self_critical", "val_every"]
+)
 def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tiny_shapes: TinyShapes, tmp_path: Path, case) -> None:
     settings = tiny_shapes.overrides(**case["settings"])
     run_train("--out", "whole", *settings, cwd=tmp_path)
@@ -70,7 +82,7 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tiny_shapes: TinyShap
     assert paused, f"the run ended before reaching the pause after step {case['pause_after']}"
     interrupted = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert (interrupted["epoch"], interrupted["step"], interrupted["data_position"]) == case["paused_at"]
-    assert not (tmp_path / "split" / "best.pt").exists()
+    assert (tmp_path / "split" / "best.pt").exists() == (case is VALIDATED_BY_STEPS)
 
     run_train("--out", "split", "--resume", *settings, cwd=tmp_path)
 
@@ -83,8 +95,12 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tiny_shapes: TinyShap
         optimizer_whole, optimizer_resumed = _tensors(whole["optimizer"]), _tensors(resumed["optimizer"])
         assert len(optimizer_whole) == len(optimizer_resumed) > 0
         assert all(torch.equal(a, b) for a, b in zip(optimizer_whole, optimizer_resumed))
-        assert (whole["epoch"], whole["step"]) == (resumed["epoch"], resumed["step"]) == case["end"]
+        assert (whole["epoch"], whole["step"]) == (resumed["epoch"], resumed["step"])
+        if name == "last.pt" or case is not VALIDATED_BY_STEPS:  # there best.pt is at the best of 4 validations
+            assert (whole["epoch"], whole["step"]) == case["end"]
     assert _log_without_times(tmp_path / "whole" / "log.csv") == _log_without_times(tmp_path / "split" / "log.csv")
+    if case is VALIDATED_BY_STEPS:
+        assert [row["step"] for row in _log_without_times(tmp_path / "whole" / "log.csv")] == ["5", "10", "15", "20"]
     if case is SELF_CRITICAL:
         steps = (tmp_path / "whole" / "steps.csv").read_text()
         assert steps == (tmp_path / "split" / "steps.csv").read_text()
