@@ -39,6 +39,7 @@ from sca_caption.data.datasets import CORPORA
 from sca_caption.data.errors import DataError
 from sca_caption.data.input_files import read_text
 from sca_caption.decoding import DecodeSettings, DecodingError
+from sca_caption.errors import SCACaptionError
 from sca_caption.field_ranges import out_of_range
 from sca_caption.self_critical import BASELINES
 from sca_caption.io_utils import atomic_write_text
@@ -54,7 +55,7 @@ SEQUENCES = (list, tuple, collections.abc.Sequence)
 SEED_MAX = 2**32 - 1
 
 
-class ConfigError(DataError):
+class ConfigError(SCACaptionError):
     """A configuration that cannot be used; the message is one line naming its source and key."""
 
 
@@ -132,10 +133,16 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         self.decoding()  # checks that the decode settings fit the caption length
 
+    @property
+    def decoding_limit(self) -> int:
+        """The decoding steps of settings that leave them unset (``decode.max_length`` null), and of
+        self-critical sampling: the longest training caption's words plus ``<end>``."""
+        return self.data.max_length + 1
+
     def decoding(self) -> DecodeSettings:
         """The ``decode`` settings as validation, ``evaluate``, ``caption`` and the service use
         them: a ``max_length`` of None is ``decoding_limit``."""
-        return self.decode.with_max_length(decoding_limit(self))
+        return self.decode.with_max_length(self.decoding_limit)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (tuples as lists): safe for JSON, YAML and weights-only checkpoints."""
@@ -147,12 +154,6 @@ class ExperimentConfig:
         merged = _Merged()
         merged.add(values, source)
         return merged.build()
-
-
-def decoding_limit(config: ExperimentConfig) -> int:
-    """The decoding steps of settings that leave them unset (``decode.max_length`` null), and of
-    self-critical sampling: the longest training caption's words plus ``<end>``."""
-    return config.data.max_length + 1
 
 
 def recorded(values: Mapping[str, Any]) -> dict[str, Any]:

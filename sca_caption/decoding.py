@@ -48,7 +48,7 @@ from torch import Tensor
 from sca_caption.data.vocab import Vocab
 from sca_caption.errors import SCACaptionError
 from sca_caption.field_ranges import out_of_range
-from sca_caption.models.sca import Attention
+from sca_caption.models.sca import AttentionWeights
 
 LENGTH_PENALTIES = ("none", "average", "wu")
 MAX_LENGTH = 100  # the most decoding steps anyone may ask for (the caption CLI, the service, a config)
@@ -148,7 +148,7 @@ class StepResult(Protocol):
         ...
 
     @property
-    def attention(self) -> Attention:
+    def attention(self) -> AttentionWeights:
         """Per attended layer (R, m_l) spatial and (R, C_l) channel weights, or None."""
         ...
 
@@ -179,7 +179,7 @@ class Hypothesis:
     log_prob: float
     score: float
     finished: bool
-    attention: Attention | None = None
+    attention: AttentionWeights | None = None
 
 
 @dataclass(frozen=True)
@@ -466,7 +466,7 @@ def _device(features: Mapping[str, Tensor]) -> torch.device:
     return next(iter(features.values())).device
 
 
-def _history(spatial: list[Tensor] | None, channel: list[Tensor] | None, b: int, s: int, length: int) -> Attention | None:
+def _history(spatial: list[Tensor] | None, channel: list[Tensor] | None, b: int, s: int, length: int) -> AttentionWeights | None:
     """The attention of hypothesis (b, s) over its first ``length`` steps, or None if not kept."""
     if spatial is None and channel is None:
         return None
@@ -474,4 +474,4 @@ def _history(spatial: list[Tensor] | None, channel: list[Tensor] | None, b: int,
     def rows(maps: list[Tensor] | None) -> tuple[Tensor, ...] | None:
         return None if maps is None else tuple(layer[b, s, :length] for layer in maps)
 
-    return Attention(rows(spatial), rows(channel))
+    return AttentionWeights(rows(spatial), rows(channel))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from sca_caption.config import ExperimentConfig, TrainConfig, decoding_limit
+from sca_caption.config import ExperimentConfig, TrainConfig
 from sca_caption.data.caption_dataset import (
     CaptionBatch, CaptionSamples, ImageBatch, ImageSamples, epoch_order, image_order, shard,
 )
@@ -141,7 +141,7 @@ class SelfCriticalPhase:
         with dropout_rate(self.model, train.scst_dropout):
             run = rollout(
                 self.model, batch.features, batch.images, reward=self.reward, samples=train.scst_samples,
-                baseline=train.scst_baseline, max_length=decoding_limit(self.config), vocab=self.vocab,
+                baseline=train.scst_baseline, max_length=self.config.decoding_limit, vocab=self.vocab,
             )
             tokens = sum_(torch.tensor(float(run.tokens)))
             rows = sum_(torch.tensor(float(len(run.reward))))

@@ -63,10 +63,9 @@ from sca_caption.checkpoint import (
 )
 from sca_caption.config import ExperimentConfig, write_config
 from sca_caption.data.caption_dataset import global_batches, shard
-from sca_caption.data.errors import DataError
 from sca_caption.decoding import DecodeSettings
 from sca_caption.distributed import Processes
-from sca_caption.errors import first_line
+from sca_caption.errors import SCACaptionError, first_line
 from sca_caption.evaluation import SplitEvaluation, evaluate_model
 from sca_caption.io_utils import atomic_write_json, atomic_write_text
 from sca_caption.locks import exclusive
@@ -90,7 +89,7 @@ RESUMABLE_CHANGES = frozenset(
 LOWER_IS_BETTER = ("loss",)
 
 
-class TrainingError(DataError):
+class TrainingError(SCACaptionError):
     """A run that cannot start or continue as asked; the message is one line."""
 
 
@@ -244,18 +243,18 @@ class Trainer:
 
         self.model = build_model(config, len(self.vocab), config.data.backbone_weights).to(self.device)
         self.cache.check_prefix(self.model.encoder.features_fingerprint, "this run's")
-        self.ddp: nn.Module = self.model
+        self.forward_module: nn.Module = self.model
         if processes.distributed:  # the tag head has no gradient where its loss is off or self-critical
             unused = model.num_tags > 0 and (model.tag_loss_weight == 0 or train.scst_after is not None)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=unused)
+            self.forward_module = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=unused)
         self.cross_entropy = CrossEntropyPhase(
-            config, self.model, self.ddp, train_samples, processes, self._steps(len(train_samples))
+            config, self.model, self.forward_module, train_samples, processes, self._steps(len(train_samples))
         )
         self.self_critical: SelfCriticalPhase | None = None
         if train.scst_after is not None:
             images = data.image_samples(splits.train_split, self.cache)
-            self.self_critical = SelfCriticalPhase(config, self.model, self.ddp, images, processes, self._reward(), self.vocab)
+            self.self_critical = SelfCriticalPhase(config, self.model, self.forward_module, images, processes, self._reward(), self.vocab)
 
         self.optimizer = make_optimizer(self.model, train.lr, train.weight_decay)
         self.books = Bookkeeping()
@@ -311,7 +310,7 @@ class Trainer:
             total=steps, initial=steps - len(batches), unit="step",
             desc=f"epoch {at.epoch + 1}/{train.epochs}", disable=not self.progress, dynamic_ncols=True,
         )
-        self.ddp.train()
+        self.forward_module.train()
         started = time.perf_counter()
         trained = 0
         with bar:

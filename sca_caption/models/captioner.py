@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from sca_caption.models.backbones import TappedBackbone, build_backbone
 from sca_caption.models.decoder import LSTMDecoder, UpDownDecoder
 from sca_caption.models.errors import ModelConfigError
-from sca_caption.models.sca import KERNELS, ORDERS, Attention, ImageMemory, SCAEncoder
+from sca_caption.models.sca import KERNELS, ORDERS, AttentionWeights, ImageMemory, SCAEncoder
 from sca_caption.models.tag_head import TagHead, tag_loss
 
 
@@ -147,7 +147,7 @@ class StepOutput(NamedTuple):
 
     logits: Tensor
     state: CaptionState
-    attention: Attention
+    attention: AttentionWeights
 
 
 class CaptionerOutput(NamedTuple):
@@ -156,7 +156,7 @@ class CaptionerOutput(NamedTuple):
     (B, K), or None without a tag head."""
 
     logits: Tensor
-    attention: Attention
+    attention: AttentionWeights
     tag_logits: Tensor | None
 
 
@@ -246,7 +246,7 @@ class SCACaptioner(nn.Module):
         embedded = self.decoder.embed(captions[:, :-1].t())
         hiddens: list[Tensor] = []
         contexts: list[Tensor] = []
-        attentions: list[Attention] = []
+        attentions: list[AttentionWeights] = []
         # unbind, not indexing: its backward stacks the step gradients once instead of adding
         # each into a zero tensor of all steps
         for word_gates in self.decoder.input_gates(embedded).unbind(0):
@@ -300,12 +300,12 @@ class SCACaptioner(nn.Module):
 
     def _advance(
         self, word_gates: Tensor, state: CaptionState, memory: CaptionMemory
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Attention]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, AttentionWeights]:
         """The step's recurrence (the decoder's ``advance``, with the encoder as its attention):
         word gates (R, G) and the state at t-1 -> h_t, c_t, the output layer's hidden, the
         context z_t and the attention."""
 
-        def attend(queries: Tensor) -> tuple[Tensor, Attention]:
+        def attend(queries: Tensor) -> tuple[Tensor, AttentionWeights]:
             context, attention = self.encoder(memory.encoder, queries, state.image)
             return self._decoder_view(context), attention
 
@@ -320,7 +320,7 @@ class SCACaptioner(nn.Module):
         return F.normalize(feature, dim=1) if self.config.normalize_features else feature
 
 
-def _stack_steps(steps: list[Attention]) -> Attention:
+def _stack_steps(steps: list[AttentionWeights]) -> AttentionWeights:
     """Per step the attention (R, n) of every layer -> per layer (R, T, n); None stays None."""
 
     def stack(per_step: list[tuple[Tensor, ...] | None]) -> tuple[Tensor, ...] | None:
@@ -328,4 +328,4 @@ def _stack_steps(steps: list[Attention]) -> Attention:
             return None
         return tuple(torch.stack(layer, dim=1) for layer in zip(*per_step))  # type: ignore[arg-type]
 
-    return Attention(stack([a.spatial for a in steps]), stack([a.channel for a in steps]))
+    return AttentionWeights(stack([a.spatial for a in steps]), stack([a.channel for a in steps]))
