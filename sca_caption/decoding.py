@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sca_caption.config_rules import first_problem, rules_of, section_values
 from sca_caption.data.vocab import Vocab
 from sca_caption.errors import SCACaptionError
 from sca_caption.field_ranges import out_of_range
@@ -77,23 +78,14 @@ class DecodeSettings:
     attention: bool = False  # keep each word's attention weights (changes no caption)
 
     def __post_init__(self) -> None:
-        if self.alpha and self.length_penalty != "wu":
-            raise DecodingError(f"decoding settings: alpha {self.alpha} needs length_penalty wu (it is the wu penalty's exponent)")
-        if self.length_penalty == "wu" and not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise DecodingError(
-                f"decoding settings: length_penalty wu needs a finite alpha above 0 (--length-alpha, decode.alpha), got {self.alpha}; at 0 it ranks as none"
-            )
+        """The decode rules of ``config_rules``, then each field's range."""
+        problem = first_problem(rules_of("decode"), section_values("decode", self))
+        if problem:
+            raise DecodingError(problem)
         for spec in fields(self):
             problem = out_of_range(getattr(self, spec.name), spec.metadata)
             if problem:
                 raise DecodingError(f"decoding settings: {spec.name} {problem}, got {getattr(self, spec.name)!r}")
-        if self.n_best > self.beam_size:
-            raise DecodingError(f"decoding settings: n_best ({self.n_best}) must be at most beam ({self.beam_size}), the beam_size")
-        if self.max_length is not None and self.min_length >= self.max_length:
-            raise DecodingError(
-                f"decoding settings: min_length ({self.min_length}) must be below max_length ({self.max_length}), "
-                "the decoding steps with <end>"
-            )
 
     def with_max_length(self, default: int) -> DecodeSettings:
         """These settings with ``max_length`` ``default`` where it is None (checked again)."""

@@ -71,7 +71,7 @@ from sca_caption.io_utils import atomic_write_json, atomic_write_text
 from sca_caption.locks import exclusive
 from sca_caption.models.backbones import build_cache_backbone
 from sca_caption.models.captioner import SCACaptioner
-from sca_caption.optimization import cross_entropy_epochs, make_optimizer, set_learning_rate, step_seed
+from sca_caption.optimization import make_optimizer, set_learning_rate, step_seed
 from sca_caption.phases import STEP_COLUMNS, CrossEntropyPhase, SelfCriticalPhase, batch_loader, validation_loss
 from sca_caption.prepare import PreparedData
 from sca_caption.rewards import CiderD, build_or_load_cider, cider_cache_path, train_references
@@ -178,27 +178,6 @@ def resume_checkpoint(out: Path) -> Path:
     return last
 
 
-def check_training_settings(config: ExperimentConfig) -> None:
-    """Refuse (``TrainingError``, one line) settings that cannot work together."""
-    train, splits = config.train, config.data
-    for role in ("val_split", "test_split"):
-        if getattr(splits, role) == splits.train_split:
-            raise TrainingError(f"data.{role} is {splits.train_split!r}, the training split: pick another split")
-    metric = train.early_stop_metric
-    if metric == "METEOR" and not config.train.meteor:
-        raise TrainingError("train.early_stop_metric is METEOR but train.meteor is false")
-    if metric == "shapes_accuracy" and config.data.dataset != "shapes":
-        raise TrainingError(f"train.early_stop_metric shapes_accuracy needs the shapes dataset, not {config.data.dataset}")
-    if train.scst_after is not None and train.scst_after >= train.epochs:
-        raise TrainingError(f"train.scst_after is {train.scst_after}: it must be below train.epochs ({train.epochs})")
-    if train.label_smoothing > 0 and cross_entropy_epochs(train) == 0:
-        raise TrainingError("train.label_smoothing smooths the cross-entropy epochs' loss, and train.scst_after 0 leaves none")
-    if train.upper_lr_scale != 1.0 and not config.model.finetune_upper:
-        raise TrainingError("train.upper_lr_scale is the learning rate of fine-tuned backbone stages: it needs model.finetune_upper true")
-    if train.scst_after is not None and train.scst_baseline == "mean" and train.scst_samples < 2:
-        raise TrainingError("train.scst_baseline mean needs train.scst_samples >= 2 (the mean of the other samples)")
-
-
 def improves(score: float, best: float | None, metric: str) -> bool:
     """Whether validation ``score`` of ``metric`` beats the ``best`` so far (None: no score yet)."""
     return best is None or (score < best if metric in LOWER_IS_BETTER else score > best)
@@ -228,7 +207,6 @@ class Trainer:
         self.device = processes.device
         self.progress = progress and processes.is_main
         self.log = log if processes.is_main else (lambda _: None)
-        check_training_settings(config)
         train, model = config.train, config.model
 
         self.vocab = data.vocab

@@ -16,13 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sca_caption.models.backbones import TappedBackbone, build_backbone
+from sca_caption.config_rules import first_problem, rules_of, section_values
 from sca_caption.models.decoder import LSTMDecoder, UpDownDecoder
 from sca_caption.models.errors import ModelConfigError
-from sca_caption.models.sca import KERNELS, ORDERS, AttentionWeights, ImageMemory, SCAEncoder
+from sca_caption.models.sca import AttentionWeights, ImageMemory, SCAEncoder
 from sca_caption.models.tag_head import TagHead, tag_loss
 
-
-DECODERS = ("sat", "updown")
 
 
 @dataclass(frozen=True)
@@ -76,27 +75,11 @@ class ModelConfig:
     decoder: str = "sat"
 
     def __post_init__(self) -> None:
+        """The model rules of ``config_rules``."""
         object.__setattr__(self, "layers", tuple(self.layers))
-        if self.decoder not in DECODERS:
-            raise ModelConfigError(f"model config: decoder must be one of {', '.join(DECODERS)}; got {self.decoder!r}")
-        if self.decoder == "updown" and not self.context_to_output:
-            raise ModelConfigError("model config: context_to_output is Show-Attend-Tell's output layer; the updown decoder's reads h² only")
-        if self.kernels not in KERNELS:
-            raise ModelConfigError(f"model config: kernels must be one of {', '.join(KERNELS)}; got {self.kernels!r}")
-        if self.order not in ORDERS:
-            raise ModelConfigError(f"model config: order must be one of {', '.join(ORDERS)}; got {self.order!r}")
-        if not 1 <= len(self.layers) <= 3:
-            raise ModelConfigError(f"model config: layers must name 1 to 3 taps; got {list(self.layers)}")
-        for name in ("attention_dim", "hidden_dim", "embed_dim"):
-            if getattr(self, name) < 1:
-                raise ModelConfigError(f"model config: {name} must be >= 1; got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ModelConfigError(f"model config: dropout must be in [0, 1); got {self.dropout}")
-        for name in ("doubly_stochastic", "num_tags", "tag_loss_weight"):
-            if getattr(self, name) < 0:
-                raise ModelConfigError(f"model config: {name} must be >= 0; got {getattr(self, name)}")
-        if self.finetune_upper and len(self.layers) < 2:
-            raise ModelConfigError("model config: finetune_upper needs at least two layers (it trains the backbone stages between them)")
+        problem = first_problem(rules_of("model"), section_values("model", self))
+        if problem:
+            raise ModelConfigError(problem)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain JSON/YAML types."""

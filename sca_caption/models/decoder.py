@@ -33,6 +33,8 @@ from torch import Tensor, nn
 
 from sca_caption.models.sca import AttentionWeights
 
+DECODERS = ("sat", "updown")  # Show-Attend-Tell's LSTM, Up-Down's two LSTMs
+
 Attend = Callable[[Tensor], tuple[Tensor, AttentionWeights]]
 """This step's queries (R, query_dim) -> the context z_t (R, C) and the attention that made it."""
 

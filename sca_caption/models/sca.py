@@ -130,16 +130,13 @@ class FirstTerms:
 class SCALayer(nn.Module):
     """Channel and/or spatial attention over one layer, in one of ``ORDERS``.
 
-    ``kernels``: the backend, one of ``KERNELS`` (see the module docstring); "cpu" refuses a layer
+    ``order`` and ``kernels`` as ``ModelConfig`` checks them (``config_rules``). ``kernels``: the
+    backend, one of ``KERNELS`` (see the module docstring); "cpu" refuses a layer
     whose modules are not the ones the kernels implement (``kernels.check_implements``).
     """
 
     def __init__(self, channels: int, attention_dim: int, order: str, rescale: bool, kernels: str = "plain") -> None:
         super().__init__()
-        if order not in ORDERS:
-            raise ModelConfigError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
-        if kernels not in KERNELS:
-            raise ModelConfigError(f"kernels must be one of {', '.join(KERNELS)}; got {kernels!r}")
         self.order = order
         self.steps = STEPS[order]
         self.rescale = rescale
@@ -256,8 +253,6 @@ class SCAEncoder(nn.Module):
         kernels: str = "plain",
     ) -> None:
         super().__init__()
-        if not 1 <= len(layers) <= 3:
-            raise ModelConfigError(f"layers must name 1 to 3 taps of {backbone.name}; got {list(layers)}")
         try:
             prefix, upper = backbone.split(layers)
         except ValueError as error:
