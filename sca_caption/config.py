@@ -15,7 +15,9 @@ a value out of range (``min``, ``max``, ``below``, ``choices`` in the field's me
 the registry lacks, malformed YAML, or a section or key given twice (in one file, or by two
 overrides) is a one-line ``ConfigError`` naming the file and line (or the override) and the key. Float fields also take numeric text, because YAML 1.1 (PyYAML) reads
 ``1e-3`` as a string. These checks run when loading (``load_config``, ``from_dict``), not when a
-dataclass is built directly. ``to_dict``/``from_dict`` convert to and from plain nested dicts
+dataclass is built directly. Settings that cannot work together break a rule of ``config_rules``:
+a ``ConfigError`` naming the file line or override that broke it (the dataclasses apply the same
+rules when built). ``to_dict``/``from_dict`` convert to and from plain nested dicts
 (lists, not tuples) for checkpoints.
 
 The feature cache a run reads is built for ``model.backbone`` and ``model.layers``; ``data``
@@ -24,13 +26,11 @@ names only its path (``prepare.feature_cache_path``).
 
 from __future__ import annotations
 
-import collections.abc
 import difflib
 import math
-import types
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Iterable, Mapping, get_type_hints
 
 import yaml
 
@@ -42,7 +42,7 @@ from sca_caption import config_rules
 from sca_caption.config_rules import Rule, first_problem, section_values
 from sca_caption.decoding import DecodeSettings
 from sca_caption.errors import SCACaptionError
-from sca_caption.field_ranges import out_of_range
+from sca_caption.field_ranges import Mismatch, coerce, out_of_range
 from sca_caption.self_critical import BASELINES
 from sca_caption.io_utils import atomic_write_text
 from sca_caption.models.backbones import check_backbone_name
@@ -51,7 +51,6 @@ from sca_caption.models.captioner import ModelConfig
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 EARLY_STOP_METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "loss", "shapes_accuracy")  # what validation computes
 SCHEDULES = ("constant", "cosine", "step")
-SEQUENCES = (list, tuple, collections.abc.Sequence)
 # the largest train.seed: numpy's and torch's generators take seeds of 0 to 2**32 - 1 and 2**64 - 1,
 # and the dropout seed of a step (trainer.step_seed) stays below 2**64 from any 32-bit seed
 SEED_MAX = 2**32 - 1
@@ -296,14 +295,14 @@ def _default(spec: Any) -> Any:
 
 
 def _checked(section: str, key: Any, value: Any, where: str) -> Any:
-    """``value`` fitted to the field ``section.key`` (see ``_coerce``) and checked against its range."""
+    """``value`` fitted to the field ``section.key`` (see ``field_ranges.coerce``) and checked against its range."""
     specs = {f.name: f for f in fields(SECTIONS[section])}
     name = f"{section}.{key}"
     if key not in specs:
         raise ConfigError(f"{where}: unknown key {name}{_suggest(key, specs, section + '.')} ({section} keys: {', '.join(specs)})")
     try:
-        checked = _coerce(value, get_type_hints(SECTIONS[section])[key])
-    except _Mismatch as mismatch:
+        checked = coerce(value, get_type_hints(SECTIONS[section])[key])
+    except Mismatch as mismatch:
         raise ConfigError(f"{where}: {name} must be {mismatch}, got {value!r}") from None
     problem = out_of_range(checked, specs[key].metadata)
     if problem:
@@ -378,75 +377,6 @@ def _parse_override(item: str) -> tuple[dict[str, dict[str, Any]], str]:
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: malformed value: {getattr(error, 'problem', None) or error}") from None
     return {parts[0]: {parts[1]: value}}, source
-
-
-class _Mismatch(Exception):
-    """A value that does not fit a type hint; the message describes what would."""
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """``value`` checked against ``hint`` (int, float, bool, str, None, unions, Literal, list[X],
-    tuple[X, ...]); ints pass as floats, numeric text as float, lists as tuples where asked."""
-    origin, args = get_origin(hint), get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        for arg in args:
-            try:
-                return _coerce(value, arg)
-            except _Mismatch:
-                continue
-        raise _Mismatch(" or ".join(_describe(a) for a in args))
-    if origin is Literal:
-        if any(value == a and type(value) is type(a) for a in args):
-            return value
-        raise _Mismatch(_describe(hint))
-    if origin in SEQUENCES or hint in SEQUENCES:
-        fixed = origin is tuple and args and args[-1] is not Ellipsis
-        if not isinstance(value, (list, tuple)) or (fixed and len(value) != len(args)):
-            raise _Mismatch(_describe(hint))
-        item_hints = args if fixed else [args[0] if args else Any] * len(value)
-        try:
-            items = [_coerce(v, h) for v, h in zip(value, item_hints)]
-        except _Mismatch:
-            raise _Mismatch(_describe(hint)) from None
-        return tuple(items) if (origin or hint) is tuple else items
-    if hint is type(None):
-        if value is None:
-            return None
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise TypeError(f"config fields of type {hint!r} are not supported")
-    raise _Mismatch(_describe(hint))
-
-
-def _describe(hint: Any) -> str:
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in SEQUENCES:
-        plurals = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
-        return f"a list of {plurals.get(args[0], _describe(args[0]))}" if args else "a list"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    return names.get(hint, repr(hint))
 
 
 def _suggest(word: Any, choices: Iterable[str], prefix: str = "") -> str:

@@ -65,9 +65,7 @@ def section_values(section: str, settings: Any) -> dict[str, Any]:
 
 @rule
 def decoder_is_known(model_decoder: str) -> str | None:
-    if model_decoder not in DECODERS:
-        return f"model config: decoder must be one of {', '.join(DECODERS)}; got {model_decoder!r}"
-    return None
+    return _one_of("decoder", model_decoder, DECODERS)
 
 
 @rule
@@ -79,16 +77,12 @@ def context_to_output_is_show_attend_tell(model_decoder: str, model_context_to_o
 
 @rule
 def kernels_are_known(model_kernels: str) -> str | None:
-    if model_kernels not in KERNELS:
-        return f"model config: kernels must be one of {', '.join(KERNELS)}; got {model_kernels!r}"
-    return None
+    return _one_of("kernels", model_kernels, KERNELS)
 
 
 @rule
 def order_is_known(model_order: str) -> str | None:
-    if model_order not in ORDERS:
-        return f"model config: order must be one of {', '.join(ORDERS)}; got {model_order!r}"
-    return None
+    return _one_of("order", model_order, ORDERS)
 
 
 @rule
@@ -100,8 +94,7 @@ def one_to_three_layers(model_layers: tuple[str, ...]) -> str | None:
 
 @rule
 def widths_are_positive(model_attention_dim: int, model_hidden_dim: int, model_embed_dim: int) -> str | None:
-    widths = {"attention_dim": model_attention_dim, "hidden_dim": model_hidden_dim, "embed_dim": model_embed_dim}
-    return next((f"model config: {name} must be >= 1; got {value}" for name, value in widths.items() if value < 1), None)
+    return _first_below(1, attention_dim=model_attention_dim, hidden_dim=model_hidden_dim, embed_dim=model_embed_dim)
 
 
 @rule
@@ -113,8 +106,17 @@ def dropout_is_a_probability(model_dropout: float) -> str | None:
 
 @rule
 def weights_are_not_negative(model_doubly_stochastic: float, model_num_tags: int, model_tag_loss_weight: float) -> str | None:
-    weights = {"doubly_stochastic": model_doubly_stochastic, "num_tags": model_num_tags, "tag_loss_weight": model_tag_loss_weight}
-    return next((f"model config: {name} must be >= 0; got {value}" for name, value in weights.items() if value < 0), None)
+    return _first_below(0, doubly_stochastic=model_doubly_stochastic, num_tags=model_num_tags, tag_loss_weight=model_tag_loss_weight)
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> str | None:
+    """The problem of a model setting not among ``choices``, or None."""
+    return None if value in choices else f"model config: {name} must be one of {', '.join(choices)}; got {value!r}"
+
+
+def _first_below(bound: int, **values: float) -> str | None:
+    """The problem of the first model setting in ``values`` below ``bound``, or None."""
+    return next((f"model config: {name} must be >= {bound}; got {value}" for name, value in values.items() if value < bound), None)
 
 
 @rule

@@ -37,7 +37,6 @@ stop later, but they never return a different answer than running to ``max_lengt
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Protocol, Sequence
 
