@@ -34,7 +34,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from sca_caption.checkpoint import CheckpointError, check_prefix, load_captioner
-from sca_caption.config import decoding_limit
 from sca_caption.data.errors import DataError
 from sca_caption.data.feature_extraction import ImageFiles, collate_decoded
 from sca_caption.data.vocab import Vocab
@@ -44,7 +43,7 @@ from sca_caption.models.backbones import BackbonePrefix, TappedBackbone, build_c
 from sca_caption.models.backbones.base import freeze
 from sca_caption.models.captioner import SCACaptioner
 from sca_caption.models.errors import ModelConfigError
-from sca_caption.models.sca import Attention
+from sca_caption.models.sca import AttentionWeights
 
 CHECKPOINTS = Path("checkpoints")
 SHIPPED_CHECKPOINT = "flickr8k_cs_lite0.pt"
@@ -247,7 +246,7 @@ class ImageCaptioner:
             raise CheckpointError(f"{path}: {err}") from None
         prefix, _ = backbone.split(config.model.layers)
         check_prefix(path, model, prefix, weights)
-        return cls(model, prefix, vocab, max_length=decoding_limit(config), decode=config.decode, device=device)
+        return cls(model, prefix, vocab, max_length=config.decoding_limit, decode=config.decode, device=device)
 
     def settings(self, **changes: Any) -> DecodeSettings:
         """The checkpoint's decoding settings with ``changes`` (``decoding.changed``: None values
@@ -303,7 +302,7 @@ class ImageCaptioner:
     def _caption(self, hypothesis: Hypothesis) -> Caption:
         attention = hypothesis.attention
         if attention is not None:
-            attention = Attention(*(None if maps is None else tuple(a.cpu() for a in maps) for maps in
+            attention = AttentionWeights(*(None if maps is None else tuple(a.cpu() for a in maps) for maps in
                                     (attention.spatial, attention.channel)))
         words = [self.vocab.words[t] for t in hypothesis.tokens]  # one per attention row
         return Caption(words, replace(hypothesis, attention=attention), self.grids)

@@ -45,13 +45,13 @@ from sca_caption.io_utils import FileKind, atomic_write
 from sca_caption.models.backbones import BackbonePrefix, build_backbone
 from sca_caption.models.captioner import SCACaptioner
 from sca_caption.models.errors import ModelConfigError
-from sca_caption.errors import first_line
+from sca_caption.errors import SCACaptionError, first_line
 
 FORMAT = "sca-caption-checkpoint/2"
 PLAIN_SCALARS = (str, int, float, bool, type(None), torch.dtype, torch.device)
 
 
-class CheckpointError(DataError):
+class CheckpointError(SCACaptionError):
     """A checkpoint that cannot be written, read, or used for this run; the message is one line."""
 
 

@@ -15,7 +15,9 @@ a value out of range (``min``, ``max``, ``below``, ``choices`` in the field's me
 the registry lacks, malformed YAML, or a section or key given twice (in one file, or by two
 overrides) is a one-line ``ConfigError`` naming the file and line (or the override) and the key. Float fields also take numeric text, because YAML 1.1 (PyYAML) reads
 ``1e-3`` as a string. These checks run when loading (``load_config``, ``from_dict``), not when a
-dataclass is built directly. ``to_dict``/``from_dict`` convert to and from plain nested dicts
+dataclass is built directly. Settings that cannot work together break a rule of ``config_rules``:
+a ``ConfigError`` naming the file line or override that broke it (the dataclasses apply the same
+rules when built). ``to_dict``/``from_dict`` convert to and from plain nested dicts
 (lists, not tuples) for checkpoints.
 
 The feature cache a run reads is built for ``model.backbone`` and ``model.layers``; ``data``
@@ -24,13 +26,11 @@ names only its path (``prepare.feature_cache_path``).
 
 from __future__ import annotations
 
-import collections.abc
 import difflib
 import math
-import types
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Iterable, Mapping, get_type_hints
 
 import yaml
 
@@ -38,8 +38,11 @@ from sca_caption.data.corpus import SPLITS
 from sca_caption.data.datasets import CORPORA
 from sca_caption.data.errors import DataError
 from sca_caption.data.input_files import read_text
-from sca_caption.decoding import DecodeSettings, DecodingError
-from sca_caption.field_ranges import out_of_range
+from sca_caption import config_rules
+from sca_caption.config_rules import Rule, first_problem, section_values
+from sca_caption.decoding import DecodeSettings
+from sca_caption.errors import SCACaptionError
+from sca_caption.field_ranges import Mismatch, coerce, out_of_range
 from sca_caption.self_critical import BASELINES
 from sca_caption.io_utils import atomic_write_text
 from sca_caption.models.backbones import check_backbone_name
@@ -48,13 +51,12 @@ from sca_caption.models.captioner import ModelConfig
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 EARLY_STOP_METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "loss", "shapes_accuracy")  # what validation computes
 SCHEDULES = ("constant", "cosine", "step")
-SEQUENCES = (list, tuple, collections.abc.Sequence)
 # the largest train.seed: numpy's and torch's generators take seeds of 0 to 2**32 - 1 and 2**64 - 1,
 # and the dropout seed of a step (trainer.step_seed) stays below 2**64 from any 32-bit seed
 SEED_MAX = 2**32 - 1
 
 
-class ConfigError(DataError):
+class ConfigError(SCACaptionError):
     """A configuration that cannot be used; the message is one line naming its source and key."""
 
 
@@ -137,12 +139,22 @@ class ExperimentConfig:
     decode: DecodeSettings = field(default_factory=DecodeSettings)
 
     def __post_init__(self) -> None:
-        self.decoding()  # checks that the decode settings fit the caption length
+        """The rules of ``config_rules`` between sections, and of the data and train sections."""
+        values = {key: value for name in SECTIONS for key, value in section_values(name, getattr(self, name)).items()}
+        problem = first_problem([r for r in config_rules.RULES if not (r.sections <= {"model"} or r.sections <= {"decode"})], values)
+        if problem:
+            raise ConfigError(f"experiment config: {problem}")
+
+    @property
+    def decoding_limit(self) -> int:
+        """The decoding steps of settings that leave them unset (``decode.max_length`` null), and of
+        self-critical sampling: the longest training caption's words plus ``<end>``."""
+        return self.data.max_length + 1
 
     def decoding(self) -> DecodeSettings:
         """The ``decode`` settings as validation, ``evaluate``, ``caption`` and the service use
         them: a ``max_length`` of None is ``decoding_limit``."""
-        return self.decode.with_max_length(decoding_limit(self))
+        return self.decode.with_max_length(self.decoding_limit)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (tuples as lists): safe for JSON, YAML and weights-only checkpoints."""
@@ -154,12 +166,6 @@ class ExperimentConfig:
         merged = _Merged()
         merged.add(values, source)
         return merged.build()
-
-
-def decoding_limit(config: ExperimentConfig) -> int:
-    """The decoding steps of settings that leave them unset (``decode.max_length`` null), and of
-    self-critical sampling: the longest training caption's words plus ``<end>``."""
-    return config.data.max_length + 1
 
 
 def recorded(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -177,7 +183,7 @@ def recorded(values: Mapping[str, Any]) -> dict[str, Any]:
             continue
         for spec in fields(cls):
             if spec.name not in section:
-                default = spec.default_factory() if spec.default_factory is not MISSING else spec.default
+                default = _default(spec)
                 earlier = EARLIER_VALUES.get(f"{name}.{spec.name}", default)
                 if name == "train" and spec.name.startswith("scst_") and section.get("scst_after") is None:
                     earlier = default  # no self-critical epoch ran: the key changed nothing
@@ -231,12 +237,11 @@ def write_config(path: str | Path, config: ExperimentConfig) -> None:
 
 
 class _Merged:
-    """Checked values set so far, per section, and where each one came from."""
+    """Checked values set so far, layer by layer, and where each one came from."""
 
     def __init__(self) -> None:
-        self.values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-        self.origins: dict[str, str] = {}  # "train.lr" -> "configs/x.yaml:7"
-        self.layers: list[dict[str, dict[str, Any]]] = []  # each add's checked values, in order
+        # each add's checked values and their origins: {"train.lr": (1e-3, "configs/x.yaml:7")}
+        self.layers: list[dict[str, tuple[Any, str]]] = []
 
     def add(self, layer: Any, source: str, lines: Mapping[str, int] | None = None) -> None:
         """Check ``layer`` ({section: {key: value}}) and let it win over what is there."""
@@ -245,7 +250,7 @@ class _Merged:
         def at(key: str) -> str:
             return f"{source}:{lines[key]}" if key in lines else source
 
-        added: dict[str, dict[str, Any]] = {}
+        added: dict[str, tuple[Any, str]] = {}
         if not isinstance(layer, Mapping):
             raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}, got {_kind(layer)}")
         for section, entries in layer.items():
@@ -257,90 +262,54 @@ class _Merged:
                 raise ConfigError(f"{at(section)}: section {section} must be a mapping of keys, got {_kind(entries)}")
             for key, value in entries.items():
                 name = f"{section}.{key}"
-                self.values[section][key] = _checked(section, key, value, at(name))
-                self.origins[name] = at(name)
-                added.setdefault(section, {})[key] = self.values[section][key]
+                added[name] = (_checked(section, key, value, at(name)), at(name))
         self.layers.append(added)
 
+    def values(self, layers: int | None = None) -> dict[str, Any]:
+        """{"section.key": value}: the defaults with the first ``layers`` adds (None: all) over them."""
+        values = {f"{name}.{spec.name}": _default(spec) for name, cls in SECTIONS.items() for spec in fields(cls)}
+        for layer in self.layers[:layers]:
+            values.update((name, value) for name, (value, _) in layer.items())
+        return values
+
     def build(self) -> ExperimentConfig:
-        sections = {}
-        for name, cls in SECTIONS.items():
-            try:
-                sections[name] = cls(**self.values[name])
-            except ValueError as error:  # the section's own checks (ModelConfig's __post_init__)
-                raise ConfigError(self._blame(name, error)) from None
-        try:
-            return ExperimentConfig(**sections)
-        except DecodingError as error:  # decode.min_length against data.max_length + 1
-            raise ConfigError(f"{self._blame_caption_length()}: {error} (decode.max_length null: data.max_length + 1)") from None
+        """The experiment, or a ``ConfigError`` naming the first rule of ``config_rules`` it breaks
+        and where the keys that broke it were set."""
+        values = self.values()
+        for rule in config_rules.RULES:
+            problem = rule.problem(values)
+            if problem:
+                raise ConfigError(f"{self._blame(rule)}: {problem}")
+        sections = {name: cls(**{f.name: values[f"{name}.{f.name}"] for f in fields(cls)}) for name, cls in SECTIONS.items()}
+        return ExperimentConfig(**sections)
 
-    def _blame_caption_length(self) -> str:
-        """Where the last of ``decode.min_length`` and ``data.max_length`` was set (where
-        one layer set both: decode.min_length)."""
-        for layer in reversed(self.layers):
-            for section, key in (("decode", "min_length"), ("data", "max_length")):
-                if key in layer.get(section, {}):
-                    return self.origins[f"{section}.{key}"]
-        return "defaults"
-
-    def _blame(self, section: str, error: ValueError) -> str:
-        """'<origins>: <problem>', naming the keys that brought the problem in. They are among the
-        keys set by the layer after which ``section`` first has the problem for good
-        (``_breaking_layer``) or by later layers: the one whose value alone, over the values
-        before that layer, has the problem; else those whose earlier value would not have it;
-        else all of them."""
-        cls, problem = SECTIONS[section], str(error)
-        breaking, before = self._breaking_layer(section, problem)
-        suspects = list(dict.fromkeys(key for layer in self.layers[breaking:] for key in layer.get(section, {})))
-
-        def origins(keys: Iterable[str]) -> str:
-            return ", ".join(dict.fromkeys(self.origins[f"{section}.{key}"] for key in keys))
-
-        final = self.values[section]
-        for key in suspects:
-            if _has_problem(cls, {**before, key: final[key]}, problem):
-                return f"{origins([key])}: {problem}"
-        taking_part = [key for key in suspects if not _has_problem(cls, _without(final, key, before), problem)]
-        return f"{origins(taking_part or suspects)}: {problem}"
-
-    def _breaking_layer(self, section: str, problem: str) -> tuple[int, dict[str, Any]]:
-        """The index of the first layer from which on ``section`` has ``problem`` after every add,
-        and the section's values before that layer."""
-        cls, values = SECTIONS[section], {}
-        breaking, before = 0, {}
-        for index, layer in enumerate(self.layers):
-            values.update(layer.get(section, {}))
-            if not _has_problem(cls, values, problem):
-                breaking, before = index + 1, dict(values)
-        return breaking, before
+    def _blame(self, rule: Rule) -> str:
+        """Where the add from which on ``rule`` stays broken set its keys: the first key that
+        breaks it alone over the values before, else every key of the rule the add set."""
+        breaking = len(self.layers)
+        while breaking > 0 and rule.problem(self.values(breaking - 1)):
+            breaking -= 1
+        if breaking == 0:
+            return "defaults"
+        layer, before = self.layers[breaking - 1], self.values(breaking - 1)
+        keys = [key for key in rule.keys if key in layer]
+        alone = [key for key in keys if rule.problem({**before, key: layer[key][0]})]
+        return ", ".join(dict.fromkeys(layer[key][1] for key in alone[:1] or keys))
 
 
-def _has_problem(cls: type, values: Mapping[str, Any], problem: str) -> bool:
-    """Whether section ``cls`` built from ``values`` fails its checks with ``problem``."""
-    try:
-        cls(**values)
-    except ValueError as error:
-        return str(error) == problem
-    return False
-
-
-def _without(values: Mapping[str, Any], key: str, before: Mapping[str, Any]) -> dict[str, Any]:
-    """``values`` with ``key`` back at its value in ``before`` (its default where it had none)."""
-    out = {k: v for k, v in values.items() if k != key}
-    if key in before:
-        out[key] = before[key]
-    return out
+def _default(spec: Any) -> Any:
+    return spec.default_factory() if spec.default_factory is not MISSING else spec.default
 
 
 def _checked(section: str, key: Any, value: Any, where: str) -> Any:
-    """``value`` fitted to the field ``section.key`` (see ``_coerce``) and checked against its range."""
+    """``value`` fitted to the field ``section.key`` (see ``field_ranges.coerce``) and checked against its range."""
     specs = {f.name: f for f in fields(SECTIONS[section])}
     name = f"{section}.{key}"
     if key not in specs:
         raise ConfigError(f"{where}: unknown key {name}{_suggest(key, specs, section + '.')} ({section} keys: {', '.join(specs)})")
     try:
-        checked = _coerce(value, get_type_hints(SECTIONS[section])[key])
-    except _Mismatch as mismatch:
+        checked = coerce(value, get_type_hints(SECTIONS[section])[key])
+    except Mismatch as mismatch:
         raise ConfigError(f"{where}: {name} must be {mismatch}, got {value!r}") from None
     problem = out_of_range(checked, specs[key].metadata)
     if problem:
@@ -415,75 +384,6 @@ def _parse_override(item: str) -> tuple[dict[str, dict[str, Any]], str]:
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: malformed value: {getattr(error, 'problem', None) or error}") from None
     return {parts[0]: {parts[1]: value}}, source
-
-
-class _Mismatch(Exception):
-    """A value that does not fit a type hint; the message describes what would."""
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """``value`` checked against ``hint`` (int, float, bool, str, None, unions, Literal, list[X],
-    tuple[X, ...]); ints pass as floats, numeric text as float, lists as tuples where asked."""
-    origin, args = get_origin(hint), get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        for arg in args:
-            try:
-                return _coerce(value, arg)
-            except _Mismatch:
-                continue
-        raise _Mismatch(" or ".join(_describe(a) for a in args))
-    if origin is Literal:
-        if any(value == a and type(value) is type(a) for a in args):
-            return value
-        raise _Mismatch(_describe(hint))
-    if origin in SEQUENCES or hint in SEQUENCES:
-        fixed = origin is tuple and args and args[-1] is not Ellipsis
-        if not isinstance(value, (list, tuple)) or (fixed and len(value) != len(args)):
-            raise _Mismatch(_describe(hint))
-        item_hints = args if fixed else [args[0] if args else Any] * len(value)
-        try:
-            items = [_coerce(v, h) for v, h in zip(value, item_hints)]
-        except _Mismatch:
-            raise _Mismatch(_describe(hint)) from None
-        return tuple(items) if (origin or hint) is tuple else items
-    if hint is type(None):
-        if value is None:
-            return None
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise TypeError(f"config fields of type {hint!r} are not supported")
-    raise _Mismatch(_describe(hint))
-
-
-def _describe(hint: Any) -> str:
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in SEQUENCES:
-        plurals = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
-        return f"a list of {plurals.get(args[0], _describe(args[0]))}" if args else "a list"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    return names.get(hint, repr(hint))
 
 
 def _suggest(word: Any, choices: Iterable[str], prefix: str = "") -> str:

@@ -37,7 +37,6 @@ stop later, but they never return a different answer than running to ``max_lengt
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -45,10 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sca_caption.config_rules import first_problem, rules_of, section_values
 from sca_caption.data.vocab import Vocab
 from sca_caption.errors import SCACaptionError
 from sca_caption.field_ranges import out_of_range
-from sca_caption.models.sca import Attention
+from sca_caption.models.sca import AttentionWeights
 
 LENGTH_PENALTIES = ("none", "average", "wu")
 MAX_LENGTH = 100  # the most decoding steps anyone may ask for (the caption CLI, the service, a config)
@@ -77,23 +77,14 @@ class DecodeSettings:
     attention: bool = False  # keep each word's attention weights (changes no caption)
 
     def __post_init__(self) -> None:
-        if self.alpha and self.length_penalty != "wu":
-            raise DecodingError(f"decoding settings: alpha {self.alpha} needs length_penalty wu (it is the wu penalty's exponent)")
-        if self.length_penalty == "wu" and not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise DecodingError(
-                f"decoding settings: length_penalty wu needs a finite alpha above 0 (--length-alpha, decode.alpha), got {self.alpha}; at 0 it ranks as none"
-            )
+        """The decode rules of ``config_rules``, then each field's range."""
+        problem = first_problem(rules_of("decode"), section_values("decode", self))
+        if problem:
+            raise DecodingError(problem)
         for spec in fields(self):
             problem = out_of_range(getattr(self, spec.name), spec.metadata)
             if problem:
                 raise DecodingError(f"decoding settings: {spec.name} {problem}, got {getattr(self, spec.name)!r}")
-        if self.n_best > self.beam_size:
-            raise DecodingError(f"decoding settings: n_best ({self.n_best}) must be at most beam ({self.beam_size}), the beam_size")
-        if self.max_length is not None and self.min_length >= self.max_length:
-            raise DecodingError(
-                f"decoding settings: min_length ({self.min_length}) must be below max_length ({self.max_length}), "
-                "the decoding steps with <end>"
-            )
 
     def with_max_length(self, default: int) -> DecodeSettings:
         """These settings with ``max_length`` ``default`` where it is None (checked again)."""
@@ -148,7 +139,7 @@ class StepResult(Protocol):
         ...
 
     @property
-    def attention(self) -> Attention:
+    def attention(self) -> AttentionWeights:
         """Per attended layer (R, m_l) spatial and (R, C_l) channel weights, or None."""
         ...
 
@@ -179,7 +170,7 @@ class Hypothesis:
     log_prob: float
     score: float
     finished: bool
-    attention: Attention | None = None
+    attention: AttentionWeights | None = None
 
 
 @dataclass(frozen=True)
@@ -466,7 +457,7 @@ def _device(features: Mapping[str, Tensor]) -> torch.device:
     return next(iter(features.values())).device
 
 
-def _history(spatial: list[Tensor] | None, channel: list[Tensor] | None, b: int, s: int, length: int) -> Attention | None:
+def _history(spatial: list[Tensor] | None, channel: list[Tensor] | None, b: int, s: int, length: int) -> AttentionWeights | None:
     """The attention of hypothesis (b, s) over its first ``length`` steps, or None if not kept."""
     if spatial is None and channel is None:
         return None
@@ -474,4 +465,4 @@ def _history(spatial: list[Tensor] | None, channel: list[Tensor] | None, b: int,
     def rows(maps: list[Tensor] | None) -> tuple[Tensor, ...] | None:
         return None if maps is None else tuple(layer[b, s, :length] for layer in maps)
 
-    return Attention(rows(spatial), rows(channel))
+    return AttentionWeights(rows(spatial), rows(channel))

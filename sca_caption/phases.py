@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from sca_caption.config import ExperimentConfig, TrainConfig, decoding_limit
+from sca_caption.config import ExperimentConfig, TrainConfig
 from sca_caption.data.caption_dataset import (
     CaptionBatch, CaptionSamples, ImageBatch, ImageSamples, epoch_order, image_order, shard,
 )
@@ -64,7 +64,7 @@ def validation_loss(
 
 def cross_entropy_step(
     model: SCACaptioner,
-    ddp: nn.Module,
+    forward_module: nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: CaptionBatch,
     pad: int,
@@ -79,7 +79,7 @@ def cross_entropy_step(
     DDP averages the processes' gradients: scaled by the world size, the average is the gradient
     of the global batch's mean (module docstring)."""
     with torch.autocast(batch.captions.device.type, dtype=torch.bfloat16, enabled=train.bf16):
-        output = ddp(batch.features, batch.captions)
+        output = forward_module(batch.features, batch.captions)
         sums = model.loss(output, batch.captions, pad, batch.tags, train.label_smoothing)
     loss = sums.mean(tokens, images) * world
     optimizer_step(model, optimizer, loss, train.grad_clip)
@@ -91,10 +91,10 @@ class CrossEntropyPhase:
     learning rate (``optimization.learning_rate``)."""
 
     def __init__(
-        self, config: ExperimentConfig, model: SCACaptioner, ddp: nn.Module, samples: CaptionSamples,
+        self, config: ExperimentConfig, model: SCACaptioner, forward_module: nn.Module, samples: CaptionSamples,
         processes: Processes, steps_per_epoch: int,
     ) -> None:
-        self.config, self.model, self.ddp, self.samples, self.proc = config, model, ddp, samples, processes
+        self.config, self.model, self.forward_module, self.samples, self.proc = config, model, forward_module, samples, processes
         self.steps_per_epoch = steps_per_epoch
         self.batch_size = config.data.batch_size  # captions per global batch
 
@@ -111,7 +111,7 @@ class CrossEntropyPhase:
         world = self.proc.world
         tokens = self.samples.target_count(global_batch)
         loss = cross_entropy_step(
-            self.model, self.ddp, optimizer, batch, Vocab.pad, tokens, len(global_batch), world, self.config.train
+            self.model, self.forward_module, optimizer, batch, Vocab.pad, tokens, len(global_batch), world, self.config.train
         )
         return self.proc.sum(loss / world), None
 
@@ -121,10 +121,10 @@ class SelfCriticalPhase:
     per step follow the CIDEr-D ``reward`` at the constant learning rate ``train.scst_lr``, dropout ``train.scst_dropout``."""
 
     def __init__(
-        self, config: ExperimentConfig, model: SCACaptioner, ddp: nn.Module, samples: ImageSamples,
+        self, config: ExperimentConfig, model: SCACaptioner, forward_module: nn.Module, samples: ImageSamples,
         processes: Processes, reward: CiderD, vocab: Vocab,
     ) -> None:
-        self.config, self.model, self.ddp, self.samples, self.proc = config, model, ddp, samples, processes
+        self.config, self.model, self.forward_module, self.samples, self.proc = config, model, forward_module, samples, processes
         self.reward, self.vocab = reward, vocab
         self.batch_size = config.train.scst_images or config.data.batch_size  # images per global batch
 
@@ -145,11 +145,11 @@ class SelfCriticalPhase:
         with dropout_rate(self.model, train.scst_dropout), autocast:  # sampling and the loss: one precision
             run = rollout(
                 self.model, batch.features, batch.images, reward=self.reward, samples=train.scst_samples,
-                baseline=train.scst_baseline, max_length=decoding_limit(self.config), vocab=self.vocab,
+                baseline=train.scst_baseline, max_length=self.config.decoding_limit, vocab=self.vocab,
             )
             tokens = sum_(torch.tensor(float(run.tokens)))
             rows = sum_(torch.tensor(float(len(run.reward))))
-            log_probs = teacher_forced_log_probs(self.ddp, batch.features, run.captions, train.scst_samples, self.vocab)
+            log_probs = teacher_forced_log_probs(self.forward_module, batch.features, run.captions, train.scst_samples, self.vocab)
             loss = policy_loss(log_probs, run, self.vocab) / tokens * world
         optimizer_step(self.model, optimizer, loss, train.grad_clip)
         row = {

@@ -155,13 +155,13 @@ def rollout(
 
 
 def teacher_forced_log_probs(
-    ddp: nn.Module, features: Mapping[str, Tensor], captions: Tensor, samples: int, vocab: Vocab
+    forward_module: nn.Module, features: Mapping[str, Tensor], captions: Tensor, samples: int, vocab: Vocab
 ) -> Tensor:
     """log p(· | w_<t, I) (R, T, V), float32 (or wider), the never-emitted ids at −inf, of each
-    caption of ``captions`` (R, T + 1) teacher forced. ``ddp``: the captioner, or its DDP
+    caption of ``captions`` (R, T + 1) teacher forced. ``forward_module``: the captioner, or its DDP
     wrapper; ``features`` {tap: (R / samples, C, H, W)} per image, repeated here per sample."""
     repeated = {tap: x.repeat_interleave(samples, dim=0) for tap, x in features.items()}
-    logits = ddp(repeated, captions).logits
+    logits = forward_module(repeated, captions).logits
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bfloat16 under autocast -> float32
     return F.log_softmax(suppressed(logits, vocab), dim=-1)
 

@@ -30,7 +30,7 @@ from sca_caption.io_utils import check_output_folder
 from sca_caption.distributed import start_processes, stop_processes
 from sca_caption.errors import command
 from sca_caption.prepare import data_root, prepare
-from sca_caption.trainer import Trainer, TrainResult, check_training_settings, resume_checkpoint
+from sca_caption.trainer import Trainer, TrainResult, resume_checkpoint
 
 DEFAULT_DATASET = "shapes"
 
@@ -76,8 +76,7 @@ def print_result(result: TrainResult) -> None:
 @command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    config = experiment_config(args)
-    check_training_settings(config)
+    config = experiment_config(args)  # config_rules refuse settings that cannot work together
     processes = start_processes(args.device)
     try:
         out = args.out if args.out is not None else Path("checkpoints") / config.data.dataset

@@ -70,18 +70,17 @@ from sca_caption.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from sca_caption.config import ExperimentConfig, decoding_limit, write_config
+from sca_caption.config import ExperimentConfig, write_config
 from sca_caption.data.caption_dataset import global_batches, shard
-from sca_caption.data.errors import DataError
 from sca_caption.decoding import DecodeSettings
 from sca_caption.distributed import Processes
-from sca_caption.errors import first_line
+from sca_caption.errors import SCACaptionError, first_line
 from sca_caption.evaluation import SplitEvaluation, evaluate_model
 from sca_caption.io_utils import atomic_write_json, atomic_write_text
 from sca_caption.locks import exclusive
 from sca_caption.models.backbones import build_cache_backbone
 from sca_caption.models.captioner import SCACaptioner
-from sca_caption.optimization import cross_entropy_epochs, make_optimizer, set_learning_rate, step_seed
+from sca_caption.optimization import make_optimizer, set_learning_rate, step_seed
 from sca_caption.phases import STEP_COLUMNS, CrossEntropyPhase, SelfCriticalPhase, batch_loader, validation_loss
 from sca_caption.prepare import PreparedData
 from sca_caption.rewards import CiderD, build_or_load_cider, cider_cache_path, train_references
@@ -100,7 +99,7 @@ RESUMABLE_CHANGES = frozenset(
 LOWER_IS_BETTER = ("loss",)
 
 
-class TrainingError(DataError):
+class TrainingError(SCACaptionError):
     """A run that cannot start or continue as asked; the message is one line."""
 
 
@@ -190,29 +189,6 @@ def resume_checkpoint(out: Path) -> Path:
     return last
 
 
-def check_training_settings(config: ExperimentConfig) -> None:
-    """Refuse (``TrainingError``, one line) settings that cannot work together."""
-    train, splits = config.train, config.data
-    for role in ("val_split", "test_split"):
-        if getattr(splits, role) == splits.train_split:
-            raise TrainingError(f"data.{role} is {splits.train_split!r}, the training split: pick another split")
-    metric = train.early_stop_metric
-    if metric == "METEOR" and not config.train.meteor:
-        raise TrainingError("train.early_stop_metric is METEOR but train.meteor is false")
-    if metric == "shapes_accuracy" and config.data.dataset != "shapes":
-        raise TrainingError(f"train.early_stop_metric shapes_accuracy needs the shapes dataset, not {config.data.dataset}")
-    if train.scst_after is not None and train.scst_after >= train.epochs:
-        raise TrainingError(f"train.scst_after is {train.scst_after}: it must be below train.epochs ({train.epochs})")
-    if train.label_smoothing > 0 and cross_entropy_epochs(train) == 0:
-        raise TrainingError("train.label_smoothing smooths the cross-entropy epochs' loss, and train.scst_after 0 leaves none")
-    if train.upper_lr_scale != 1.0 and not config.model.finetune_upper:
-        raise TrainingError("train.upper_lr_scale is the learning rate of fine-tuned backbone stages: it needs model.finetune_upper true")
-    if train.scst_after is not None and train.scst_baseline == "mean" and train.scst_samples < 2:
-        raise TrainingError("train.scst_baseline mean needs train.scst_samples >= 2 (the mean of the other samples)")
-    if train.val_every is not None and train.eval_every != 1:
-        raise TrainingError("train.val_every (steps between validations) and train.eval_every (epochs between them): set one")
-
-
 def improves(score: float, best: float | None, metric: str) -> bool:
     """Whether validation ``score`` of ``metric`` beats the ``best`` so far (None: no score yet)."""
     return best is None or (score < best if metric in LOWER_IS_BETTER else score > best)
@@ -242,7 +218,6 @@ class Trainer:
         self.device = processes.device
         self.progress = progress and processes.is_main
         self.log = log if processes.is_main else (lambda _: None)
-        check_training_settings(config)
         train, model = config.train, config.model
 
         self.vocab = data.vocab
@@ -257,20 +232,20 @@ class Trainer:
 
         self.model = build_model(config, len(self.vocab), config.data.backbone_weights).to(self.device)
         self.cache.check_prefix(self.model.encoder.features_fingerprint, "this run's")
-        self.ddp: nn.Module = self.model
+        self.forward_module: nn.Module = self.model
         if processes.distributed:  # the tag head has no gradient where its loss is off or self-critical
             unused = model.num_tags > 0 and (model.tag_loss_weight == 0 or train.scst_after is not None)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=unused)
+            self.forward_module = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=unused)
         self.cross_entropy = CrossEntropyPhase(
-            config, self.model, self.ddp, train_samples, processes, self._steps(len(train_samples), config.data.batch_size)
+            config, self.model, self.forward_module, train_samples, processes, self._steps(len(train_samples), config.data.batch_size)
         )
         self.self_critical: SelfCriticalPhase | None = None
         self.val_reward: CiderD | None = None  # the reward of the validation captions (self-critical runs)
         if train.scst_after is not None:
             images = data.image_samples(splits.train_split, self.cache)
             reward = self._reward()
-            self.self_critical = SelfCriticalPhase(config, self.model, self.ddp, images, processes, reward, self.vocab)
+            self.self_critical = SelfCriticalPhase(config, self.model, self.forward_module, images, processes, reward, self.vocab)
             references = train_references(data.records, self.vocab, splits.val_split)
             self.val_reward = CiderD(references, reward.df.extended(references))
 
@@ -333,7 +308,7 @@ class Trainer:
             total=steps, initial=steps - len(batches), unit="step",
             desc=f"epoch {at.epoch + 1}/{train.epochs}", disable=not self.progress, dynamic_ncols=True,
         )
-        self.ddp.train()
+        self.forward_module.train()
         began = started = time.perf_counter()  # began: of the samples-per-second; started: of books.epoch_seconds
         trained = 0
         with bar:
@@ -363,7 +338,7 @@ class Trainer:
                     self.books.epoch_seconds += time.perf_counter() - started
                     if self._record(self._validate(), epoch_end=False):
                         return False
-                    self.ddp.train()
+                    self.forward_module.train()
                     started = time.perf_counter()
                 elif train.checkpoint_every and at.step % train.checkpoint_every == 0 and mid_epoch and self.proc.is_main:
                     self._save(self.out / "last.pt")
@@ -475,7 +450,7 @@ class Trainer:
         if train.scst_probe_images:
             columns["probe_reward"] = greedy_reward(
                 self.model, phase.samples, train.scst_probe_images, phase.batch_size, phase.reward,
-                decoding_limit(self.config), self.vocab, self.device, train.bf16,
+                self.config.decoding_limit, self.vocab, self.device, train.bf16,
             )
         ids = [r.image_id for r in self.val_records if r.image_id in evaluation.captions]
         if ids:

@@ -1,4 +1,4 @@
-"""Attention output: the bilinear upsampling against hand-computed values, the heat map placed on
+"""AttentionWeights output: the bilinear upsampling against hand-computed values, the heat map placed on
 the attended cell, the PNG grid, and the JSON per-word summaries against hand-computed values."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sca_caption.attention_maps import overlay, png_names, render_attention, ups
 from sca_caption.caption import main
 from sca_caption.captioning import Caption, attention_summary
 from sca_caption.decoding import Hypothesis
-from sca_caption.models.sca import Attention
+from sca_caption.models.sca import AttentionWeights
 
 
 def one_hot(h: int, w: int, row: int, col: int) -> torch.Tensor:
@@ -52,7 +52,7 @@ def test_png_has_a_row_per_layer_and_a_column_per_word_with_each_words_map():
     spatial = [[one_hot(7, 7, t % 7, (2 * t) % 7), one_hot(4, 4, 3 - t % 4, t % 4)] for t in range(len(words))]
     layers = tuple(torch.stack([step[l].flatten() for step in spatial]) for l in range(2))  # (T, m) per layer
     hypothesis = Hypothesis(tokens=[0] * len(words), log_prob=-1.0, score=-1.0, finished=True,
-                            attention=Attention(layers, None))
+                            attention=AttentionWeights(layers, None))
     caption = Caption(words, hypothesis, grids=((7, 7), (4, 4)))
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
     picture = render_attention(image, caption, ["stage6", "stage7"], "title")
@@ -86,7 +86,7 @@ def test_png_names_are_stems_made_unique():
 def test_summary_gives_argmax_entropy_and_top_channels():
     alpha = torch.tensor([[0.1, 0.6], [0.3, 0.0]])
     beta = torch.tensor([0.05, 0.5, 0.2, 0.25])
-    hypothesis = Hypothesis([4], -1.0, -1.0, True, Attention((alpha.flatten()[None],), (beta[None],)))
+    hypothesis = Hypothesis([4], -1.0, -1.0, True, AttentionWeights((alpha.flatten()[None],), (beta[None],)))
     caption = Caption(["dog"], hypothesis, grids=((2, 2),))
     (word,) = attention_summary(caption, ["stage7"], top_channels=2)
     (layer,) = word["layers"]

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from tiny_backbone import NAME, build_tiny_backbone, tiny_features
 
 from sca_caption.decoding import beam_search
-from sca_caption.models.captioner import DECODERS, CaptionState, ModelConfig, SCACaptioner
+from sca_caption.models.captioner import CaptionState, ModelConfig, SCACaptioner
+from sca_caption.models.decoder import DECODERS
 from sca_caption.models.errors import ModelConfigError
 from sca_caption.models.sca import ORDERS
 from sca_caption.optimization import make_optimizer, optimizer_step, set_learning_rate

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import pytest
 
 from sca_caption.config import (
     CONFIG_DIR,
-    SECTIONS,
     ConfigError,
     DataConfig,
     ExperimentConfig,
@@ -21,6 +19,7 @@ from sca_caption.config import (
     recorded,
     write_config,
 )
+from sca_caption import config_rules
 from sca_caption.models.backbones import build_backbone
 from sca_caption.decoding import DecodeSettings, DecodingError, changed
 from sca_caption.models.captioner import ModelConfig
@@ -161,18 +160,14 @@ def test_model_error_names_the_source_of_the_offending_key(config_dir):
     assert str(caught.value) == "override 'model.dropout=1.0': model config: dropout must be in [0, 1); got 1.0"
 
 
-@dataclass(frozen=True)
-class PickyModelConfig(ModelConfig):
-    """A model config with a check on a combination of keys."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_tags > 0 and self.hidden_dim < 128:
-            raise ValueError("model config: a tag head needs hidden_dim >= 128")
+def tag_head_is_wide_enough(model_num_tags: int, model_hidden_dim: int) -> str | None:
+    """A rule on a combination of keys."""
+    return "model config: a tag head needs hidden_dim >= 128" if model_num_tags > 0 and model_hidden_dim < 128 else None
 
 
 def test_error_of_a_key_combination_names_the_keys_that_brought_it_in(config_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(SECTIONS, "model", PickyModelConfig)
+    monkeypatch.setattr(config_rules, "RULES", list(config_rules.RULES))
+    config_rules.rule(tag_head_is_wide_enough)
     with pytest.raises(ConfigError) as caught:  # the preset's hidden_dim 64 was fine until the override
         load_config("toy", overrides=["model.num_tags=5"], config_dir=config_dir)
     assert str(caught.value) == "override 'model.num_tags=5': model config: a tag head needs hidden_dim >= 128"

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from sca_caption import decoding
 from sca_caption.decoding import LENGTH_PENALTIES, DecodingError, Hypothesis, beam_search
 from sca_caption.models.captioner import ModelConfig, SCACaptioner
-from sca_caption.models.sca import ORDERS, Attention
+from sca_caption.models.sca import ORDERS, AttentionWeights
 from tiny_backbone import build_tiny_backbone, tiny_features
 
 START, END, UNK = 0, 1, 2
@@ -38,7 +38,7 @@ class TinyState:
 class TinyOutput(NamedTuple):
     logits: Tensor
     state: TinyState
-    attention: Attention
+    attention: AttentionWeights
 
 
 class TinyCaptioner(nn.Module):
@@ -86,7 +86,7 @@ class TinyCaptioner(nn.Module):
         logits = logits + self.logit_bias
         maps = self.attention
         state = TinyState(h, c, v, state.steps + 1)
-        return TinyOutput(logits, state, Attention((alpha,) if maps else None, (beta,) if maps else None))
+        return TinyOutput(logits, state, AttentionWeights((alpha,) if maps else None, (beta,) if maps else None))
 
 
 class CountingModel:

@@ -8,6 +8,7 @@ import torch
 from tiny_backbone import build_tiny_backbone, tiny_features
 
 from sca_caption.models import kernels
+from sca_caption.models.captioner import ModelConfig
 from sca_caption.models.errors import ModelConfigError
 from sca_caption.models.sca import ORDERS, ChannelAttention, SCAEncoder, SCALayer, SpatialAttention
 
@@ -189,9 +190,9 @@ def test_orders_cs_and_sc_differ_as_documented(backend: str) -> None:
 
 def test_unknown_order_is_a_config_error() -> None:
     with pytest.raises(ModelConfigError, match="order must be one of"):
-        SCALayer(C, K, "xs", True)
+        ModelConfig(order="xs")
     with pytest.raises(ModelConfigError, match="kernels must be one of"):
-        SCALayer(C, K, "cs", True, "fast")
+        ModelConfig(kernels="fast")
 
 
 def encoder(layers: tuple[str, ...], order: str = "cs", finetune: bool = False, backend: str = "plain") -> SCAEncoder:
@@ -323,7 +324,7 @@ def test_encoder_rejects_missing_or_misshapen_features() -> None:
         enc.remember({"conv3": features["conv3"]}, torch.float64)
     with pytest.raises(ModelConfigError, match=r"features\['conv3'\]: expected \(B, 8, H, W\)"):
         enc.remember({"conv3": features["conv3"][:, :5], "conv2": features["conv2"]}, torch.float64)
-    with pytest.raises(ModelConfigError, match="1 to 3 taps"):
-        SCAEncoder(build_tiny_backbone(), ("conv1", "conv2", "conv3", "conv4"), 4, "cs", True, False)
+    with pytest.raises(ModelConfigError, match="1 to 3 taps"):  # the model config's rule
+        ModelConfig(layers=("conv1", "conv2", "conv3", "conv4"))
     with pytest.raises(ModelConfigError, match="layers:"):
         SCAEncoder(build_tiny_backbone(), ("conv4", "conv3"), 4, "cs", True, False)

@@ -13,7 +13,7 @@ from sca_caption.decoding import beam_search
 from sca_caption.models.captioner import ModelConfig, SCACaptioner
 from sca_caption.models.decoder import UpDownDecoder
 from sca_caption.models.errors import ModelConfigError
-from sca_caption.models.sca import Attention
+from sca_caption.models.sca import AttentionWeights
 
 HIDDEN, EMBED, CONTEXT, QUERY, VOCAB = 6, 5, 4, 3, 9
 
@@ -40,9 +40,9 @@ def test_one_step_is_anderson_et_al_equations_with_torch_lstm_cells() -> None:
     attend_weight = torch.randn(CONTEXT, QUERY, dtype=torch.double)
     seen: list[torch.Tensor] = []
 
-    def attend(queries: torch.Tensor) -> tuple[torch.Tensor, Attention]:
+    def attend(queries: torch.Tensor) -> tuple[torch.Tensor, AttentionWeights]:
         seen.append(queries)
-        return torch.tanh(queries @ attend_weight.t()), Attention(None, None)
+        return torch.tanh(queries @ attend_weight.t()), AttentionWeights(None, None)
 
     embedded = decoder.embed(words)
     new_h, new_c, output, context, _ = decoder.advance(decoder.input_gates(embedded), h, c, decoder.image_gates(mean), attend)

@@ -1,4 +1,4 @@
-"""Bad input: the project's one error type, and the report that collects entries skipped instead.
+"""Bad input data: its error (``DataError``, an ``SCACaptionError``) and the report that collects entries skipped instead.
 
 Readers take ``on_bad``: ``"error"`` raises a ``DataError`` at the first bad entry; ``"skip"`` leaves
 the entry out and records it in a ``BadInputReport`` that the command-line tools print at the end,

@@ -16,13 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sca_caption.models.backbones import TappedBackbone, build_backbone
+from sca_caption.config_rules import first_problem, rules_of, section_values
 from sca_caption.models.decoder import LSTMDecoder, UpDownDecoder
 from sca_caption.models.errors import ModelConfigError
-from sca_caption.models.sca import KERNELS, ORDERS, Attention, ImageMemory, SCAEncoder
+from sca_caption.models.sca import AttentionWeights, ImageMemory, SCAEncoder
 from sca_caption.models.tag_head import TagHead, tag_loss
 
-
-DECODERS = ("sat", "updown")
 
 
 @dataclass(frozen=True)
@@ -76,27 +75,11 @@ class ModelConfig:
     decoder: str = "sat"
 
     def __post_init__(self) -> None:
+        """The model rules of ``config_rules``."""
         object.__setattr__(self, "layers", tuple(self.layers))
-        if self.decoder not in DECODERS:
-            raise ModelConfigError(f"model config: decoder must be one of {', '.join(DECODERS)}; got {self.decoder!r}")
-        if self.decoder == "updown" and not self.context_to_output:
-            raise ModelConfigError("model config: context_to_output is Show-Attend-Tell's output layer; the updown decoder's reads h² only")
-        if self.kernels not in KERNELS:
-            raise ModelConfigError(f"model config: kernels must be one of {', '.join(KERNELS)}; got {self.kernels!r}")
-        if self.order not in ORDERS:
-            raise ModelConfigError(f"model config: order must be one of {', '.join(ORDERS)}; got {self.order!r}")
-        if not 1 <= len(self.layers) <= 3:
-            raise ModelConfigError(f"model config: layers must name 1 to 3 taps; got {list(self.layers)}")
-        for name in ("attention_dim", "hidden_dim", "embed_dim"):
-            if getattr(self, name) < 1:
-                raise ModelConfigError(f"model config: {name} must be >= 1; got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ModelConfigError(f"model config: dropout must be in [0, 1); got {self.dropout}")
-        for name in ("doubly_stochastic", "num_tags", "tag_loss_weight"):
-            if getattr(self, name) < 0:
-                raise ModelConfigError(f"model config: {name} must be >= 0; got {getattr(self, name)}")
-        if self.finetune_upper and len(self.layers) < 2:
-            raise ModelConfigError("model config: finetune_upper needs at least two layers (it trains the backbone stages between them)")
+        problem = first_problem(rules_of("model"), section_values("model", self))
+        if problem:
+            raise ModelConfigError(problem)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain JSON/YAML types."""
@@ -147,7 +130,7 @@ class StepOutput(NamedTuple):
 
     logits: Tensor
     state: CaptionState
-    attention: Attention
+    attention: AttentionWeights
 
 
 class CaptionerOutput(NamedTuple):
@@ -156,7 +139,7 @@ class CaptionerOutput(NamedTuple):
     (B, K), or None without a tag head."""
 
     logits: Tensor
-    attention: Attention
+    attention: AttentionWeights
     tag_logits: Tensor | None
 
 
@@ -246,7 +229,7 @@ class SCACaptioner(nn.Module):
         embedded = self.decoder.embed(captions[:, :-1].t())
         hiddens: list[Tensor] = []
         contexts: list[Tensor] = []
-        attentions: list[Attention] = []
+        attentions: list[AttentionWeights] = []
         # unbind, not indexing: its backward stacks the step gradients once instead of adding
         # each into a zero tensor of all steps
         for word_gates in self.decoder.input_gates(embedded).unbind(0):
@@ -300,12 +283,12 @@ class SCACaptioner(nn.Module):
 
     def _advance(
         self, word_gates: Tensor, state: CaptionState, memory: CaptionMemory
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Attention]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, AttentionWeights]:
         """The step's recurrence (the decoder's ``advance``, with the encoder as its attention):
         word gates (R, G) and the state at t-1 -> h_t, c_t, the output layer's hidden, the
         context z_t and the attention."""
 
-        def attend(queries: Tensor) -> tuple[Tensor, Attention]:
+        def attend(queries: Tensor) -> tuple[Tensor, AttentionWeights]:
             context, attention = self.encoder(memory.encoder, queries, state.image)
             return self._decoder_view(context), attention
 
@@ -320,7 +303,7 @@ class SCACaptioner(nn.Module):
         return F.normalize(feature, dim=1) if self.config.normalize_features else feature
 
 
-def _stack_steps(steps: list[Attention]) -> Attention:
+def _stack_steps(steps: list[AttentionWeights]) -> AttentionWeights:
     """Per step the attention (R, n) of every layer -> per layer (R, T, n); None stays None."""
 
     def stack(per_step: list[tuple[Tensor, ...] | None]) -> tuple[Tensor, ...] | None:
@@ -328,4 +311,4 @@ def _stack_steps(steps: list[Attention]) -> Attention:
             return None
         return tuple(torch.stack(layer, dim=1) for layer in zip(*per_step))  # type: ignore[arg-type]
 
-    return Attention(stack([a.spatial for a in steps]), stack([a.channel for a in steps]))
+    return AttentionWeights(stack([a.spatial for a in steps]), stack([a.channel for a in steps]))

@@ -31,9 +31,11 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from sca_caption.models.sca import Attention
+from sca_caption.models.sca import AttentionWeights
 
-Attend = Callable[[Tensor], tuple[Tensor, Attention]]
+DECODERS = ("sat", "updown")  # Show-Attend-Tell's LSTM, Up-Down's two LSTMs
+
+Attend = Callable[[Tensor], tuple[Tensor, AttentionWeights]]
 """This step's queries (R, query_dim) -> the context z_t (R, C) and the attention that made it."""
 
 
@@ -73,7 +75,7 @@ class LSTMDecoder(nn.Module):
 
     def advance(
         self, word_gates: Tensor, h: Tensor, c: Tensor, image_gates: Tensor | None, attend: Attend
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Attention]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, AttentionWeights]:
         """One step: word gates (R, 4H), the state at t-1 -> h_t, c_t, the output layer's hidden
         h_t, the context z_t and the attention, both computed from h_{t-1}."""
         recurrent, queries = self.project_hidden(h)
@@ -161,7 +163,7 @@ class UpDownDecoder(nn.Module):
 
     def advance(
         self, word_gates: Tensor, h: Tensor, c: Tensor, image_gates: Tensor | None, attend: Attend
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Attention]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, AttentionWeights]:
         """One step: word gates (R, 4H), the state at t-1 (R, 2H) each, v̄'s gates per row (R, 4H)
         -> h_t, c_t (R, 2H), the output layer's hidden h²_t (R, H), the context z_t (computed from
         h¹_t) and the attention."""

@@ -67,7 +67,7 @@ COORD_CHANNELS = 2  # x and y of each location, appended to attended maps when a
 
 
 @dataclass(frozen=True)
-class Attention:
+class AttentionWeights:
     """The attention weights of every attended layer, low to high, at one step or stacked over
     steps: ``spatial`` α (..., m_l), ``channel`` β (..., C_l), each summing to 1 over its last
     dimension (the weights before rescaling); None where the order has no such attention."""
@@ -130,16 +130,13 @@ class FirstTerms:
 class SCALayer(nn.Module):
     """Channel and/or spatial attention over one layer, in one of ``ORDERS``.
 
-    ``kernels``: the backend, one of ``KERNELS`` (see the module docstring); "cpu" refuses a layer
+    ``order`` and ``kernels`` as ``ModelConfig`` checks them (``config_rules``). ``kernels``: the
+    backend, one of ``KERNELS`` (see the module docstring); "cpu" refuses a layer
     whose modules are not the ones the kernels implement (``kernels.check_implements``).
     """
 
     def __init__(self, channels: int, attention_dim: int, order: str, rescale: bool, kernels: str = "plain") -> None:
         super().__init__()
-        if order not in ORDERS:
-            raise ModelConfigError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
-        if kernels not in KERNELS:
-            raise ModelConfigError(f"kernels must be one of {', '.join(KERNELS)}; got {kernels!r}")
         self.order = order
         self.steps = STEPS[order]
         self.rescale = rescale
@@ -256,8 +253,6 @@ class SCAEncoder(nn.Module):
         kernels: str = "plain",
     ) -> None:
         super().__init__()
-        if not 1 <= len(layers) <= 3:
-            raise ModelConfigError(f"layers must name 1 to 3 taps of {backbone.name}; got {list(layers)}")
         try:
             prefix, upper = backbone.split(layers)
         except ValueError as error:
@@ -326,12 +321,12 @@ class SCAEncoder(nn.Module):
         maps = self._with_coordinates(taps[self.layer_names[0]].permute(0, 2, 3, 1))
         return ImageMemory(maps, self.layers[0].first_terms(maps.flatten(1, 2)), side, None), top
 
-    def forward(self, memory: ImageMemory, queries: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Attention]:
+    def forward(self, memory: ImageMemory, queries: Tensor, rows: Tensor | None = None) -> tuple[Tensor, AttentionWeights]:
         """Attend every layer with this step's queries (R, query_dim) -> the context z (R, C_top)
         and the step's attention; row r reads image ``rows[r]`` (image r when None)."""
         if memory.maps is None:
             assert memory.context is not None
-            return per_row(memory.context, rows), Attention(None, None)
+            return per_row(memory.context, rows), AttentionWeights(None, None)
         taps = {name: per_row(x, rows) for name, x in memory.side.items()}
         maps = memory.maps
         spatial: list[Tensor] = []
@@ -352,7 +347,7 @@ class SCAEncoder(nn.Module):
                 x = output.view(-1, *maps.shape[1:])[..., : self.channels[i]].permute(0, 3, 1, 2)
                 taps[self.layer_names[i]] = x
                 maps = self._with_coordinates(self.upper(i, x, taps).permute(0, 2, 3, 1))
-        return output, Attention(tuple(spatial) or None, tuple(channel) or None)
+        return output, AttentionWeights(tuple(spatial) or None, tuple(channel) or None)
 
     def _with_coordinates(self, maps: Tensor) -> Tensor:
         """(B, H, W, C) -> (B, H, W, C + 2) with x then y of each location, from -1 (left, top) to 1,

@@ -31,9 +31,10 @@ import torch
 from torch import Tensor
 
 from sca_caption.captioning import Caption, DecodeSettings, ImageCaptioner
+from sca_caption.errors import SCACaptionError
 
 
-class ShuttingDown(Exception):
+class ShuttingDown(SCACaptionError):
     """The server is stopping: an image that was not captioned before it began to (HTTP 503)."""
 
 

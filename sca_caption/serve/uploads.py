@@ -14,6 +14,8 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
+from sca_caption.errors import SCACaptionError
+
 FILE_FIELD = "images"
 RAW_BODY_NAME = "request body"
 NAME_CHARACTERS = 80
@@ -27,7 +29,7 @@ class Upload:
     data: bytes
 
 
-class UploadError(Exception):
+class UploadError(SCACaptionError):
     """A request whose images cannot be taken: an HTTP ``status`` (4xx) and a one-line ``message``."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from sca_caption.models.errors import ModelConfigError
 
-class BlockConfigError(ValueError):
+
+class BlockConfigError(ModelConfigError):
     """Bad block arguments or input shape; the message is one line naming the block and the problem."""
 
 
