@@ -134,11 +134,15 @@ def prepare(
 
 def check_splits(config: ExperimentConfig, records: Sequence[ImageRecord]) -> None:
     """Refuse (``DataError``) a run whose train, validation or test split has no images."""
-    held = {r.split for r in records}
     for role in ("train_split", "val_split", "test_split"):
-        split = getattr(config.data, role)
-        if split not in held:
-            raise DataError(f"{data_root(config)}: the {config.data.dataset} split {split!r} (data.{role}) has no images")
+        require_split(config, records, getattr(config.data, role), f"data.{role}")
+
+
+def require_split(config: ExperimentConfig, records: Sequence[ImageRecord], split: str, source: str) -> None:
+    """Refuse (``DataError``, naming the data root and ``source``, the setting that asked for it)
+    a ``split`` without images in the corpus ``records``."""
+    if not any(r.split == split for r in records):
+        raise DataError(f"{data_root(config)}: the {config.data.dataset} split {split!r} ({source}) has no images")
 
 
 def load_records(config: ExperimentConfig, log: Callable[[str], None] = print) -> list[ImageRecord]:
@@ -181,10 +185,14 @@ def ensure_features(
     return path, spec
 
 
-def corpus_and_features(config: ExperimentConfig, *, progress: bool = True) -> tuple[list[ImageRecord], FeatureCache]:
+def corpus_and_features(
+    config: ExperimentConfig, split: str, *, progress: bool = True
+) -> tuple[list[ImageRecord], FeatureCache]:
     """The corpus of ``config``'s dataset and its feature cache (extracted first where missing):
-    what scoring a trained model reads."""
+    what scoring ``split`` of it with a trained model reads. A split without images is refused
+    before any extraction."""
     records = load_records(config)
+    require_split(config, records, split, "--split")
     path, spec = ensure_features(config, records, progress=progress)
     return records, FeatureCache(path, expect=spec)
 

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         check_output_folder(out, "run folder")
         if args.resume:
-            resume_checkpoint(out)  # refused before any preparation when there is none
+            resume_checkpoint(out, config)  # refused before any preparation when absent or of other settings
         progress = not args.no_progress
         if processes.is_main and args.download:
             download_dataset(config.data.dataset, data_root(config), progress=progress)
