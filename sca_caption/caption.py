@@ -12,8 +12,8 @@ stdout, one line per image in input order: ``PATH<TAB>CAPTION``. With ``--n-best
 per image, ``PATH<TAB>RANK<TAB>SCORE<TAB>CAPTION`` with RANK 1..K (best first) and SCORE the
 ranking score (the log-probability, divided by the length penalty if one is set), 4 decimals.
 So that a record is always one line of tab-separated fields, PATH is printed with a backslash,
-tab, newline or carriage return in it escaped as ``\\\\``, ``\\t``, ``\\n``, ``\\r`` (other paths
-print as they are).
+tab, newline or carriage return in it escaped as ``\\\\``, ``\\t``, ``\\n``, ``\\r``, and bytes of a
+name that are not UTF-8 as ``\\xNN``, here and in ``--json`` (other paths print as they are).
 
 ``--json FILE``: a COCO results list, one entry per captioned image: ``image_id`` (the number of
 a COCO file name, else the file name stem), ``caption``, ``file``, ``score``, ``log_prob``,
@@ -56,6 +56,7 @@ from sca_caption.captioning import (
     ImageCaptioner,
     collect_images,
     default_checkpoint,
+    path_text,
     result_entry,
 )
 from sca_caption.decode_options import DECODE_OPTIONS, add_decode_options, decode_changes
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"{checkpoint}: its model (order {captioner.model.config.order!r}) has no spatial attention to draw")
         return 2
     settings = captioner.settings(**decode_changes(args), attention=args.json is not None or args.attention is not None)
-    many = any(Path(p).is_dir() or GLOB_CHARACTERS.search(p) for p in args.paths)
+    many = any(os.path.isdir(p) or GLOB_CHARACTERS.search(p) for p in args.paths)
     tally = Tally()
     try:
         _run(captioner, paths, settings, args, tally, progress=many and not args.no_progress)
@@ -198,7 +199,7 @@ RECORD_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\
 
 
 def _print_captions(result: CaptionedImage, scored: bool) -> None:
-    path = str(result.path).translate(RECORD_ESCAPES)  # one line, whatever the file's name
+    path = path_text(str(result.path).translate(RECORD_ESCAPES))  # one line of UTF-8, whatever the file's name
     if not scored:
         print(f"{path}\t{result.captions[0].text}", flush=True)
         return

@@ -105,10 +105,10 @@ def collect_images(arguments: Sequence[str]) -> list[Path]:
     """
     paths: list[Path] = []
     for argument in arguments:
-        path = Path(argument)
-        if path.is_dir():
+        path = Path(argument)  # os.path's tests: a name too long for a file is not one, not an OSError
+        if os.path.isdir(path):
             paths += _folder_images(path)
-        elif GLOB_CHARACTERS.search(argument) and not path.exists():
+        elif GLOB_CHARACTERS.search(argument) and not os.path.exists(path):
             matches = _glob(argument)
             if not matches:
                 raise NoImagesError(f"{argument}: the pattern matches no file")
@@ -164,6 +164,12 @@ def image_id_for(path: Path) -> int | str:
     (``000000391895.jpg``, ``COCO_val2014_000000391895.jpg``), else the file name stem (Flickr ids)."""
     match = re.fullmatch(r"(?:COCO_[A-Za-z]+\d*_)?(\d+)", path.stem)
     return int(match.group(1)) if match else path.stem
+
+
+def path_text(path: str | os.PathLike[str]) -> str:
+    """``path`` as text any UTF-8 writer takes: the bytes of a name that are not UTF-8 (a file
+    named in another system's encoding, which Python holds as lone surrogates) written as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -350,7 +356,8 @@ def result_entry(
     ``score``, ``log_prob``, ``finished``, the ``n_best`` list when asked for, and per-word
     ``attention`` (see ``attention_summary``) when the captions carry it."""
     best = result.captions[0]
-    entry: dict[str, Any] = {"image_id": image_id_for(result.path), "caption": best.text, "file": str(result.path)}
+    name = Path(path_text(result.path))
+    entry: dict[str, Any] = {"image_id": image_id_for(name), "caption": best.text, "file": str(name)}
     entry.update(_scores(best.hypothesis))
     if n_best:
         entry["n_best"] = [{"caption": c.text, **_scores(c.hypothesis)} for c in result.captions]

@@ -143,7 +143,7 @@ def evaluate_checkpoint(
     config = replace(config, decode=changed(config.decode, decode_changes or {}))
     if data_root is not None:
         config = replace(config, data=replace(config.data, data_root=str(data_root)))
-    records, cache = corpus_and_features(config, progress=progress)
+    records, cache = corpus_and_features(config, split, progress=progress)
     evaluation = evaluate_model(model, vocab, config, records, cache, split, device=device, meteor=meteor, progress=progress)
     return evaluation, config
 

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ExperimentConfig.from_dict(exported.config, source=str(args.checkpoint))
     if args.data_root is not None:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_root=str(args.data_root)))
-    records, cache = corpus_and_features(config, progress=not args.no_progress)
+    records, cache = corpus_and_features(config, args.split, progress=not args.no_progress)
     fingerprint = reproduced_fingerprint(config, records, cache, args.split, args.checkpoint)
     fingerprint_tensor = torch.frombuffer(bytearray(fingerprint), dtype=torch.uint8)
     exported = dataclasses.replace(exported, model={**exported.model, "encoder.prefix_fingerprint": fingerprint_tensor})

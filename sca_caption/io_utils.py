@@ -70,7 +70,7 @@ def check_output_file(
     """Refuse (``OutputError``) a ``path`` a file cannot be written at; one of the run's ``inputs``
     (path -> what it is, e.g. "the checkpoint to evaluate"); or, given the ``replaces`` kind, an
     existing file that is not of that kind."""
-    target = Path(path)
+    target = check_path_name(path, what)
     if target.is_dir():
         raise OutputError(f"{target}: is a folder, but the {what} goes here")
     if target.exists() and not target.is_file():
@@ -85,10 +85,36 @@ def check_output_file(
 
 def check_output_folder(path: str | os.PathLike[str], what: str = "output folder") -> None:
     """Refuse (``OutputError``) a ``path`` that is not, and cannot become, a writable folder."""
-    target = Path(path)
+    target = check_path_name(path, what)
     if target.exists() and not target.is_dir():
         raise OutputError(f"{target}: is a file, but the {what} goes here")
     _check_writable_folder(target, target, what)
+
+
+NAME_MAX, PATH_MAX = 255, 4096  # bytes, as Linux and macOS file systems allow
+
+
+def name_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why no file can be named ``path`` (a part longer than ``NAME_MAX`` bytes, or the whole
+    path ``PATH_MAX`` bytes or more, which the system refuses as "File name too long"), or None."""
+    whole = len(os.fsencode(path))
+    if whole >= PATH_MAX:
+        return f"a path of {whole} bytes is too long (the most is {PATH_MAX - 1})"
+    longest = max((len(os.fsencode(part)) for part in Path(path).parts), default=0)
+    if longest > NAME_MAX:
+        return f"it has a name of {longest} bytes, too long for a file name (the most is {NAME_MAX})"
+    return None
+
+
+def check_path_name(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` as a ``Path``, refused (``OutputError``) where no file or folder can be named so:
+    ``name_problem``, or "-" (standard output to a user, which the command does not write to)."""
+    if os.fspath(path) == "-":
+        raise OutputError(f"-: the {what} needs a real name (\"-\" does not mean standard output here)")
+    problem = name_problem(path)
+    if problem is not None:
+        raise OutputError(f"{path}: {problem}; the {what} cannot go there")
+    return Path(path)
 
 
 def _check_writable_folder(folder: Path, target: Path, what: str) -> None:

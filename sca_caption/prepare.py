@@ -35,6 +35,7 @@ from sca_caption.data.features import CacheSpec, FeatureCache, is_complete
 from sca_caption.data.shapes import DATASET_FILE, Scene, load_scenes
 from sca_caption.data.vocab import Vocab, build_vocab
 from sca_caption.distributed import ONE_PROCESS, Processes
+from sca_caption.io_utils import check_path_name
 from sca_caption.models.tag_head import tag_targets, tag_vocabulary
 
 
@@ -87,15 +88,15 @@ FEATURES_FOLDER = Path("data") / "features"  # under the working folder: the dat
 
 def feature_cache_path(config: ExperimentConfig, spec: CacheSpec) -> Path:
     """``data.feature_cache``, else ``FEATURES_FOLDER/<CacheSpec.file_name>``."""
-    if config.data.feature_cache is not None:
-        return Path(config.data.feature_cache)
-    return FEATURES_FOLDER / spec.file_name()
+    named = _named_cache(config)
+    return named if named is not None else FEATURES_FOLDER / spec.file_name()
 
 
 def vocab_path(config: ExperimentConfig, records: Sequence[ImageRecord]) -> Path:
     """``<dataset>_vocab_min<k>_<corpus hash>.json`` in the default feature cache folder, or beside
     ``data.feature_cache``."""
-    folder = Path(config.data.feature_cache).parent if config.data.feature_cache is not None else FEATURES_FOLDER
+    named = _named_cache(config)
+    folder = named.parent if named is not None else FEATURES_FOLDER
     return folder / f"{config.data.dataset}_vocab_min{config.data.min_count}_{corpus_hash(records)[:8]}.json"
 
 
@@ -134,11 +135,15 @@ def prepare(
 
 def check_splits(config: ExperimentConfig, records: Sequence[ImageRecord]) -> None:
     """Refuse (``DataError``) a run whose train, validation or test split has no images."""
-    held = {r.split for r in records}
     for role in ("train_split", "val_split", "test_split"):
-        split = getattr(config.data, role)
-        if split not in held:
-            raise DataError(f"{data_root(config)}: the {config.data.dataset} split {split!r} (data.{role}) has no images")
+        require_split(config, records, getattr(config.data, role), f"data.{role}")
+
+
+def require_split(config: ExperimentConfig, records: Sequence[ImageRecord], split: str, source: str) -> None:
+    """Refuse (``DataError``, naming the data root and ``source``, the setting that asked for it)
+    a ``split`` without images in the corpus ``records``."""
+    if not any(r.split == split for r in records):
+        raise DataError(f"{data_root(config)}: the {config.data.dataset} split {split!r} ({source}) has no images")
 
 
 def load_records(config: ExperimentConfig, log: Callable[[str], None] = print) -> list[ImageRecord]:
@@ -181,12 +186,23 @@ def ensure_features(
     return path, spec
 
 
-def corpus_and_features(config: ExperimentConfig, *, progress: bool = True) -> tuple[list[ImageRecord], FeatureCache]:
+def corpus_and_features(
+    config: ExperimentConfig, split: str, *, progress: bool = True
+) -> tuple[list[ImageRecord], FeatureCache]:
     """The corpus of ``config``'s dataset and its feature cache (extracted first where missing):
-    what scoring a trained model reads."""
+    what scoring ``split`` of it with a trained model reads. A split without images is refused
+    before any extraction."""
     records = load_records(config)
+    require_split(config, records, split, "--split")
     path, spec = ensure_features(config, records, progress=progress)
     return records, FeatureCache(path, expect=spec)
+
+
+def _named_cache(config: ExperimentConfig) -> Path | None:
+    """``data.feature_cache``, refused (``OutputError``) where no file can be named so; None when unset."""
+    if config.data.feature_cache is None:
+        return None
+    return check_path_name(config.data.feature_cache, "feature cache (data.feature_cache)")
 
 
 def _silent(_: str) -> None:

@@ -26,7 +26,7 @@ from sca_caption.config import ExperimentConfig, load_config
 from sca_caption.data.datasets import CORPORA
 from sca_caption.data.download import download_dataset
 from sca_caption.devices import add_device_option
-from sca_caption.io_utils import check_output_folder
+from sca_caption.io_utils import check_output_folder, check_path_name
 from sca_caption.distributed import start_processes, stop_processes
 from sca_caption.errors import command
 from sca_caption.prepare import data_root, prepare
@@ -79,14 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     config = experiment_config(args)  # config_rules refuse settings that cannot work together
     processes = start_processes(args.device)
     try:
-        out = args.out if args.out is not None else Path("checkpoints") / config.data.dataset
+        out = check_path_name(args.out, "run folder") if args.out is not None else Path("checkpoints") / config.data.dataset
         if not args.resume and (out / "test_scores.json").exists():
             # a finished run: re-running the same command (the README's first) redoes nothing
             print(f"{out} holds a finished run (best.pt, test_scores.json); --out DIR starts another")
             return 0
         check_output_folder(out, "run folder")
         if args.resume:
-            resume_checkpoint(out)  # refused before any preparation when there is none
+            resume_checkpoint(out, config)  # refused before any preparation when absent or of other settings
         progress = not args.no_progress
         if processes.is_main and args.download:
             download_dataset(config.data.dataset, data_root(config), progress=progress)

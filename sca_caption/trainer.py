@@ -181,12 +181,24 @@ def build_model(config: ExperimentConfig, vocab_size: int, backbone_weights: str
     return SCACaptioner(config.model, vocab_size, backbone)
 
 
-def resume_checkpoint(out: Path) -> Path:
-    """``out/last.pt``, the checkpoint ``--resume`` continues; a ``TrainingError`` when there is none."""
+def resume_checkpoint(out: Path, config: ExperimentConfig) -> Path:
+    """``out/last.pt``, the checkpoint ``--resume`` continues with ``config``: a ``TrainingError``
+    when there is none, a ``CheckpointError`` when it was trained with other settings than
+    ``config`` (other than ``RESUMABLE_CHANGES``), before anything is prepared for the run."""
     last = Path(out) / "last.pt"
     if not last.exists():
         raise TrainingError(f"{last}: nothing to resume (no last.pt in {out})")
+    load_checkpoint(last, expect_config=_resumed_settings(config))
     return last
+
+
+def _resumed_settings(config: ExperimentConfig) -> dict[str, Any]:
+    """``config`` as a dict without ``RESUMABLE_CHANGES``: what a resumed run must share with ``last.pt``."""
+    expected = config.to_dict()
+    for name in RESUMABLE_CHANGES:
+        section, key = name.split(".")
+        del expected[section][key]
+    return expected
 
 
 def improves(score: float, best: float | None, metric: str) -> bool:
@@ -254,7 +266,7 @@ class Trainer:
         self.at = Position(0, 0, self._phase(0).order(0), 0)
         last = self.out / "last.pt"
         if resume:
-            self._restore(resume_checkpoint(self.out))
+            self._restore(resume_checkpoint(self.out, config))
         elif last.exists():
             raise TrainingError(f"{last} exists: pass --resume to continue that run, or --out for a new one")
         elif init_from is not None:
@@ -545,11 +557,9 @@ class Trainer:
         )
 
     def _restore(self, path: Path) -> None:
-        expected = self.config.to_dict()
-        for name in RESUMABLE_CHANGES:
-            section, key = name.split(".")
-            del expected[section][key]
-        checkpoint = load_checkpoint(path, expect_config=expected, expect_vocab=self.vocab.words)  # on the CPU
+        checkpoint = load_checkpoint(  # on the CPU
+            path, expect_config=_resumed_settings(self.config), expect_vocab=self.vocab.words
+        )
         samples = self._phase(checkpoint.epoch).samples
         if len(checkpoint.data_order) != len(samples):
             raise CheckpointError(

@@ -16,6 +16,7 @@ from sca_caption.data import coco, flickr8k, shapes
 from sca_caption.data.corpus import ImageRecord
 from sca_caption.data.errors import BadInputReport, DataError
 from sca_caption.data.karpathy import read_karpathy
+from sca_caption.io_utils import name_problem
 
 CORPORA = ("shapes", "flickr8k", "flickr30k", "coco")
 FLICKR30K_IMAGE_FOLDERS = ("flickr30k-images", "flickr30k_images", "images")
@@ -72,6 +73,9 @@ def load_corpus(
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(CORPORA)}")
     root = Path(data_root) if data_root is not None else default_data_root(name)
     karpathy = karpathy_file(name, root)
+    problem = name_problem(karpathy)
+    if problem is not None:
+        raise DataError(f"{root}: no {name} dataset can be there: {problem}")
     if name == "shapes":
         stale = shapes.stale_dataset(karpathy)
         if stale is not None:  # written by an older generator: made again with its seed and counts
