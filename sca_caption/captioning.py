@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from sca_caption.checkpoint import CheckpointError, check_prefix, load_captioner
+from sca_caption.checkpoint import CheckpointError, check_backbone_matches, load_captioner
 from sca_caption.data.errors import DataError
 from sca_caption.data.feature_extraction import ImageFiles, collate_decoded
 from sca_caption.data.vocab import Vocab
@@ -251,7 +251,7 @@ class ImageCaptioner:
         except (ModelConfigError, ValueError) as err:  # unusable weights (DataError)
             raise CheckpointError(f"{path}: {err}") from None
         prefix, _ = backbone.split(config.model.layers)
-        check_prefix(path, model, prefix, weights)
+        check_backbone_matches(path, model, prefix, weights)
         return cls(model, prefix, vocab, max_length=config.decoding_limit, decode=config.decode, device=device)
 
     def settings(self, **changes: Any) -> DecodeSettings:

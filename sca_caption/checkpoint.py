@@ -319,7 +319,7 @@ def captioner_from(
     return model.eval().to(device), vocab, config
 
 
-def check_prefix(path: str | Path, model: SCACaptioner, prefix: BackbonePrefix, weights: str) -> None:
+def check_backbone_matches(path: str | Path, model: SCACaptioner, prefix: BackbonePrefix, weights: str) -> None:
     """Refuse a backbone prefix that computes other features than the model was trained on
     (``weights``: what the prefix was built with, named in the message)."""
     if model.encoder.features_fingerprint != prefix.fingerprint():

@@ -243,7 +243,7 @@ class Trainer:
             raise TrainingError(f"no training samples: split {config.data.train_split!r} has no cached images")
 
         self.model = build_model(config, len(self.vocab), config.data.backbone_weights).to(self.device)
-        self.cache.check_prefix(self.model.encoder.features_fingerprint, "this run's")
+        self.cache.check_computed_by(self.model.encoder.features_fingerprint, "this run's")
         self.forward_module: nn.Module = self.model
         if processes.distributed:  # the tag head has no gradient where its loss is off or self-critical
             unused = model.num_tags > 0 and (model.tag_loss_weight == 0 or train.scst_after is not None)

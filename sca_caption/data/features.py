@@ -179,7 +179,7 @@ class FeatureCache:
         datasets = self._open()
         return {tap: torch.from_numpy(self._read_rows(datasets[tap], [index])[0]).float() for tap in self.taps}
 
-    def check_prefix(self, fingerprint: bytes, whose: str) -> None:
+    def check_computed_by(self, fingerprint: bytes, whose: str) -> None:
         """Refuse (``DataError``, one line) a cache whose features another backbone prefix computed
         than the one with ``fingerprint`` (``whose``: e.g. "this run's"). A cache that did not
         record its prefix passes."""
