@@ -17,11 +17,10 @@ Remedies:
   did before ``sca_caption.threads`` (``SCA_CAPTION_THREADS=torch``);
 - ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` alone, threads = cores;
 - ``one``: one thread, default wait policy;
-- ``free``: threads = the cores free when the process starts (``threads.free_cores``), default
-  wait policy;
-- ``shipped``: what ``import sca_caption`` does by default (``sca_caption.threads``).
+- ``shipped``: what ``import sca_caption`` does by default (``sca_caption.threads``: the free
+  cores, sampled in the worker's own start).
 
-Usage: python benchmarks/contention.py [--remedies torch,passive,one,free,shipped]
+Usage: python benchmarks/contention.py [--remedies torch,passive,one,shipped]
        [--workloads train,beam] [--busy 1,2] [--seconds 20]
 """
 
@@ -34,7 +33,7 @@ import subprocess
 import sys
 import time
 
-REMEDIES = ("torch", "passive", "one", "free", "shipped")
+REMEDIES = ("torch", "passive", "one", "shipped")
 WORKLOADS = ("train", "beam")
 BUSY_LOOP = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
 
@@ -51,14 +50,11 @@ def remedy_environment(remedy: str) -> dict[str, str]:
 
 def worker(remedy: str, workload: str, seconds: float) -> dict[str, object]:
     """Build the workload in this process, apply the remedy's thread count and measure."""
+    import sca_caption  # noqa: F401 (before torch, as every command: the ``shipped`` remedy's threads)
     import torch
-
-    from sca_caption import threads
 
     if remedy == "one":
         torch.set_num_threads(1)
-    elif remedy == "free":
-        torch.set_num_threads(threads.free_cores())
     run, items = build_workload(workload)
     start = time.perf_counter()
     run()

@@ -2,7 +2,7 @@
 
 ``from sca_caption import Captioner`` is the Python API (``sca_caption.api``); it is imported on
 first use, so importing the package (as every command does) loads no torch. Importing it before
-torch sets torch's CPU threads to share the machine (``sca_caption.threads``)."""
+torch sets torch's CPU threads to the free cores (``sca_caption.threads``)."""
 
 from __future__ import annotations
 
