@@ -135,12 +135,14 @@ class Bookkeeping:
 
     ``history``: the rows of log.csv; ``epoch_loss``, ``epoch_steps``, ``epoch_seconds``: the
     running sum of the step losses since the previous row, their count and the training time;
-    ``steps``: the rows of steps.csv; ``best_epoch``, ``best_step``: where the best validation was.
+    ``steps``: the rows of steps.csv; ``best_epoch``, ``best_step``: where the best validation was;
+    ``validated_step``: the step after which the last validation ran (kept on every process).
     """
 
     best_score: float | None = None
     best_epoch: int = -1
     best_step: int = -1
+    validated_step: int = -1
     bad_evaluations: int = 0
     stopped: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
@@ -185,10 +187,16 @@ def resume_checkpoint(out: Path, config: ExperimentConfig) -> Path:
     """``out/last.pt``, the checkpoint ``--resume`` continues with ``config``: a ``TrainingError``
     when there is none, a ``CheckpointError`` when it was trained with other settings than
     ``config`` (other than ``RESUMABLE_CHANGES``), before anything is prepared for the run."""
+    last = _last_checkpoint(out)
+    load_checkpoint(last, expect_config=_resumed_settings(config))
+    return last
+
+
+def _last_checkpoint(out: Path) -> Path:
+    """``out/last.pt``; a ``TrainingError`` when there is none."""
     last = Path(out) / "last.pt"
     if not last.exists():
         raise TrainingError(f"{last}: nothing to resume (no last.pt in {out})")
-    load_checkpoint(last, expect_config=_resumed_settings(config))
     return last
 
 
@@ -265,8 +273,8 @@ class Trainer:
         self.books = Bookkeeping()
         self.at = Position(0, 0, self._phase(0).order(0), 0)
         last = self.out / "last.pt"
-        if resume:
-            self._restore(resume_checkpoint(self.out, config))
+        if resume:  # _restore compares the settings as resume_checkpoint does: one load here
+            self._restore(_last_checkpoint(self.out))
         elif last.exists():
             raise TrainingError(f"{last} exists: pass --resume to continue that run, or --out for a new one")
         elif init_from is not None:
@@ -423,6 +431,8 @@ class Trainer:
         validated): early stopping, the next epoch (where ``epoch_end``, or where cross-entropy
         ran out of patience), the run's files. Whether training moves on from this epoch now."""
         row = self._row(evaluation)
+        if evaluation is not None:
+            self.books.validated_step = self.at.step
         improved, skip = self._judge(row)
         self.books.epoch_loss, self.books.epoch_steps, self.books.epoch_seconds = 0.0, 0, 0.0
         if epoch_end or skip:
@@ -431,9 +441,9 @@ class Trainer:
         return skip or self.books.stopped
 
     def _validated_now(self) -> bool:
-        """Whether the last row of log.csv is a validation after the step just taken."""
-        history = self.books.history
-        return bool(history) and history[-1]["step"] == self.at.step and "val_loss" in history[-1]
+        """Whether the last validation ran after the step just taken (on every process alike:
+        log.csv's rows are rank 0's)."""
+        return self.books.validated_step == self.at.step
 
     def _row(self, evaluation: SplitEvaluation | None) -> dict[str, float]:
         """The log row of the training since the previous row (validation columns empty where not validated)."""

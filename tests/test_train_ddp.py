@@ -22,9 +22,13 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_shapes:
     # Dropout off: each process draws its own masks, so only dropout-free runs can agree exactly.
     # Batches of 30 captions split 15/15; validation only after the last epoch. Each run prepares
     # its own feature cache: the two processes extract a share of the images each.
-    settings = tiny_shapes.overrides(model__dropout=0.0, train__eval_every=2, model__doubly_stochastic=1.0)
-    run_train("--out", "one", *settings, f"data.feature_cache={tmp_path / 'one.h5'}", cwd=tmp_path)
-    run_train("--out", "two", *settings, f"data.feature_cache={tmp_path / 'two.h5'}", cwd=tmp_path, processes=2)
+    def settings(cache: str) -> list[str]:
+        return tiny_shapes.overrides(
+            model__dropout=0.0, train__eval_every=2, model__doubly_stochastic=1.0, data__feature_cache=str(tmp_path / cache)
+        )
+
+    run_train("--out", "one", *settings("one.h5"), cwd=tmp_path)
+    run_train("--out", "two", *settings("two.h5"), cwd=tmp_path, processes=2)
     with h5py.File(tmp_path / "one.h5", "r") as a, h5py.File(tmp_path / "two.h5", "r") as b:
         assert dict(a.attrs).keys() == dict(b.attrs).keys() and a.keys() == b.keys()
         assert all(np.array_equal(a.attrs[k], b.attrs[k]) for k in a.attrs)
@@ -43,7 +47,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_shapes:
         apart = (value - other).abs() > 2e-5 + 1e-4 * other.abs()
         assert int(apart.sum()) <= max(1, value.numel() // 1000), (key, int(apart.sum()), value.numel())
         assert float((value - other).abs().max()) <= 2 * 0.01 * 8, key
-    start = build_model(load_config("shapes", overrides=settings), len(one["vocab"]), "imagenet").state_dict()
+    start = build_model(load_config("shapes", overrides=settings("one.h5")), len(one["vocab"]), "imagenet").state_dict()
     moved = max(float((start[k] - v).abs().max()) for k, v in one["model"].items() if v.is_floating_point())
     assert moved > 1e-2  # training moved the weights far beyond the tolerance compared above
     with open(tmp_path / "one" / "log.csv") as a, open(tmp_path / "two" / "log.csv") as b:
@@ -103,3 +107,13 @@ def test_a_validation_longer_than_the_collective_timeout_keeps_the_processes_tog
     with open(tmp_path / "two" / "log.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 1 and float(rows[0]["CIDEr"]) >= 0.0
+
+
+def test_a_validation_after_the_last_step_keeps_the_processes_in_step(tiny_shapes: TinyShapes, tmp_path: Path) -> None:
+    """With ``train.val_every`` landing on the run's last step, every process must agree that the
+    last step was validated (rank 0 alone keeps log.csv's rows): no process may validate again
+    while the other waits at a barrier."""
+    settings = tiny_shapes.overrides(train__val_every=4, train__patience=None)  # 2 epochs of 4 steps
+    run_train("--out", "two", *settings, cwd=tmp_path, processes=2, instrumented=("--collective-timeout", "60"))
+    with open(tmp_path / "two" / "log.csv") as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == [4, 8]
