@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in evaluation.scores.items():
         print(f"{name:>16} {100 * value:6.2f}")
     sys.stdout.flush()  # the scores first: a results file that cannot be written loses nothing
-    out = args.out or args.checkpoint.with_name(results_name(args.split, config.decode))
+    out = args.out
+    if out is None:  # named after the decoding, known now: the same rule as --out, before writing
+        out = args.checkpoint.with_name(results_name(args.split, config.decode))
+        check_output_file(out, "results file", replaces=COCO_RESULTS)
     write_coco_results(out, {_results_id(k, config.data.dataset): v for k, v in evaluation.captions.items()})
     print(f"{out}: the captions, as COCO results")
     print(json.dumps(evaluation.scores))

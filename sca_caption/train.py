@@ -30,7 +30,7 @@ from sca_caption.io_utils import check_output_folder, check_path_name
 from sca_caption.distributed import start_processes, stop_processes
 from sca_caption.errors import command
 from sca_caption.prepare import data_root, prepare
-from sca_caption.trainer import Trainer, TrainResult, resume_checkpoint
+from sca_caption.trainer import Trainer, TrainingError, TrainResult, resume_checkpoint
 
 DEFAULT_DATASET = "shapes"
 
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{out} holds a finished run (best.pt, test_scores.json); --out DIR starts another")
             return 0
         check_output_folder(out, "run folder")
+        if args.init_from is not None and args.init_from.name in ("best.pt", "last.pt") and args.init_from.resolve().parent == out.resolve():
+            raise TrainingError(f"{args.init_from}: the run would write over the checkpoint it starts from; pass another --out")
         if args.resume:
             resume_checkpoint(out, config)  # refused before any preparation when absent or of other settings
         progress = not args.no_progress

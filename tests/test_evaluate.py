@@ -85,6 +85,17 @@ def test_evaluate_defaults_the_results_path_beside_the_checkpoint(checkpoint, ca
     assert 0.0 <= printed["shapes_accuracy"] <= 1.0
 
 
+def test_the_default_results_name_replaces_only_a_results_file(checkpoint, capsys):
+    mine = checkpoint.parent / "results_val_beam1_min1.json"
+    mine.write_text("my notes\n")
+    assert evaluate.main(["--no-progress", "--checkpoint", str(checkpoint), "--split", "val", "--beam", "1",
+                          "--min-length", "1", "--no-meteor"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {mine}: exists and is not a COCO results JSON file; not overwritten"
+    )
+    assert mine.read_text() == "my notes\n"
+
+
 @pytest.mark.slow
 def test_evaluate_with_meteor(checkpoint, capsys):
     printed = _run(["--checkpoint", str(checkpoint), "--beam", "2"], capsys)

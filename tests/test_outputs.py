@@ -205,3 +205,15 @@ def test_caption_prints_one_record_per_image_whatever_its_name(checkpoint, tmp_p
     printed = {re.sub(r"\\[\\tnr]", lambda m: unescape[m.group()], record.split("\t")[0]) for record in records}
     assert printed == {str(photos / name) for name in names}
     assert str(photos / "plain.png") in [record.split("\t")[0] for record in records]  # printed as it is
+
+
+def test_train_never_writes_over_the_checkpoint_it_starts_from(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    start = run / "best.pt"
+    start.write_bytes(b"the weights to start from")
+    assert train.main(["--out", str(run), "--init-from", str(start)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {start}: the run would write over the checkpoint it starts from; pass another --out"
+    ]
+    assert start.read_bytes() == b"the weights to start from"
