@@ -16,7 +16,9 @@ Exact resumption: the sample order of an epoch is a function of (seed, epoch), t
 RNG (which draws the dropout masks) is reseeded with (seed, step, rank) before every step, and the
 learning rate is a function of the step. So a run resumed from ``last.pt`` (which stores the step, the epoch's order
 and the position in it) trains on exactly the batches, with exactly the masks and learning
-rates, that the interrupted run would have, and ends with the same weights.
+rates, that the interrupted run would have, and ends with the same weights, where both run with
+the same number of CPU threads (the float sums' order follows it: ``sca_caption.threads`` picks
+the free cores at each start, so set ``OMP_NUM_THREADS`` for bit-for-bit repeats).
 
 Validation: after every ``train.eval_every``-th epoch and the last (a row of log.csv per epoch,
 its validation columns empty where none ran); or, with ``train.val_every``, after every
