@@ -76,7 +76,7 @@ def build_workload(workload: str):  # noqa: ANN201 (a benchmark's closure)
     """``(run, items)``: one iteration of ``workload`` as a call and the captions or images it does."""
     import torch
 
-    from captioner_speed import training_iteration
+    from captioner_speed import feature_shapes, random_features, training_iteration
     from sca_caption.config import load_config
     from sca_caption.decoding import decode
     from sca_caption.models.backbones import build_backbone
@@ -85,13 +85,8 @@ def build_workload(workload: str):  # noqa: ANN201 (a benchmark's closure)
     config = load_config("shapes")
     torch.manual_seed(0)
     vocab, batch, words = 40, 64, 20
-    backbone = build_backbone(config.model.backbone, weights=None)
-    model = SCACaptioner(config.model, vocab, backbone)
-    features = {}
-    for name in model.feature_names:
-        info = backbone.tap_info[name]
-        side = -(-backbone.input_size // info.stride)
-        features[name] = torch.rand(batch, info.channels, side, side)
+    model = SCACaptioner(config.model, vocab, build_backbone(config.model.backbone, weights=None))
+    features = random_features(feature_shapes(config.model.backbone, config.model.layers), batch)
     if workload == "train":
         captions = torch.randint(4, vocab, (batch, words + 1))
         captions[:, 0] = 1
