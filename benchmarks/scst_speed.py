@@ -5,10 +5,12 @@ with the captioner of ``--setting`` (``common.SETTINGS``; ``f8k``: configs/flick
 
 - ``cross_entropy``: the trainer's own step (``phases.cross_entropy_step``) on ``--batch``
   captions of ``--steps`` words;
-- ``self_critical`` (per baseline): the trainer's own step (``phases.SelfCriticalPhase.step``) on
+- ``self_critical`` (per variant): the trainer's own step (``phases.SelfCriticalPhase.step``) on
   ``--images`` images (default ``--batch``; ``train.scst_images``), ``--samples`` sampled captions
-  each of up to ``--steps`` + 1 tokens, their CIDEr-D rewards, the baseline, the teacher-forced
-  policy loss and the optimizer step.
+  each of up to ``--steps`` + 1 tokens, their CIDEr-D rewards, the baseline, the policy loss and
+  the optimizer step. Variants: the greedy and the mean baseline with teacher-forced
+  log-probabilities; the mean baseline with the sampling pass's (``train.scst_log_probs=sample``);
+  the mean baseline with the five references' cross-entropy mixed in (``train.scst_xe_weight``).
 
 Per image: a cross-entropy epoch trains every image's five captions, a self-critical epoch every
 image once with its samples, so ``seconds_per_image_epoch`` is 5 × the per-caption time for
@@ -40,7 +42,12 @@ from sca_caption.phases import SelfCriticalPhase, cross_entropy_step
 
 CAPTIONS_PER_IMAGE = 5
 F8K = Setting("efficientnet_lite0", ("stage7",), 128, 384, 256)  # configs/flickr8k.yaml
-
+VARIANTS: list[dict[str, object]] = [  # train.scst_* settings of each self-critical row
+    {"scst_baseline": "greedy", "scst_log_probs": "teacher", "scst_xe_weight": 0.0},
+    {"scst_baseline": "mean", "scst_log_probs": "teacher", "scst_xe_weight": 0.0},
+    {"scst_baseline": "mean", "scst_log_probs": "sample", "scst_xe_weight": 0.0},
+    {"scst_baseline": "mean", "scst_log_probs": "teacher", "scst_xe_weight": 0.5},
+]
 
 
 def main() -> None:
@@ -74,11 +81,15 @@ def main() -> None:
     def cross_entropy() -> None:
         cross_entropy_step(model, model, optimizer, batch, vocab.pad, tokens, args.batch, 1, train)
 
-    def self_critical(baseline: str) -> Callable[[], None]:
-        settings = TrainConfig(scst_samples=args.samples, scst_baseline=baseline, scst_after=0)
+    table = torch.full((images, CAPTIONS_PER_IMAGE, 13), vocab.end, dtype=torch.long)  # <start>, 11 words, <end>
+    table[:, :, 0] = vocab.start
+    table[:, :, 1:12] = torch.tensor([references[i % args.batch] for i in range(images)])
+
+    def self_critical(variant: dict[str, object]) -> Callable[[], None]:
+        settings = TrainConfig(scst_samples=args.samples, scst_after=0, **variant)  # type: ignore[arg-type]
         config = ExperimentConfig(data=DataConfig(max_length=args.steps), train=settings)
         phase = SelfCriticalPhase(config, model, model, None, ONE_PROCESS, reward, vocab)  # type: ignore[arg-type]
-        batch = ImageBatch({name: x[:images] for name, x in pool.items()}, torch.arange(images) % args.batch)
+        batch = ImageBatch({name: x[:images] for name, x in pool.items()}, torch.arange(images) % args.batch, table)
 
         def step() -> None:
             phase.step(optimizer, list(range(images)), batch)
@@ -90,10 +101,10 @@ def main() -> None:
     xe_epoch = CAPTIONS_PER_IMAGE * per_caption
     print(json.dumps({"benchmark": "cross_entropy", **common, "seconds_per_caption": round(per_caption, 5),
                       "seconds_per_image_epoch": round(xe_epoch, 5)}), flush=True)
-    for baseline in ("greedy", "mean"):
-        per_image = median_seconds(self_critical(baseline), args.iterations, args.warmup) / images
+    for variant in VARIANTS:
+        per_image = median_seconds(self_critical(variant), args.iterations, args.warmup) / images
         print(json.dumps({
-            "benchmark": "self_critical", "baseline": baseline, "images": images, "samples": args.samples, **common,
+            "benchmark": "self_critical", **variant, "images": images, "samples": args.samples, **common,
             "seconds_per_image_epoch": round(per_image, 5),
             "seconds_per_sample": round(per_image / args.samples, 5),
             "ratio_to_cross_entropy": round(per_image / xe_epoch, 3),

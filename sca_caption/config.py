@@ -43,7 +43,7 @@ from sca_caption.config_rules import Rule, first_problem, section_values
 from sca_caption.decoding import DecodeSettings
 from sca_caption.errors import SCACaptionError
 from sca_caption.field_ranges import Mismatch, coerce, out_of_range
-from sca_caption.self_critical import BASELINES
+from sca_caption.self_critical import BASELINES, LOG_PROBS
 from sca_caption.io_utils import atomic_write_text
 from sca_caption.models.backbones import check_backbone_name
 from sca_caption.models.captioner import ModelConfig
@@ -114,6 +114,11 @@ class TrainConfig:
     # validation of a self-critical run (log.csv probe_reward); 0: none
     scst_probe_images: int = field(default=500, metadata={"min": 0})
     scst_images: int | None = field(default=None, metadata={"min": 1})  # images per self-critical step; None: data.batch_size
+    # where the policy loss's log-probabilities come from: "teacher" (a teacher-forced pass over the
+    # samples) or "sample" (the sampling pass itself, with gradient; one process only)
+    scst_log_probs: str = field(default="teacher", metadata={"choices": LOG_PROBS})
+    # weight of the reference captions' cross-entropy (per token) added to the self-critical loss; 0: none
+    scst_xe_weight: float = field(default=0.0, metadata={"min": 0.0})
     # optimizer steps between validations (patience counts validations); None: at epoch ends (eval_every)
     val_every: int | None = field(default=None, metadata={"min": 1})
 

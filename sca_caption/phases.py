@@ -26,10 +26,13 @@ from sca_caption.errors import main_process_takes_interrupts
 from sca_caption.models.captioner import SCACaptioner
 from sca_caption.optimization import learning_rate, optimizer_step
 from sca_caption.rewards import CiderD
-from sca_caption.self_critical import dropout_rate, entropy_sum, policy_loss, rollout, teacher_forced_log_probs
+from sca_caption.self_critical import (
+    dropout_rate, entropy_sum, policy_loss, reference_cross_entropy, rollout, teacher_forced_log_probs,
+)
 
-# steps.csv: the self-critical steps (entropy: the mean per sampled token of its distribution's)
-STEP_COLUMNS = ("step", "reward", "baseline", "sample_length", "entropy")
+# steps.csv: the self-critical steps (entropy: the mean per sampled token of its distribution's;
+# cross_entropy: the references' per token, where train.scst_xe_weight mixes it in)
+STEP_COLUMNS = ("step", "reward", "baseline", "sample_length", "entropy", "cross_entropy")
 
 
 def batch_loader(samples: Dataset, shares: list[list[int]], num_workers: int, device: torch.device) -> DataLoader:
@@ -118,7 +121,9 @@ class CrossEntropyPhase:
 
 class SelfCriticalPhase:
     """``train.scst_samples`` sampled captions of each of ``train.scst_images`` training images
-    per step follow the CIDEr-D ``reward`` at the constant learning rate ``train.scst_lr``, dropout ``train.scst_dropout``."""
+    per step follow the CIDEr-D ``reward`` at the constant learning rate ``train.scst_lr``, dropout
+    ``train.scst_dropout``, log-probabilities from ``train.scst_log_probs``, plus
+    ``train.scst_xe_weight`` times the references' cross-entropy."""
 
     def __init__(
         self, config: ExperimentConfig, model: SCACaptioner, forward_module: nn.Module, samples: ImageSamples,
@@ -139,18 +144,31 @@ class SelfCriticalPhase:
         self, optimizer: torch.optim.Optimizer, global_batch: list[int], batch: ImageBatch
     ) -> tuple[float, dict[str, float]]:
         """One optimizer step on this process's images ``batch``; returns the global batch's loss
-        (per counted token) and its steps.csv row without the step (mean reward, baseline, length, entropy)."""
+        (per counted token) and its steps.csv row without the step (mean reward, baseline, length,
+        entropy, and the references' cross-entropy per token where it is mixed in)."""
         train, world, sum_ = self.config.train, self.proc.world, self.proc.sum
+        from_sample = train.scst_log_probs == "sample"
+        references = batch.references if train.scst_xe_weight > 0 else None
         autocast = torch.autocast(batch.images.device.type, dtype=torch.bfloat16, enabled=train.bf16)
         with dropout_rate(self.model, train.scst_dropout), autocast:  # sampling and the loss: one precision
             run = rollout(
                 self.model, batch.features, batch.images, reward=self.reward, samples=train.scst_samples,
-                baseline=train.scst_baseline, max_length=self.config.decoding_limit, vocab=self.vocab,
+                baseline=train.scst_baseline, max_length=self.config.decoding_limit, vocab=self.vocab, grad=from_sample,
             )
             tokens = sum_(torch.tensor(float(run.tokens)))
             rows = sum_(torch.tensor(float(len(run.reward))))
-            log_probs = teacher_forced_log_probs(self.forward_module, batch.features, run.captions, train.scst_samples, self.vocab)
+            if from_sample:
+                log_probs = run.log_probs
+                words = None if references is None else reference_cross_entropy(self.forward_module, batch.features, references)
+            else:
+                log_probs, words = teacher_forced_log_probs(
+                    self.forward_module, batch.features, run.captions, train.scst_samples, self.vocab, references
+                )
             loss = policy_loss(log_probs, run, self.vocab) / tokens * world
+            if words is not None:
+                reference_tokens = sum_(torch.tensor(float((references[:, :, 1:] != Vocab.pad).sum())))
+                cross_entropy = words / reference_tokens * world
+                loss = loss + train.scst_xe_weight * cross_entropy
         optimizer_step(self.model, optimizer, loss, train.grad_clip)
         row = {
             "reward": sum_(run.reward.sum()) / rows,
@@ -158,4 +176,6 @@ class SelfCriticalPhase:
             "sample_length": tokens / rows,
             "entropy": sum_(entropy_sum(log_probs, run, self.vocab)) / tokens,
         }
+        if words is not None:
+            row["cross_entropy"] = sum_(cross_entropy.detach() / world)
         return sum_(loss.detach() / world), row

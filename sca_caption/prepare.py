@@ -68,9 +68,10 @@ class PreparedData:
         records = self.split(split)
         return CaptionSamples(records, self.vocab, cache, max_length, tag_targets(records, tags) if tags else None)
 
-    def image_samples(self, split: str, cache: FeatureCache) -> ImageSamples:
-        """Every cached image of ``split`` (self-critical training samples images, not captions)."""
-        return ImageSamples(self.split(split), cache)
+    def image_samples(self, split: str, cache: FeatureCache, max_length: int) -> ImageSamples:
+        """Every cached image of ``split`` with its reference captions (self-critical training
+        samples images, not captions)."""
+        return ImageSamples(self.split(split), self.vocab, cache, max_length)
 
 
 def data_root(config: ExperimentConfig) -> Path:

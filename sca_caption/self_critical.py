@@ -10,12 +10,20 @@ image's greedy caption (Rennie et al.; beam search of width 1 in eval mode); ``"
 reward of the image's K − 1 other samples (Luo, "A better variant of self-critical sequence
 training", 2020: no greedy pass).
 
+Where the log-probabilities come from (``log_probs``): ``"teacher"`` computes them again by
+teacher forcing the samples through the model's forward (so DDP sees one forward and one backward
+per step, as in cross-entropy training), the never-emitted ids suppressed as when sampling; with
+dropout on, that pass draws its own dropout masks, so ``dropout_rate(model, 0)`` around both
+passes makes them one distribution (``train.scst_dropout``). ``"sample"`` keeps the sampling
+pass's own log-probabilities, with gradient (ruotianluo's self-critical.pytorch does): the loss
+is then taken under the very masks the samples were drawn with, so dropout can stay on.
+
+A cross-entropy term can be mixed in (``train.scst_xe_weight`` λ, Paulus et al. 2018's mixed
+objective): L = L_policy / (sampled tokens) + λ · (−Σ log p(reference words)) / (reference tokens),
+over the image's reference captions teacher forced in the same forward as the samples.
+
 The policy's entropy (``entropy_sum``) is logged per step: falling entropy with a flat reward is
-sharpening, not learning. The log-probabilities are computed again by teacher forcing the samples through the model's
-forward (so DDP sees one forward and one backward per step, as in cross-entropy training), with
-the never-emitted ids suppressed as when sampling. With dropout on, that pass draws its own
-dropout masks: the sample comes from the same model, under other masks. ``dropout_rate(model, 0)``
-around both passes makes them one distribution (``train.scst_dropout``).
+sharpening, not learning.
 """
 
 from __future__ import annotations
@@ -31,10 +39,12 @@ from torch import Tensor, nn
 from sca_caption.data.caption_dataset import ImageSamples
 from sca_caption.data.vocab import Vocab
 from sca_caption.decoding import DecodeSettings, decode
-from sca_caption.models.captioner import SCACaptioner
+from sca_caption.models.captioner import CaptionerOutput, SCACaptioner
+from sca_caption.models.sca import AttentionWeights
 from sca_caption.rewards import CiderD
 
 BASELINES = ("greedy", "mean")
+LOG_PROBS = ("teacher", "sample")
 
 
 @dataclass(frozen=True)
@@ -42,12 +52,15 @@ class Rollout:
     """K samples of each of N images and their rewards.
 
     ``captions`` (N·K, T + 1): ``<start>``, the sampled words, ``<end>`` (unless cut at the
-    maximum length), then ``<pad>``; ``reward`` and ``baseline`` (N·K,).
+    maximum length), then ``<pad>``; ``reward`` and ``baseline`` (N·K,); ``log_probs``
+    (N·K, T, V): the sampling pass's log p(· | w_<t, I), float32, the never-emitted ids at −inf
+    (with gradient where sampled with it).
     """
 
     captions: Tensor
     reward: Tensor
     baseline: Tensor
+    log_probs: Tensor
 
     @property
     def tokens(self) -> int:
@@ -71,27 +84,30 @@ def dropout_rate(model: nn.Module, p: float | None) -> Iterator[None]:
 
 def sample_captions(
     model: SCACaptioner, features: Mapping[str, Tensor], samples: int, max_length: int, vocab: Vocab
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """K = ``samples`` captions of each image of ``features`` {tap: (N, C, H, W)}, image after
-    image: (N·K, L) word ids, ``<pad>`` after each ``<end>``, L <= ``max_length``. Uses the global
-    torch RNG (the trainer reseeds it every step) and the model's current mode."""
-    with torch.no_grad():
-        state, memory = model.start(features)
-        rows = state.h.shape[0] * samples
-        state = state.select(torch.arange(state.h.shape[0], device=state.h.device).repeat_interleave(samples))
-        words = torch.full((rows,), vocab.start, dtype=torch.long, device=state.h.device)
-        alive = torch.ones(rows, dtype=torch.bool, device=words.device)
-        sampled = []
-        for _ in range(max_length):
-            out = model.step(words, state, memory)
-            probs = torch.softmax(suppressed(out.logits.float(), vocab), dim=1)
-            words = torch.multinomial(probs, 1).squeeze(1)
-            sampled.append(words.masked_fill(~alive, vocab.pad))
-            alive &= words != vocab.end
-            if not bool(alive.any()):
-                break
-            state = out.state
-        return torch.stack(sampled, dim=1)
+    image: (N·K, L) word ids, ``<pad>`` after each ``<end>``, L <= ``max_length``; and the
+    distributions they were drawn from, log p (N·K, L, V) float32 or wider (never-emitted ids at −inf),
+    with gradient under grad mode. Uses the global torch RNG (the trainer reseeds it every step)
+    and the model's current mode."""
+    state, memory = model.start(features)
+    rows = state.h.shape[0] * samples
+    state = state.select(torch.arange(state.h.shape[0], device=state.h.device).repeat_interleave(samples))
+    words = torch.full((rows,), vocab.start, dtype=torch.long, device=state.h.device)
+    alive = torch.ones(rows, dtype=torch.bool, device=words.device)
+    sampled, log_probs = [], []
+    for _ in range(max_length):
+        out = model.step(words, state, memory)
+        logits = out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))  # bfloat16 -> float32
+        step_log_probs = F.log_softmax(suppressed(logits, vocab), dim=1)
+        words = torch.multinomial(step_log_probs.detach().exp(), 1).squeeze(1)
+        sampled.append(words.masked_fill(~alive, vocab.pad))
+        log_probs.append(step_log_probs)
+        alive &= words != vocab.end
+        if not bool(alive.any()):
+            break
+        state = out.state
+    return torch.stack(sampled, dim=1), torch.stack(log_probs, dim=1)
 
 
 def suppressed(logits: Tensor, vocab: Vocab) -> Tensor:
@@ -139,10 +155,12 @@ def rollout(
     baseline: str,
     max_length: int,
     vocab: Vocab,
+    grad: bool = False,
 ) -> Rollout:
-    """Sample, score and take the baseline for N images; ``images`` (N,): each image's index in
-    the reward's references."""
-    tokens = sample_captions(model, features, samples, max_length, vocab)
+    """Sample (with gradient where ``grad``), score and take the baseline for N images;
+    ``images`` (N,): each image's index in the reward's references."""
+    with torch.set_grad_enabled(grad):
+        tokens, log_probs = sample_captions(model, features, samples, max_length, vocab)
     rows = images.repeat_interleave(samples)
     rewards = reward.score(tokens, rows)
     if baseline == "greedy":
@@ -151,24 +169,64 @@ def rollout(
         per_image = rewards.view(-1, samples)
         base = ((per_image.sum(dim=1, keepdim=True) - per_image) / (samples - 1)).flatten()
     start = torch.full((len(tokens), 1), vocab.start, dtype=torch.long, device=tokens.device)
-    return Rollout(torch.cat([start, tokens], dim=1), rewards.to(tokens.device), base.to(tokens.device))
+    return Rollout(torch.cat([start, tokens], dim=1), rewards.to(tokens.device), base.to(tokens.device), log_probs)
 
 
 def teacher_forced_log_probs(
-    forward_module: nn.Module, features: Mapping[str, Tensor], captions: Tensor, samples: int, vocab: Vocab
-) -> Tensor:
+    forward_module: nn.Module, features: Mapping[str, Tensor], captions: Tensor, samples: int, vocab: Vocab,
+    references: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """log p(· | w_<t, I) (R, T, V), float32 (or wider), the never-emitted ids at −inf, of each
     caption of ``captions`` (R, T + 1) teacher forced. ``forward_module``: the captioner, or its DDP
-    wrapper; ``features`` {tap: (R / samples, C, H, W)} per image, repeated here per sample."""
-    repeated = {tap: x.repeat_interleave(samples, dim=0) for tap, x in features.items()}
-    logits = forward_module(repeated, captions).logits
+    wrapper; ``features`` {tap: (R / samples, C, H, W)} per image, repeated here per sample.
+
+    ``references`` (R / samples, M, T'): each image's reference captions, teacher forced in the
+    same forward (one forward for DDP); their summed word cross-entropy is returned second (None
+    without references)."""
+    rows = torch.arange(len(captions), device=captions.device) // samples
+    forced = captions
+    if references is not None:
+        reference_rows, targets = present_references(references)
+        rows = torch.cat([rows, reference_rows])
+        width = max(captions.shape[1], targets.shape[1])
+        forced = torch.cat([F.pad(c, (0, width - c.shape[1]), value=Vocab.pad) for c in (captions, targets)])
+    output = forward_module({tap: x.index_select(0, rows) for tap, x in features.items()}, forced)
+    logits = output.logits[: len(captions), : captions.shape[1] - 1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bfloat16 under autocast -> float32
-    return F.log_softmax(suppressed(logits, vocab), dim=-1)
+    log_probs = F.log_softmax(suppressed(logits, vocab), dim=-1)
+    if references is None:
+        return log_probs, None
+    return log_probs, reference_words(forward_module, output.logits[len(captions) :], forced[len(captions) :])
+
+
+def reference_cross_entropy(forward_module: nn.Module, features: Mapping[str, Tensor], references: Tensor) -> Tensor:
+    """The summed word cross-entropy of ``references`` (N, M, T) teacher forced on ``features``
+    {tap: (N, C, H, W)} (``teacher_forced_log_probs``'s second result, without samples)."""
+    rows, targets = present_references(references)
+    output = forward_module({tap: x.index_select(0, rows) for tap, x in features.items()}, targets)
+    return reference_words(forward_module, output.logits, targets)
+
+
+def present_references(references: Tensor) -> tuple[Tensor, Tensor]:
+    """The reference captions of ``references`` (N, M, T), all-``<pad>`` rows (an image with
+    fewer than M) left out: each one's image (R,) and the captions (R, T)."""
+    present = references[:, :, 0] != Vocab.pad
+    return present.nonzero()[:, 0], references[present]
+
+
+def reference_words(forward_module: nn.Module, logits: Tensor, captions: Tensor) -> Tensor:
+    """Σ −log p(target) over the non-pad words of ``captions`` (R, T) from teacher-forced
+    ``logits`` (R, T', V), T' >= T − 1: the words term of ``SCACaptioner.loss``, as in
+    cross-entropy training (unsuppressed logits)."""
+    model = getattr(forward_module, "module", forward_module)  # the captioner inside a DDP wrapper
+    output = CaptionerOutput(logits[:, : captions.shape[1] - 1], AttentionWeights(None, None), None)
+    return model.loss(output, captions, Vocab.pad).words
 
 
 def policy_loss(log_probs: Tensor, run: Rollout, vocab: Vocab) -> Tensor:
     """Σ_r −(R_r − b_r) Σ_t log p(w_rt) over the counted tokens (a sum: divide by the token count);
-    ``log_probs`` (N·K, T, V) of ``run``'s captions (``teacher_forced_log_probs``)."""
+    ``log_probs`` (N·K, T, V) of ``run``'s captions (``teacher_forced_log_probs``, or the sampling
+    pass's ``run.log_probs``)."""
     targets = run.captions[:, 1:]
     counted = targets != vocab.pad  # log p is -inf at <pad>: gather a real id there
     picked = log_probs.gather(2, targets.masked_fill(~counted, vocab.end).unsqueeze(2)).squeeze(2) * counted

@@ -31,7 +31,9 @@ each step samples ``train.scst_samples`` captions of each of ``train.scst_images
 ``data.batch_size``) training images
 and follows the CIDEr-D reward (document frequencies of the training references, cached beside the
 vocabulary; ``train.scst_reward_end``: ``<end>`` counted as a word) at the constant learning rate ``train.scst_lr`` (fine-tuned backbone stages: times
-``train.upper_lr_scale``, as in cross-entropy epochs) and dropout ``train.scst_dropout``. The
+``train.upper_lr_scale``, as in cross-entropy epochs) and dropout ``train.scst_dropout``, its
+log-probabilities from a teacher-forced pass or the sampling pass (``train.scst_log_probs``), plus
+``train.scst_xe_weight`` times the reference captions' cross-entropy. The
 first self-critical epoch starts from the best cross-entropy epoch's weights (``best.pt``) with a
 fresh optimizer; cross-entropy early stopping moves on to it. ``init_from`` (``--init-from``) starts a run from another run's
 weights instead, e.g. ``train.scst_after=0`` on a finished cross-entropy run. The tag head
@@ -241,6 +243,11 @@ class Trainer:
         self.progress = progress and processes.is_main
         self.log = log if processes.is_main else (lambda _: None)
         train, model = config.train, config.model
+        if processes.distributed and train.scst_after is not None and train.scst_log_probs == "sample":
+            raise TrainingError(
+                "train.scst_log_probs sample takes its gradient outside DDP's forward: run it in one process, "
+                "or use train.scst_log_probs=teacher"
+            )
 
         self.vocab = data.vocab
         self.cache = data.open_cache()
@@ -265,7 +272,7 @@ class Trainer:
         self.self_critical: SelfCriticalPhase | None = None
         self.val_reward: CiderD | None = None  # the reward of the validation captions (self-critical runs)
         if train.scst_after is not None:
-            images = data.image_samples(splits.train_split, self.cache)
+            images = data.image_samples(splits.train_split, self.cache, length)
             reward = self._reward()
             self.self_critical = SelfCriticalPhase(config, self.model, self.forward_module, images, processes, reward, self.vocab)
             references = train_references(data.records, self.vocab, splits.val_split)
@@ -396,8 +403,8 @@ class Trainer:
         """The self-critical step just taken: its row of steps.csv, and TensorBoard scalars."""
         self.books.steps.append({"step": self.at.step, **rewards})
         if self.writer is not None:
-            for key in STEP_COLUMNS[1:]:
-                self.writer.add_scalar(f"scst/{key}", rewards[key], self.at.step)
+            for key, value in rewards.items():
+                self.writer.add_scalar(f"scst/{key}", value, self.at.step)
 
     def _log_step(self, loss: float, rate: float) -> None:
         """Every ``log_every`` steps: TensorBoard scalars, and a line where there is no progress bar."""

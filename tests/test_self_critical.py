@@ -19,6 +19,7 @@ from sca_caption.self_critical import (
     greedy_tokens,
     entropy_sum,
     policy_loss,
+    reference_cross_entropy,
     rollout,
     sample_captions,
     suppressed,
@@ -40,15 +41,27 @@ def features() -> dict[str, torch.Tensor]:
     return {name: x.double() for name, x in tiny_features(LAYERS).items()}  # 3 images
 
 
+REFERENCES = [[[4, 5, 7], [4, 5, 7, 4, 9, 10]], [[4, 6, 8]], [[4, 9, 10], [4, 5, 8]]]
+
+
 def reward() -> CiderD:
-    references = [[[4, 5, 7], [4, 5, 7, 4, 9, 10]], [[4, 6, 8]], [[4, 9, 10], [4, 5, 8]]]
-    return CiderD(references, DocumentFrequency.build(references, len(VOCAB)))
+    return CiderD(REFERENCES, DocumentFrequency.build(REFERENCES, len(VOCAB)))
+
+
+def references() -> torch.Tensor:
+    """REFERENCES as an ImageBatch's (N, M, T) table: <start> words <end>, all-<pad> missing rows."""
+    table = torch.full((3, 2, 8), VOCAB.pad, dtype=torch.long)
+    for i, captions in enumerate(REFERENCES):
+        for j, words in enumerate(captions):
+            table[i, j, : len(words) + 2] = torch.tensor([VOCAB.start, *words, VOCAB.end])
+    return table
 
 
 def test_samples_are_k_per_image_padded_after_end_and_never_special():
     net = model().eval()
     torch.manual_seed(1)
-    tokens = sample_captions(net, features(), samples=4, max_length=6, vocab=VOCAB)
+    with torch.no_grad():
+        tokens, _ = sample_captions(net, features(), samples=4, max_length=6, vocab=VOCAB)
     assert tokens.shape[0] == 12 and tokens.shape[1] <= 6
     for row in tokens.tolist():
         assert not {VOCAB.start, VOCAB.unk} & set(row)
@@ -58,7 +71,8 @@ def test_samples_are_k_per_image_padded_after_end_and_never_special():
         else:
             assert VOCAB.pad not in row  # cut at the maximum length
     torch.manual_seed(1)
-    assert torch.equal(sample_captions(net, features(), samples=4, max_length=6, vocab=VOCAB), tokens)
+    with torch.no_grad():
+        assert torch.equal(sample_captions(net, features(), samples=4, max_length=6, vocab=VOCAB)[0], tokens)
     assert len({tuple(r) for r in tokens[:4].tolist()}) > 1, "an image's samples should differ"
 
 
@@ -70,7 +84,8 @@ def test_sampling_follows_the_models_distribution():
         state, memory = net.start(one)
         first = torch.softmax(suppressed(net.step(torch.tensor([VOCAB.start]), state, memory).logits, VOCAB), dim=1)[0]
     torch.manual_seed(2)
-    tokens = sample_captions(net, one, samples=4000, max_length=1, vocab=VOCAB)[:, 0]
+    with torch.no_grad():
+        tokens = sample_captions(net, one, samples=4000, max_length=1, vocab=VOCAB)[0][:, 0]
     frequencies = torch.bincount(tokens, minlength=len(VOCAB)).double() / len(tokens)
     assert torch.allclose(frequencies, first, atol=0.03)
 
@@ -102,7 +117,7 @@ def test_policy_loss_equals_the_step_by_step_log_probabilities():
     torch.manual_seed(4)
     run = rollout(net, feats, torch.tensor([0, 1, 2]), reward=reward(), samples=2, baseline="mean", max_length=5,
                   vocab=VOCAB)
-    log_probs = teacher_forced_log_probs(net, feats, run.captions, 2, VOCAB)
+    log_probs, _ = teacher_forced_log_probs(net, feats, run.captions, 2, VOCAB)
     loss = policy_loss(log_probs, run, VOCAB)
     expected, entropy = 0.0, 0.0
     for r, caption in enumerate(run.captions.tolist()):
@@ -142,7 +157,7 @@ def test_a_step_raises_the_better_sample_and_lowers_the_worse():
 
     before = log_prob(best), log_prob(worst)
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.05)
-    policy_loss(teacher_forced_log_probs(net, feats, run.captions, 4, VOCAB), run, VOCAB).backward()
+    policy_loss(teacher_forced_log_probs(net, feats, run.captions, 4, VOCAB)[0], run, VOCAB).backward()
     optimizer.step()
     assert log_prob(best) > before[0] and log_prob(worst) < before[1]
 
@@ -184,9 +199,114 @@ def test_a_self_critical_step_samples_under_the_loss_pass_autocast(bf16, monkeyp
         return step(*args, **kwargs)
 
     monkeypatch.setattr(net, "step", watched)
-    batch = ImageBatch({name: x.float() for name, x in features().items()}, torch.tensor([0, 1, 2]))
+    batch = ImageBatch({name: x.float() for name, x in features().items()}, torch.tensor([0, 1, 2]), references())
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
     torch.manual_seed(0)
     loss, row = phase.step(optimizer, [0, 1, 2], batch)
     assert seen and set(seen) == {bf16}  # every decoding step, sampling and greedy
     assert math.isfinite(loss) and row["entropy"] > 0
+
+
+def test_the_sampling_pass_log_probabilities_are_the_teacher_forced_ones_with_their_gradient():
+    """train.scst_log_probs sample: at dropout 0 the sampling pass's log-probabilities, kept with
+    gradient, give the teacher-forced pass's loss and gradient."""
+    net = model()
+    feats = features()
+    torch.manual_seed(6)
+    run = rollout(net, feats, torch.tensor([0, 1, 2]), reward=reward(), samples=3, baseline="mean", max_length=6,
+                  vocab=VOCAB, grad=True)
+    assert run.log_probs.requires_grad and run.log_probs.shape[:2] == run.captions[:, 1:].shape
+    sampled = policy_loss(run.log_probs, run, VOCAB)
+    sampled_gradient = torch.autograd.grad(sampled, list(net.decoder.parameters()))
+    forced = policy_loss(teacher_forced_log_probs(net, feats, run.captions, 3, VOCAB)[0], run, VOCAB)
+    forced_gradient = torch.autograd.grad(forced, list(net.decoder.parameters()))
+    assert float(sampled.detach()) == pytest.approx(float(forced.detach()), abs=1e-10) and float(sampled.detach()) != 0.0
+    for a, b in zip(sampled_gradient, forced_gradient):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+    torch.manual_seed(6)
+    assert not rollout(net, feats, torch.tensor([0, 1, 2]), reward=reward(), samples=3, baseline="mean",
+                       max_length=6, vocab=VOCAB).log_probs.requires_grad
+
+
+def test_with_dropout_the_sampling_pass_scores_its_samples_under_its_own_masks():
+    """Dropout on: each sampled word is drawn from the distribution the sampling pass returns
+    (replayed step by step under the same RNG, so under the same masks); a teacher-forced pass
+    draws other masks and other log-probabilities."""
+    net = model(dropout=0.5).train()
+    one = {name: x[:1] for name, x in features().items()}
+    torch.manual_seed(7)
+    tokens, log_probs = sample_captions(net, one, samples=2, max_length=5, vocab=VOCAB)
+    torch.manual_seed(7)  # replay: the same dropout masks and draws, in the same order
+    state, memory = net.start(one)
+    state = state.select(torch.tensor([0, 0]))
+    words = torch.full((2,), VOCAB.start)
+    for t in range(tokens.shape[1]):
+        out = net.step(words, state, memory)
+        expected = F.log_softmax(suppressed(out.logits, VOCAB), dim=1)
+        torch.testing.assert_close(log_probs[:, t], expected)
+        words = torch.multinomial(expected.detach().exp(), 1).squeeze(1)
+        assert torch.equal(words.masked_fill(tokens[:, t] == VOCAB.pad, VOCAB.pad), tokens[:, t])
+        state = out.state
+    captions = torch.cat([torch.full((2, 1), VOCAB.start), tokens], dim=1)
+    forced, _ = teacher_forced_log_probs(net, one, captions, 2, VOCAB)
+    assert not torch.allclose(forced, log_probs)
+
+
+def test_references_in_the_same_forward_leave_the_samples_log_probabilities_and_give_their_cross_entropy():
+    net = model()
+    feats = features()
+    torch.manual_seed(8)
+    run = rollout(net, feats, torch.tensor([0, 1, 2]), reward=reward(), samples=2, baseline="mean", max_length=5,
+                  vocab=VOCAB)
+    alone, none = teacher_forced_log_probs(net, feats, run.captions, 2, VOCAB)
+    together, words = teacher_forced_log_probs(net, feats, run.captions, 2, VOCAB, references())
+    assert none is None
+    torch.testing.assert_close(together, alone)
+    expected = 0.0
+    for i, captions in enumerate(REFERENCES):
+        for caption in captions:
+            ids = torch.tensor([[VOCAB.start, *caption, VOCAB.end]])
+            with torch.no_grad():
+                logits = net({name: x[i : i + 1] for name, x in feats.items()}, ids).logits[0]
+            expected += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+    # SCACaptioner.loss takes the cross-entropy in float32, as in cross-entropy training
+    assert float(words.detach()) == pytest.approx(expected, rel=1e-6)
+    assert float(reference_cross_entropy(net, feats, references()).detach()) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("log_probs", ["teacher", "sample"])
+def test_a_step_mixes_in_the_references_cross_entropy_with_its_weight(log_probs):
+    """train.scst_xe_weight λ: the step's loss is the policy loss per sampled token plus λ times
+    the references' cross-entropy per reference token, whichever pass gives the log-probabilities."""
+    from sca_caption.config import DataConfig, ExperimentConfig, TrainConfig
+    from sca_caption.data.caption_dataset import ImageBatch
+    from sca_caption.distributed import ONE_PROCESS
+    from sca_caption.phases import SelfCriticalPhase
+
+    net = model()
+    feats = features()
+    train = TrainConfig(scst_samples=2, scst_baseline="mean", scst_xe_weight=0.25, scst_log_probs=log_probs)
+    config = ExperimentConfig(data=DataConfig(max_length=4), train=train)
+    phase = SelfCriticalPhase(config, net, net, None, ONE_PROCESS, reward(), VOCAB)  # type: ignore[arg-type]
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    torch.manual_seed(9)
+    loss, row = phase.step(optimizer, [0, 1, 2], ImageBatch(feats, torch.tensor([0, 1, 2]), references()))
+    torch.manual_seed(9)
+    run = rollout(net, feats, torch.tensor([0, 1, 2]), reward=reward(), samples=2, baseline="mean",
+                  max_length=config.decoding_limit, vocab=VOCAB)
+    with torch.no_grad():
+        policy = float(policy_loss(teacher_forced_log_probs(net, feats, run.captions, 2, VOCAB)[0], run, VOCAB)) / run.tokens
+        reference_tokens = sum(len(words) + 1 for captions in REFERENCES for words in captions)
+        cross_entropy = float(reference_cross_entropy(net, feats, references())) / reference_tokens
+    assert row["cross_entropy"] == pytest.approx(cross_entropy, rel=1e-6)  # float32, as SCACaptioner.loss
+    assert loss == pytest.approx(policy + 0.25 * cross_entropy, rel=1e-6)
+
+
+def test_sampling_pass_log_probabilities_are_refused_under_ddp(tmp_path):
+    from sca_caption.config import ExperimentConfig, TrainConfig
+    from sca_caption.distributed import Processes
+    from sca_caption.trainer import Trainer, TrainingError
+
+    config = ExperimentConfig(train=TrainConfig(epochs=2, scst_after=1, scst_log_probs="sample"))
+    with pytest.raises(TrainingError, match="train.scst_log_probs sample takes its gradient outside DDP's forward"):
+        Trainer(config, None, tmp_path, Processes(0, 2, torch.device("cpu")))  # type: ignore[arg-type]

@@ -3,6 +3,8 @@ training samples, checkpoint contents, and the train CLI's refusals."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import math
 import shutil
@@ -15,7 +17,9 @@ import torch
 from sca_caption import train
 from sca_caption.checkpoint import load_captioner, load_checkpoint
 from sca_caption.config import ExperimentConfig, TrainConfig, load_config
-from sca_caption.data.caption_dataset import CaptionBatch, CaptionSamples, epoch_order, global_batches, shard
+from sca_caption.data.caption_dataset import (
+    CaptionBatch, CaptionSamples, ImageSamples, epoch_order, global_batches, shard,
+)
 from sca_caption.data.corpus import records_in_split
 from sca_caption.data.features import FeatureCache
 from sca_caption.data.vocab import Vocab
@@ -145,6 +149,27 @@ def test_caption_samples_pair_each_caption_with_its_image_features(tiny_shapes: 
     assert torch.equal(batch.features["stage7"][1], cache[cache.index_of(records[0].image_id)]["stage7"])
     assert torch.equal(batch.tags, tags[[1, 0, 1]])
     assert samples.target_count(index) == 2 * (len(expected[0]) - 1) + len(expected[1]) - 1
+
+
+def test_image_samples_carry_each_images_references(tiny_shapes: TinyShapes):
+    """Self-critical samples: each image once with its reference captions (max_length words kept),
+    (B, M, T) with all-<pad> rows where an image has fewer than M."""
+    config = load_config("shapes", overrides=tiny_shapes.overrides(data__max_length=6))
+    data = prepare(config, progress=False, log=lambda _: None)
+    cache = FeatureCache(data.cache_path)
+    records = list(records_in_split(data.records, "train"))
+    records[0] = dataclasses.replace(records[0], tokens=records[0].tokens[:1])  # an image with one caption
+    samples = ImageSamples(records, data.vocab, cache, max_length=6)
+    assert len(samples) == len(records)
+    batch = samples[[2, 0]]
+    assert torch.equal(batch.images, torch.tensor([2, 0]))
+    assert torch.equal(batch.features["stage7"][1], cache[cache.index_of(records[0].image_id)]["stage7"])
+    count = max(len(records[2].tokens), 1)
+    assert batch.references.shape[:2] == (2, count)
+    for row, record in zip(batch.references, (records[2], records[0])):
+        for m in range(count):
+            ids = data.vocab.encode(record.tokens[m], 6) if m < len(record.tokens) else []
+            assert row[m].tolist() == ids + [data.vocab.pad] * (batch.references.shape[2] - len(ids))
 
 
 @pytest.fixture(scope="module")
@@ -327,12 +352,30 @@ def test_validation_every_n_steps_writes_a_row_per_validation_and_keeps_the_best
     cider = [float(row["CIDEr"]) for row in rows]
     best = load_checkpoint(out / "best.pt")
     assert best.step == int(rows[cider.index(max(cider))]["step"])
-    assert len((out / "steps.csv").read_text().splitlines()) == 1 + 8  # the self-critical steps
+    steps = (out / "steps.csv").read_text().splitlines()
+    assert len(steps) == 1 + 8 and all(line.endswith(",") for line in steps[1:])  # no cross_entropy without the weight
     # a self-critical run logs the rewards at every validation, the entropy where self-critical steps ran
     assert all(0 <= float(row[key]) <= 10 for row in rows for key in ("probe_reward", "val_reward"))
     assert rows[0]["entropy"] == "" and all(float(row["entropy"]) > 0 for row in rows[1:])
     last = load_checkpoint(out / "last.pt")
     assert (last.epoch, last.step) == (3, 12)
+
+
+@pytest.mark.parametrize("log_probs", ["teacher", "sample"])
+def test_a_self_critical_run_mixes_in_the_references_cross_entropy(tiny_shapes, tmp_path, log_probs):
+    """train.scst_xe_weight: steps.csv logs the references' cross-entropy per token at every
+    self-critical step, from either pass of log-probabilities (none without the weight)."""
+    out = tmp_path / "run"
+    settings = tiny_shapes.overrides(
+        train__epochs=2, train__scst_after=1, train__scst_samples=2, train__scst_baseline="mean",
+        train__scst_images=7, train__scst_xe_weight=0.5, train__scst_log_probs=log_probs, train__patience=None,
+    )
+    assert train.main(["--no-progress", "--device", "cpu", "--out", str(out), *settings]) == 0
+    with open(out / "steps.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and all(0 < float(row["cross_entropy"]) < 20 for row in rows)
+    with open(out / "log.csv", newline="") as handle:
+        assert all(math.isfinite(float(row["CIDEr"])) for row in csv.DictReader(handle))
 
 
 def test_validation_every_n_steps_with_patience_counts_validations(tiny_shapes, tmp_path):

@@ -79,10 +79,7 @@ class CaptionSamples(Dataset):
                 encoded.append(vocab.encode(tokens, max_length))
                 rows.append(row)
                 record_of_sample.append(n)
-        width = max((len(ids) for ids in encoded), default=2)
-        self.captions = torch.full((len(encoded), width), vocab.pad, dtype=torch.long)
-        for i, ids in enumerate(encoded):
-            self.captions[i, : len(ids)] = torch.tensor(ids)
+        self.captions = padded(encoded, vocab.pad)
         self.rows = torch.tensor(rows, dtype=torch.long)
         self.targets = (self.captions[:, 1:] != vocab.pad).sum(dim=1)  # (N,) words + <end> to predict
         self.tags = None if tags is None else tags[torch.tensor(record_of_sample, dtype=torch.long)]
@@ -106,33 +103,53 @@ class CaptionSamples(Dataset):
 
 @dataclass
 class ImageBatch:
-    """B images: ``features`` {tap: (B, C, H, W)} float32 and ``images`` (B,), each image's
-    position in the split's records (the index of its references)."""
+    """B images: ``features`` {tap: (B, C, H, W)} float32, ``images`` (B,), each image's position
+    in the split's records (the index of its references), and ``references`` (B, M, T): its
+    reference captions as ``CaptionBatch.captions``, all-``<pad>`` rows where it has fewer than M."""
 
     features: dict[str, Tensor]
     images: Tensor
+    references: Tensor
 
     def to(self, device: torch.device) -> ImageBatch:
         """The batch on ``device``."""
-        return ImageBatch({tap: x.to(device, non_blocking=True) for tap, x in self.features.items()}, self.images.to(device))
+        features = {tap: x.to(device, non_blocking=True) for tap, x in self.features.items()}
+        return ImageBatch(features, self.images.to(device), self.references.to(device, non_blocking=True))
 
 
 class ImageSamples(Dataset):
-    """Every image of ``records`` that is in ``cache``, once (self-critical training's samples)."""
+    """Every image of ``records`` that is in ``cache``, once, with its reference captions
+    (``max_length`` words kept, as in ``CaptionSamples``): self-critical training's samples."""
 
-    def __init__(self, records: Sequence[ImageRecord], cache: FeatureCache) -> None:
+    def __init__(self, records: Sequence[ImageRecord], vocab: Vocab, cache: FeatureCache, max_length: int) -> None:
         self.cache = cache
+        self.pad = vocab.pad
         cached = set(cache.image_ids)
         present = [(n, r) for n, r in enumerate(records) if r.image_id in cached]
         self.images = torch.tensor([n for n, _ in present], dtype=torch.long)
         self.rows = [cache.index_of(r.image_id) for _, r in present]
+        self.references = [padded([vocab.encode(t, max_length) for t in r.tokens], vocab.pad) for _, r in present]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, indices: Sequence[int]) -> ImageBatch:
         """The images ``indices`` as one batch."""
-        return ImageBatch(self.cache.read_batch([self.rows[i] for i in indices]), self.images[list(indices)])
+        references = [self.references[i] for i in indices]
+        count = max((len(r) for r in references), default=0)
+        width = max((int((r != self.pad).sum(dim=1).max()) for r in references if len(r)), default=2)
+        table = torch.full((len(references), count, width), self.pad, dtype=torch.long)
+        for i, r in enumerate(references):
+            table[i, : len(r), : r.shape[1]] = r[:, :width]
+        return ImageBatch(self.cache.read_batch([self.rows[i] for i in indices]), self.images[list(indices)], table)
+
+
+def padded(encoded: Sequence[Sequence[int]], pad: int) -> Tensor:
+    """Token id lists as one (N, longest) int64 tensor, ``pad`` after each."""
+    table = torch.full((len(encoded), max((len(ids) for ids in encoded), default=2)), pad, dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        table[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return table
 
 
 def image_order(count: int, seed: int, epoch: int) -> Tensor:
