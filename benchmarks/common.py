@@ -16,7 +16,8 @@ Settings (random weights; only the shapes matter):
   on those features would cost;
 - ``flickr8k_head``, ``flickr8k_lite2_head``: the same sizes on two layers, ``stage7`` → ``head``
   (whose 1×1 conv + BN runs at every step) of Lite0 (320×7×7 then 1280×7×7) and of Lite2
-  (352×9×9 then 1280×9×9): the CPU kernels on 1280 channels.
+  (352×9×9 then 1280×9×9): the CPU kernels on 1280 channels; ``flickr8k_head_ft``,
+  ``flickr8k_lite2_head_ft``: the same with the head's 1×1 conv + BN fine-tuned.
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ from sca_caption.models.complexity import count_macs
 
 @dataclass(frozen=True)
 class Setting:
-    """A benchmarked model size: backbone, attended layers and widths."""
+    """A benchmarked model size: backbone, attended layers and widths; ``finetune_upper``: the
+    backbone stages between the attended layers train too (``model.finetune_upper``)."""
 
     backbone: str
     layers: tuple[str, ...]
     attention_dim: int
     hidden_dim: int
     embed_dim: int
+    finetune_upper: bool = False
 
 
 SETTINGS = {
@@ -57,6 +60,8 @@ SETTINGS = {
     "flickr8k_resnet152": Setting("resnet152", ("res5c",), 128, 384, 256),
     "flickr8k_head": Setting("efficientnet_lite0", ("stage7", "head"), 128, 384, 256),
     "flickr8k_lite2_head": Setting("efficientnet_lite2", ("stage7", "head"), 128, 384, 256),
+    "flickr8k_head_ft": Setting("efficientnet_lite0", ("stage7", "head"), 128, 384, 256, finetune_upper=True),
+    "flickr8k_lite2_head_ft": Setting("efficientnet_lite2", ("stage7", "head"), 128, 384, 256, finetune_upper=True),
 }
 
 
@@ -71,6 +76,7 @@ def build_captioner(setting: Setting, order: str, vocab: int, kernels: str = "cp
         hidden_dim=setting.hidden_dim,
         embed_dim=setting.embed_dim,
         kernels=kernels,
+        finetune_upper=setting.finetune_upper,
     )
     return SCACaptioner(config, vocab, build_backbone(setting.backbone, weights=None))
 

@@ -5,7 +5,7 @@
 
 Rows (``--rows``, comma separated): cs (channel then spatial, the paper's best), sc (spatial then
 channel), s (spatial only), c (channel only), none (no attention: the mean feature), cs2 (C-S over
-two layers, stage6 and stage7). Every row trains from scratch into ``--out-root/<row>`` with the
+two layers, stage6 and stage7), updown (C-S with Up-Down's two-LSTM decoder, ``model.decoder=updown``). Every row trains from scratch into ``--out-root/<row>`` with the
 shapes preset plus the given ``section.key=value`` overrides, and prints the best checkpoint's
 test scores (0-1 scale), its best epoch and the wall time of preparation and training.
 """
@@ -31,6 +31,7 @@ ROWS: dict[str, tuple[str, ...]] = {
     "c": ("model.order=c",),
     "none": ("model.order=none",),
     "cs2": ("model.order=cs", "model.layers=[stage6,stage7]"),
+    "updown": ("model.order=cs", "model.decoder=updown"),
 }
 REPORTED = ("shapes_accuracy", "CIDEr", "Bleu_4", "METEOR", "ROUGE_L")
 

@@ -86,14 +86,16 @@ def test_only_rank_0_writes_checkpoints_mid_epoch_too(tiny_shapes: TinyShapes, t
 
 
 def test_self_critical_epochs_with_a_trained_tag_head_run_under_two_processes(tiny_shapes: TinyShapes, tmp_path: Path) -> None:
-    """The policy loss does not reach the tag head (it learns in cross-entropy epochs only)."""
+    """The policy loss (and the references' cross-entropy mixed into it, in the samples' forward)
+    does not reach the tag head (it learns in cross-entropy epochs only)."""
     settings = tiny_shapes.overrides(
         data__batch_size=12, train__epochs=2, train__scst_after=1, train__scst_samples=2, train__eval_every=2,
-        train__scst_baseline="mean", model__num_tags=3, model__tag_loss_weight=0.5,
+        train__scst_baseline="mean", model__num_tags=3, model__tag_loss_weight=0.5, train__scst_xe_weight=0.5,
     )
     run_train("--out", "two", *settings, cwd=tmp_path, processes=2)
     with open(tmp_path / "two" / "steps.csv") as handle:
-        assert [int(r["step"]) for r in csv.DictReader(handle)] == [11, 12]
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [11, 12] and all(float(r["cross_entropy"]) > 0 for r in rows)
     assert torch.load(tmp_path / "two" / "last.pt", weights_only=True)["step"] == 12
 
 
