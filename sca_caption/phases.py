@@ -157,7 +157,7 @@ class SelfCriticalPhase:
             )
             tokens = sum_(torch.tensor(float(run.tokens)))
             rows = sum_(torch.tensor(float(len(run.reward))))
-            if from_sample:
+            if run.log_probs is not None:  # train.scst_log_probs sample
                 log_probs = run.log_probs
                 words = None if references is None else reference_cross_entropy(self.forward_module, batch.features, references)
             else:
@@ -166,7 +166,7 @@ class SelfCriticalPhase:
                 )
             loss = policy_loss(log_probs, run, self.vocab) / tokens * world
             if words is not None:
-                reference_tokens = sum_(torch.tensor(float((references[:, :, 1:] != Vocab.pad).sum())))
+                reference_tokens = max(sum_(torch.tensor(float((references[:, :, 1:] != Vocab.pad).sum()))), 1.0)
                 cross_entropy = words / reference_tokens * world
                 loss = loss + train.scst_xe_weight * cross_entropy
         optimizer_step(self.model, optimizer, loss, train.grad_clip)

@@ -53,14 +53,14 @@ class Rollout:
 
     ``captions`` (N·K, T + 1): ``<start>``, the sampled words, ``<end>`` (unless cut at the
     maximum length), then ``<pad>``; ``reward`` and ``baseline`` (N·K,); ``log_probs``
-    (N·K, T, V): the sampling pass's log p(· | w_<t, I), float32, the never-emitted ids at −inf
-    (with gradient where sampled with it).
+    (N·K, T, V): the sampling pass's log p(· | w_<t, I) with gradient, float32 or wider, the
+    never-emitted ids at −inf, where sampled with gradient (else None).
     """
 
     captions: Tensor
     reward: Tensor
     baseline: Tensor
-    log_probs: Tensor
+    log_probs: Tensor | None
 
     @property
     def tokens(self) -> int:
@@ -84,12 +84,13 @@ def dropout_rate(model: nn.Module, p: float | None) -> Iterator[None]:
 
 def sample_captions(
     model: SCACaptioner, features: Mapping[str, Tensor], samples: int, max_length: int, vocab: Vocab
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """K = ``samples`` captions of each image of ``features`` {tap: (N, C, H, W)}, image after
-    image: (N·K, L) word ids, ``<pad>`` after each ``<end>``, L <= ``max_length``; and the
-    distributions they were drawn from, log p (N·K, L, V) float32 or wider (never-emitted ids at −inf),
-    with gradient under grad mode. Uses the global torch RNG (the trainer reseeds it every step)
-    and the model's current mode."""
+    image: (N·K, L) word ids, ``<pad>`` after each ``<end>``, L <= ``max_length``; and, under grad
+    mode, the distributions they were drawn from with gradient, log p (N·K, L, V) float32 or wider
+    (never-emitted ids at −inf; None without grad mode). Uses the global torch RNG (the trainer
+    reseeds it every step) and the model's current mode."""
+    keep = torch.is_grad_enabled()
     state, memory = model.start(features)
     rows = state.h.shape[0] * samples
     state = state.select(torch.arange(state.h.shape[0], device=state.h.device).repeat_interleave(samples))
@@ -98,16 +99,16 @@ def sample_captions(
     sampled, log_probs = [], []
     for _ in range(max_length):
         out = model.step(words, state, memory)
-        logits = out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))  # bfloat16 -> float32
-        step_log_probs = F.log_softmax(suppressed(logits, vocab), dim=1)
-        words = torch.multinomial(step_log_probs.detach().exp(), 1).squeeze(1)
+        logits = suppressed(out.logits.to(torch.promote_types(out.logits.dtype, torch.float32)), vocab)
+        words = torch.multinomial(torch.softmax(logits.detach(), dim=1), 1).squeeze(1)
         sampled.append(words.masked_fill(~alive, vocab.pad))
-        log_probs.append(step_log_probs)
+        if keep:
+            log_probs.append(F.log_softmax(logits, dim=1))
         alive &= words != vocab.end
         if not bool(alive.any()):
             break
         state = out.state
-    return torch.stack(sampled, dim=1), torch.stack(log_probs, dim=1)
+    return torch.stack(sampled, dim=1), torch.stack(log_probs, dim=1) if keep else None
 
 
 def suppressed(logits: Tensor, vocab: Vocab) -> Tensor:
@@ -216,8 +217,8 @@ def present_references(references: Tensor) -> tuple[Tensor, Tensor]:
 
 def reference_words(forward_module: nn.Module, logits: Tensor, captions: Tensor) -> Tensor:
     """Σ −log p(target) over the non-pad words of ``captions`` (R, T) from teacher-forced
-    ``logits`` (R, T', V), T' >= T − 1: the words term of ``SCACaptioner.loss``, as in
-    cross-entropy training (unsuppressed logits)."""
+    ``logits`` (R, T', V), T' >= T − 1: the words term of ``SCACaptioner.loss`` on unsuppressed
+    logits, as in cross-entropy training, without its label smoothing and per-image terms."""
     model = getattr(forward_module, "module", forward_module)  # the captioner inside a DDP wrapper
     output = CaptionerOutput(logits[:, : captions.shape[1] - 1], AttentionWeights(None, None), None)
     return model.loss(output, captions, Vocab.pad).words

@@ -8,7 +8,8 @@ One run writes into its output folder:
     best.pt         the state at the validation with the best ``train.early_stop_metric``
     log.csv         one row per epoch end, or with ``train.val_every`` one per validation: step,
                     learning rate, losses and time since the previous row, validation scores
-    steps.csv       self-critical epochs: per step the mean reward, baseline and sample length
+    steps.csv       self-critical epochs: per step the mean reward, baseline, sample length and
+                    entropy (and the references' cross-entropy where ``train.scst_xe_weight`` mixes it in)
     test_scores.json  the best checkpoint's scores on the test split, at the end
     events.*        TensorBoard scalars, where ``torch.utils.tensorboard`` imports
 

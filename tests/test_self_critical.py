@@ -10,9 +10,13 @@ import torch
 import torch.nn.functional as F
 from tiny_backbone import build_tiny_backbone, tiny_features
 
+from sca_caption.config import DataConfig, ExperimentConfig, TrainConfig
+from sca_caption.data.caption_dataset import ImageBatch
 from sca_caption.data.vocab import SPECIALS, Vocab
+from sca_caption.distributed import ONE_PROCESS, Processes
 from sca_caption.decoding import beam_search
 from sca_caption.models.captioner import ModelConfig, SCACaptioner
+from sca_caption.phases import SelfCriticalPhase
 from sca_caption.rewards import CiderD, DocumentFrequency
 from sca_caption.self_critical import (
     dropout_rate,
@@ -179,17 +183,14 @@ def test_dropout_rate_zero_makes_train_mode_the_eval_model_and_is_undone():
         assert {m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)} == {0.5}
 
 
+@pytest.mark.parametrize("log_probs, xe_weight", [("teacher", 0.0), ("teacher", 0.5), ("sample", 0.5)])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_a_self_critical_step_samples_under_the_loss_pass_autocast(bf16, monkeypatch):
+def test_a_self_critical_step_samples_under_the_loss_pass_autocast(bf16, log_probs, xe_weight, monkeypatch):
     """train.bf16: the sampling pass (and the greedy baseline) run under the same bfloat16
-    autocast as the teacher-forced loss pass."""
-    from sca_caption.config import DataConfig, ExperimentConfig, TrainConfig
-    from sca_caption.data.caption_dataset import ImageBatch
-    from sca_caption.distributed import ONE_PROCESS
-    from sca_caption.phases import SelfCriticalPhase
-
+    autocast as the loss pass, whichever pass gives the log-probabilities, references or not."""
     net = model().float()
-    config = ExperimentConfig(data=DataConfig(max_length=4), train=TrainConfig(bf16=bf16, scst_samples=2))
+    train = TrainConfig(bf16=bf16, scst_samples=2, scst_log_probs=log_probs, scst_xe_weight=xe_weight)
+    config = ExperimentConfig(data=DataConfig(max_length=4), train=train)
     phase = SelfCriticalPhase(config, net, net, None, ONE_PROCESS, reward(), VOCAB)  # type: ignore[arg-type]
     seen: list[bool] = []
     step = net.step
@@ -205,6 +206,7 @@ def test_a_self_critical_step_samples_under_the_loss_pass_autocast(bf16, monkeyp
     loss, row = phase.step(optimizer, [0, 1, 2], batch)
     assert seen and set(seen) == {bf16}  # every decoding step, sampling and greedy
     assert math.isfinite(loss) and row["entropy"] > 0
+    assert math.isfinite(row.get("cross_entropy", 0.0)) and ("cross_entropy" in row) == (xe_weight > 0)
 
 
 def test_the_sampling_pass_log_probabilities_are_the_teacher_forced_ones_with_their_gradient():
@@ -224,8 +226,9 @@ def test_the_sampling_pass_log_probabilities_are_the_teacher_forced_ones_with_th
     for a, b in zip(sampled_gradient, forced_gradient):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
     torch.manual_seed(6)
-    assert not rollout(net, feats, torch.tensor([0, 1, 2]), reward=reward(), samples=3, baseline="mean",
-                       max_length=6, vocab=VOCAB).log_probs.requires_grad
+    plain = rollout(net, feats, torch.tensor([0, 1, 2]), reward=reward(), samples=3, baseline="mean", max_length=6,
+                    vocab=VOCAB)
+    assert plain.log_probs is None and torch.equal(plain.captions, run.captions)  # the same draws
 
 
 def test_with_dropout_the_sampling_pass_scores_its_samples_under_its_own_masks():
@@ -252,59 +255,86 @@ def test_with_dropout_the_sampling_pass_scores_its_samples_under_its_own_masks()
     assert not torch.allclose(forced, log_probs)
 
 
-def test_references_in_the_same_forward_leave_the_samples_log_probabilities_and_give_their_cross_entropy():
+@pytest.mark.parametrize("width", [8, 4])  # references wider than the samples, and narrower (cut)
+def test_references_in_the_same_forward_leave_the_samples_log_probabilities_and_give_their_cross_entropy(width):
     net = model()
     feats = features()
     torch.manual_seed(8)
-    run = rollout(net, feats, torch.tensor([0, 1, 2]), reward=reward(), samples=2, baseline="mean", max_length=5,
+    run = rollout(net, feats, torch.tensor([0, 1, 2]), reward=reward(), samples=2, baseline="mean", max_length=7,
                   vocab=VOCAB)
+    assert (run.captions.shape[1] > width) == (width == 4), "the two cases: samples narrower, then wider"
+    table = references()[:, :, :width]
     alone, none = teacher_forced_log_probs(net, feats, run.captions, 2, VOCAB)
-    together, words = teacher_forced_log_probs(net, feats, run.captions, 2, VOCAB, references())
+    together, words = teacher_forced_log_probs(net, feats, run.captions, 2, VOCAB, table)
     assert none is None
     torch.testing.assert_close(together, alone)
     expected = 0.0
     for i, captions in enumerate(REFERENCES):
         for caption in captions:
-            ids = torch.tensor([[VOCAB.start, *caption, VOCAB.end]])
+            ids = torch.tensor([[VOCAB.start, *caption, VOCAB.end]])[:, :width]
+            ids = ids[:, : int((ids != VOCAB.pad).sum())]
             with torch.no_grad():
                 logits = net({name: x[i : i + 1] for name, x in feats.items()}, ids).logits[0]
             expected += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
     # SCACaptioner.loss takes the cross-entropy in float32, as in cross-entropy training
     assert float(words.detach()) == pytest.approx(expected, rel=1e-6)
-    assert float(reference_cross_entropy(net, feats, references()).detach()) == pytest.approx(expected, rel=1e-6)
+    assert float(reference_cross_entropy(net, feats, table).detach()) == pytest.approx(expected, rel=1e-6)
+
+
+class TwoIdenticalProcesses(Processes):
+    """Two processes that hold the same share of every batch: each sum is twice this process's."""
+
+    def sum(self, value: torch.Tensor) -> float:
+        return 2 * float(value)
+
+
+def mixed_step(log_probs: str, processes: Processes, seed: int = 9) -> tuple[float, dict[str, float], list[torch.Tensor]]:
+    """One self-critical step with the references' cross-entropy at weight 0.25 (learning rate
+    0, no clipping): its loss, steps.csv row and the gradient it left."""
+    net = model()
+    train = TrainConfig(scst_samples=2, scst_baseline="mean", scst_xe_weight=0.25, scst_log_probs=log_probs,
+                        grad_clip=None)
+    config = ExperimentConfig(data=DataConfig(max_length=4), train=train)
+    phase = SelfCriticalPhase(config, net, net, None, processes, reward(), VOCAB)  # type: ignore[arg-type]
+    batch = ImageBatch(features(), torch.tensor([0, 1, 2]), references())
+    torch.manual_seed(seed)
+    loss, row = phase.step(torch.optim.SGD(net.parameters(), lr=0.0), [0, 1, 2], batch)
+    return loss, row, [p.grad for p in net.decoder.parameters()]
 
 
 @pytest.mark.parametrize("log_probs", ["teacher", "sample"])
 def test_a_step_mixes_in_the_references_cross_entropy_with_its_weight(log_probs):
-    """train.scst_xe_weight λ: the step's loss is the policy loss per sampled token plus λ times
-    the references' cross-entropy per reference token, whichever pass gives the log-probabilities."""
-    from sca_caption.config import DataConfig, ExperimentConfig, TrainConfig
-    from sca_caption.data.caption_dataset import ImageBatch
-    from sca_caption.distributed import ONE_PROCESS
-    from sca_caption.phases import SelfCriticalPhase
-
-    net = model()
-    feats = features()
-    train = TrainConfig(scst_samples=2, scst_baseline="mean", scst_xe_weight=0.25, scst_log_probs=log_probs)
-    config = ExperimentConfig(data=DataConfig(max_length=4), train=train)
-    phase = SelfCriticalPhase(config, net, net, None, ONE_PROCESS, reward(), VOCAB)  # type: ignore[arg-type]
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
-    torch.manual_seed(9)
-    loss, row = phase.step(optimizer, [0, 1, 2], ImageBatch(feats, torch.tensor([0, 1, 2]), references()))
+    """train.scst_xe_weight λ: the step's loss, and its gradient, are those of the policy loss per
+    sampled token plus λ times the references' cross-entropy per reference token, whichever pass
+    gives the log-probabilities."""
+    loss, row, gradient = mixed_step(log_probs, ONE_PROCESS)
+    net, feats = model(), features()
     torch.manual_seed(9)
     run = rollout(net, feats, torch.tensor([0, 1, 2]), reward=reward(), samples=2, baseline="mean",
-                  max_length=config.decoding_limit, vocab=VOCAB)
-    with torch.no_grad():
-        policy = float(policy_loss(teacher_forced_log_probs(net, feats, run.captions, 2, VOCAB)[0], run, VOCAB)) / run.tokens
-        reference_tokens = sum(len(words) + 1 for captions in REFERENCES for words in captions)
-        cross_entropy = float(reference_cross_entropy(net, feats, references())) / reference_tokens
-    assert row["cross_entropy"] == pytest.approx(cross_entropy, rel=1e-6)  # float32, as SCACaptioner.loss
-    assert loss == pytest.approx(policy + 0.25 * cross_entropy, rel=1e-6)
+                  max_length=ExperimentConfig(data=DataConfig(max_length=4)).decoding_limit, vocab=VOCAB)
+    policy = policy_loss(teacher_forced_log_probs(net, feats, run.captions, 2, VOCAB)[0], run, VOCAB) / run.tokens
+    reference_tokens = sum(len(words) + 1 for captions in REFERENCES for words in captions)
+    cross_entropy = reference_cross_entropy(net, feats, references()) / reference_tokens
+    expected = policy + 0.25 * cross_entropy
+    assert row["cross_entropy"] == pytest.approx(float(cross_entropy.detach()), rel=1e-6)  # float32, as SCACaptioner.loss
+    assert loss == pytest.approx(float(expected.detach()), rel=1e-6)
+    for got, want in zip(gradient, torch.autograd.grad(expected, list(net.decoder.parameters()))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+
+
+def test_under_two_processes_with_the_same_share_a_mixed_step_is_the_one_process_step():
+    """DDP: each process divides its sums by the global batch's counts and multiplies by the
+    number of processes (DDP then averages): two processes holding the same images must give
+    the one-process loss, row and gradient."""
+    two = TwoIdenticalProcesses(0, 2, torch.device("cpu"))
+    loss, row, gradient = mixed_step("teacher", ONE_PROCESS)
+    loss2, row2, gradient2 = mixed_step("teacher", two)
+    assert loss2 == pytest.approx(loss, rel=1e-9) and row2 == pytest.approx(row, rel=1e-9)
+    for got, want in zip(gradient2, gradient):  # each process's own gradient, before DDP's average of two
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
 def test_sampling_pass_log_probabilities_are_refused_under_ddp(tmp_path):
-    from sca_caption.config import ExperimentConfig, TrainConfig
-    from sca_caption.distributed import Processes
     from sca_caption.trainer import Trainer, TrainingError
 
     config = ExperimentConfig(train=TrainConfig(epochs=2, scst_after=1, scst_log_probs="sample"))

@@ -3,9 +3,8 @@ training samples, checkpoint contents, and the train CLI's refusals."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import csv
+import dataclasses
 import math
 import shutil
 from pathlib import Path

@@ -137,10 +137,10 @@ class ImageSamples(Dataset):
         """The images ``indices`` as one batch."""
         references = [self.references[i] for i in indices]
         count = max((len(r) for r in references), default=0)
-        width = max((int((r != self.pad).sum(dim=1).max()) for r in references if len(r)), default=2)
+        width = max((r.shape[1] for r in references), default=2)
         table = torch.full((len(references), count, width), self.pad, dtype=torch.long)
         for i, r in enumerate(references):
-            table[i, : len(r), : r.shape[1]] = r[:, :width]
+            table[i, : len(r), : r.shape[1]] = r
         return ImageBatch(self.cache.read_batch([self.rows[i] for i in indices]), self.images[list(indices)], table)
 
 
