@@ -14,17 +14,14 @@ import json
 from pathlib import Path
 
 from sca_caption.captioning import CaptionedImage, ImageCaptioner, shipped_checkpoint
+from sca_caption.data.coco import read_coco_captions
 from sca_caption.metrics import score_captions
 
 
 def coco_mini(root: Path) -> tuple[dict[str, Path], dict[str, list[str]]]:
-    """Each image id's file and its reference captions."""
-    annotations = json.loads((root / "annotations" / "captions_train2017.json").read_text())
-    files = {str(image["id"]): root / "train2017" / image["file_name"] for image in annotations["images"]}
-    references: dict[str, list[str]] = {}
-    for entry in annotations["annotations"]:
-        references.setdefault(str(entry["image_id"]), []).append(entry["caption"])
-    return files, references
+    """Each image id's file and its reference captions (``read_coco_captions``, the project's reader)."""
+    records = read_coco_captions(root / "annotations" / "captions_train2017.json", root / "train2017", "train")
+    return {r.image_id: r.path for r in records}, {r.image_id: list(r.raw) for r in records}
 
 
 def main() -> None:

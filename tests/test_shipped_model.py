@@ -4,7 +4,6 @@ photos it never saw (the 80 COCO images of ../shared/data/coco-mini) well above 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 
 from sca_caption.captioning import CaptionedImage, ImageCaptioner
 from sca_caption.checkpoint import load_checkpoint
+from sca_caption.data.coco import read_coco_captions
 from sca_caption.metrics import score_captions
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "flickr8k_cs_lite0.pt"
@@ -33,11 +33,9 @@ def test_the_shipped_file_is_small_float16_and_records_its_decoding_and_scores()
 @pytest.mark.slow
 def test_the_shipped_model_captions_unseen_coco_photos_well_above_chance(shared_data: Path) -> None:
     root = shared_data / "coco-mini"
-    annotations = json.loads((root / "annotations" / "captions_train2017.json").read_text())
-    files = {str(image["id"]): root / "train2017" / image["file_name"] for image in annotations["images"]}
-    references: dict[str, list[str]] = {}
-    for entry in annotations["annotations"]:
-        references.setdefault(str(entry["image_id"]), []).append(entry["caption"])
+    records = read_coco_captions(root / "annotations" / "captions_train2017.json", root / "train2017", "train")
+    files = {r.image_id: r.path for r in records}
+    references = {r.image_id: list(r.raw) for r in records}
     captioner = ImageCaptioner.from_checkpoint(SHIPPED)
     ids = sorted(files)
     results = list(captioner.caption_files([files[i] for i in ids], captioner.settings(), workers=0))
